@@ -1,0 +1,181 @@
+"""Pendra's settings: defaults, then the config file, then `PENDRA_*` environment variables.
+
+`load_settings()` is the one factory; tests feed it keyword overrides. The config file is TOML at
+`~/.pendra/config.toml`, or wherever `PENDRA_CONFIG` points. `describe_settings()` tells, for every
+field, the value in force and where it came from, for `pendra config`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PureWindowsPath
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from pendra_shared.errors import ConfigError
+
+ENV_PREFIX = "PENDRA_"
+CONFIG_ENV = "PENDRA_CONFIG"
+_LOCATION_RE = re.compile(r"(?:https?|file|s3)://[^/:]*(?::\d+)?[^:]*|[^:]+", re.IGNORECASE)
+
+
+def default_models_dir(platform: str | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """The store when nothing overrides it: `%ProgramData%\\Pendra\\models` or `~/.pendra/models`."""
+    platform = sys.platform if platform is None else platform
+    environ = os.environ if environ is None else environ
+    if platform.startswith("win"):
+        program_data = environ.get("ProgramData") or environ.get("PROGRAMDATA") or r"C:\ProgramData"
+        return Path(PureWindowsPath(program_data, "Pendra", "models"))
+    return Path.home() / ".pendra" / "models"
+
+
+def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    explicit = environ.get(CONFIG_ENV)
+    return Path(explicit).expanduser() if explicit else Path.home() / ".pendra" / "config.toml"
+
+
+def split_locations(value: str, sep: str = os.pathsep) -> list[str]:
+    """Split a `PENDRA_CATALOGUE`-style list on the path separator, keeping URLs whole.
+
+    On Unix the separator is `:`, which also follows a URL's scheme and comes before its port,
+    so URLs are matched as a whole before splitting what is left.
+    """
+    if sep != ":":
+        return [piece.strip() for piece in value.split(sep) if piece.strip()]
+    return [m.group(0).strip() for m in _LOCATION_RE.finditer(value) if m.group(0).strip()]
+
+
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """Values from the TOML config file; a missing file contributes nothing."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        super().__init__(settings_cls)
+        self.path = path
+        self.values = read_config_file(path)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    unknown = sorted(set(data) - set(Settings.model_fields))
+    if unknown:
+        known = ", ".join(sorted(Settings.model_fields))
+        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}; known: {known}")
+    return data
+
+
+class Settings(BaseSettings):
+    """Every setting Pendra reads. Environment variables are the field names upper-cased with
+    the `PENDRA_` prefix; the config file uses the field names as keys."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    models_dir: Path = Field(
+        default_factory=default_models_dir,
+        description="The modelstore: the directory of GGUF files and their sidecars.",
+    )
+    catalogue: str = Field(
+        default="",
+        description=(
+            "Extra catalogue files or URLs merged over the bundled one, separated by the path "
+            "separator (':' on Unix, ';' on Windows)."
+        ),
+    )
+    download_retries: int = Field(
+        default=5,
+        ge=0,
+        le=100,
+        description="How many times a failed download is retried (resuming) before giving up.",
+    )
+    download_backoff_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=600,
+        description="First wait between download retries, in seconds; it doubles each retry.",
+    )
+    download_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Network timeout for connecting and for each read during a download.",
+    )
+
+    @field_validator("models_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def catalogue_locations(self) -> list[str]:
+        return split_locations(self.catalogue)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _TomlFileSource(settings_cls, default_config_path())
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Resolve the settings: overrides, then environment, then config file, then defaults."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None
+
+
+@dataclass(frozen=True)
+class SettingReport:
+    name: str
+    value: Any
+    source: str
+    description: str
+
+
+def describe_settings(settings: Settings, environ: Mapping[str, str] | None = None) -> list[SettingReport]:
+    """Each setting's value and its origin: `env PENDRA_X`, `file PATH` or `default`."""
+    environ = os.environ if environ is None else environ
+    path = default_config_path(environ)
+    in_file = read_config_file(path)
+    reports = []
+    for name, field in Settings.model_fields.items():
+        env_name = ENV_PREFIX + name.upper()
+        if env_name in environ:
+            source = f"env {env_name}"
+        elif name in in_file:
+            source = f"file {path}"
+        else:
+            source = "default"
+        reports.append(SettingReport(name, getattr(settings, name), source, field.description or ""))
+    return reports

@@ -1,0 +1,290 @@
+"""Verified installs of catalogue variants into the store: the code the CLI and the fetcher run.
+
+One install: take the per-file lock (a second install of the same variant waits, then finds it
+done), return at once if the verified file is already there, check free space, stream the bytes
+into `.partial/<sha256>.part` while hashing them (resuming with HTTP Range from the bytes already
+on disk, retrying transient failures with exponential backoff), verify size and SHA-256 (a mismatch
+deletes the partial file), `os.replace` it into place, and write the sidecar last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pendra_shared.catalogue import CatalogueEntry
+from pendra_shared.errors import (
+    ChecksumMismatch,
+    InstallCancelled,
+    InstallError,
+    InsufficientSpace,
+    StoreError,
+    TransientDownloadError,
+)
+from pendra_shared.fsutil import CHUNK, atomic_write_bytes, exclusive_lock, fsync_dir, sha256_file
+from pendra_shared.gguf_info import InvalidGGUF, read_gguf_facts
+from pendra_shared.names import file_name_for
+from pendra_shared.sidecar import Sidecar, now_utc, read_sidecar, write_sidecar
+from pendra_shared.sources import Sources
+from pendra_shared.store import ModelStore, StoredModel
+
+logger = logging.getLogger(__name__)
+
+# Room left on the disk beyond the download itself, so the store never fills it to the last byte.
+SPACE_MARGIN = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A progress report. `phase`: waiting, checking, downloading, verifying or done."""
+
+    phase: str
+    done_bytes: int = 0
+    total_bytes: int | None = None
+    message: str = ""
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    model: StoredModel
+    already_installed: bool
+    downloaded_bytes: int
+    resumed_from: int
+    attempts: int
+
+
+class Installer:
+    """Installs catalogue entries into one store. Safe across threads and processes."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        sources: Sources | None = None,
+        *,
+        retries: int = 5,
+        backoff_s: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.store = store
+        self.sources = sources or Sources()
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.sleep = sleep
+
+    def partial_path(self, entry: CatalogueEntry) -> Path:
+        return self.store.partial_dir / f"{entry.gguf_sha256}.part"
+
+    def install(
+        self,
+        entry: CatalogueEntry,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> InstallResult:
+        report = progress or (lambda _p: None)
+        file_name = file_name_for(entry.ref)
+        target = self.store.child(file_name)
+        self.store.ensure()
+
+        def waiting() -> None:
+            report(Progress("waiting", message=f"another install of {entry.name} is running"))
+
+        stop = (lambda: cancel.is_set()) if cancel is not None else None
+        try:
+            with exclusive_lock(self.store.lock_for(file_name), on_wait=waiting, should_stop=stop):
+                present = self._already_installed(entry, target, report)
+                if present is not None:
+                    report(Progress("done", present.size_bytes, present.size_bytes, "already installed"))
+                    return InstallResult(present, True, 0, 0, 0)
+                return self._download_and_place(entry, target, report, cancel)
+        except TimeoutError:
+            raise InstallCancelled(f"{entry.name}: install cancelled while waiting") from None
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _already_installed(
+        self, entry: CatalogueEntry, target: Path, report: ProgressCallback
+    ) -> StoredModel | None:
+        """The installed model when the verified file is in place; None when it must download."""
+        if not target.exists():
+            return None
+        size = target.stat().st_size
+        sidecar, _problem = read_sidecar(target, size)
+        if sidecar is not None and sidecar.sha256 == entry.gguf_sha256:
+            return self.store.find(entry.name, include_invalid=True)
+        if sidecar is not None:
+            raise StoreError(
+                f"{entry.name}: a different file is installed as {target.name} "
+                f"(sha256 {sidecar.sha256}); uninstall it first"
+            )
+        # A file without a (trusted) sidecar: adopt it only if its bytes are the pinned ones.
+        report(Progress("verifying", 0, size, f"checking existing {target.name}"))
+        digest = sha256_file(target)
+        if digest != entry.gguf_sha256:
+            raise StoreError(
+                f"{entry.name}: {target.name} already exists with other contents "
+                f"(sha256 {digest}); move it away or uninstall it first"
+            )
+        self._write_sidecar(entry, target, digest)
+        return self.store.find(entry.name, include_invalid=True)
+
+    def _check_space(self, entry: CatalogueEntry, needed: int) -> None:
+        free = shutil.disk_usage(self.store.root).free
+        if needed + SPACE_MARGIN > free:
+            raise InsufficientSpace(
+                f"{entry.name}: not enough disk space in {self.store.root}: "
+                f"{needed:,} bytes to download, {free:,} free"
+            )
+
+    def _download_and_place(
+        self,
+        entry: CatalogueEntry,
+        target: Path,
+        report: ProgressCallback,
+        cancel: threading.Event | None,
+    ) -> InstallResult:
+        partial = self.partial_path(entry)
+        info = partial.with_suffix(".json")
+        atomic_write_bytes(
+            info,
+            json.dumps(
+                {
+                    "name": entry.name,
+                    "file": target.name,
+                    "source_url": entry.gguf_url,
+                    "size_bytes": entry.size_bytes,
+                    "pid": os.getpid(),
+                }
+            ).encode(),
+        )
+        try:
+            resumed_from, downloaded, attempts = self._download(entry, partial, report, cancel)
+        except InstallCancelled:
+            partial.unlink(missing_ok=True)
+            info.unlink(missing_ok=True)
+            raise
+        except ChecksumMismatch:
+            info.unlink(missing_ok=True)
+            raise
+        report(Progress("verifying", partial.stat().st_size, partial.stat().st_size))
+        try:
+            read_gguf_facts(partial)
+        except InvalidGGUF as exc:
+            partial.unlink(missing_ok=True)
+            info.unlink(missing_ok=True)
+            raise InstallError(f"{entry.name}: the verified download is not a usable GGUF: {exc}") from None
+        os.replace(partial, target)
+        fsync_dir(self.store.root)
+        self._write_sidecar(entry, target, entry.gguf_sha256)
+        info.unlink(missing_ok=True)
+        model = self.store.find(entry.name, include_invalid=True)
+        report(Progress("done", model.size_bytes, model.size_bytes, "installed"))
+        logger.info("installed %s as %s (%d bytes)", entry.name, target.name, model.size_bytes)
+        return InstallResult(model, False, downloaded, resumed_from, attempts)
+
+    def _download(
+        self,
+        entry: CatalogueEntry,
+        partial: Path,
+        report: ProgressCallback,
+        cancel: threading.Event | None,
+    ) -> tuple[int, int, int]:
+        """Fill `partial` with the verified bytes. Returns (resumed_from, downloaded, attempts)."""
+        source = self.sources.for_url(entry.gguf_url)
+        digest = hashlib.sha256()
+        have = 0
+        if partial.exists():  # resume: hash what is there once, then only new bytes
+            have = partial.stat().st_size
+            if entry.size_bytes is not None and have > entry.size_bytes:
+                partial.unlink()
+                have = 0
+            else:
+                digest = hashlib.sha256()
+                with partial.open("rb") as fh:
+                    while chunk := fh.read(CHUNK):
+                        digest.update(chunk)
+        resumed_from = have
+        if entry.size_bytes is not None:
+            self._check_space(entry, entry.size_bytes - have)
+        downloaded = 0
+        attempts = 0
+        failures = 0
+        total = entry.size_bytes
+        while True:
+            attempts += 1
+            progressed = restarted = False
+            try:
+                with source.open(entry.gguf_url, have) as stream:
+                    if stream.start != have:  # the source starts over; so do we
+                        logger.info("%s: source restarted the download from 0", entry.name)
+                        digest, have, restarted = hashlib.sha256(), 0, True
+                        partial.write_bytes(b"")
+                    if stream.total is not None:
+                        if entry.size_bytes is not None and stream.total != entry.size_bytes:
+                            raise InstallError(
+                                f"{entry.name}: the source has {stream.total:,} bytes but the "
+                                f"catalogue pins {entry.size_bytes:,}; not downloading"
+                            )
+                        if total is None:
+                            self._check_space(entry, stream.total - have)
+                        total = stream.total
+                    with partial.open("ab") as out:
+                        report(Progress("downloading", have, total))
+                        for chunk in stream.chunks:
+                            if cancel is not None and cancel.is_set():
+                                raise InstallCancelled(f"{entry.name}: install cancelled")
+                            out.write(chunk)
+                            digest.update(chunk)
+                            have += len(chunk)
+                            downloaded += len(chunk)
+                            progressed = True
+                            report(Progress("downloading", have, total))
+                        out.flush()
+                        os.fsync(out.fileno())
+                if restarted and not progressed:
+                    continue  # the source refused our range without a body: ask again from 0
+                if total is not None and have < total:
+                    raise TransientDownloadError(f"connection closed at {have:,} of {total:,} bytes")
+                break
+            except TransientDownloadError as exc:
+                failures = 0 if progressed else failures + 1
+                if failures > self.retries:
+                    raise InstallError(
+                        f"{entry.name}: download failed after {self.retries} retries: {exc}; "
+                        "run the install again to resume"
+                    ) from exc
+                delay = self.backoff_s * (2 ** max(failures - 1, 0))
+                logger.warning(
+                    "%s: %s; retrying in %.1fs (resuming at %d bytes)", entry.name, exc, delay, have
+                )
+                report(Progress("downloading", have, total, f"retrying: {exc}"))
+                self.sleep(delay)
+        actual = digest.hexdigest()
+        if actual != entry.gguf_sha256 or (entry.size_bytes is not None and have != entry.size_bytes):
+            partial.unlink(missing_ok=True)
+            raise ChecksumMismatch(entry.name, entry.gguf_sha256, actual)
+        return resumed_from, downloaded, attempts
+
+    def _write_sidecar(self, entry: CatalogueEntry, target: Path, sha256: str) -> None:
+        write_sidecar(
+            target,
+            Sidecar(
+                name=entry.name,
+                purpose=entry.purpose,
+                sha256=sha256,
+                source_url=entry.gguf_url,
+                size_bytes=target.stat().st_size,
+                installed_at=now_utc(),
+                catalogue=entry.facts(),
+            ),
+        )

@@ -1,0 +1,5 @@
+"""`python -m pendra` runs the CLI."""
+
+from pendra.cli import main
+
+main()

@@ -1,0 +1,219 @@
+"""`pendra models ...`: list, install, uninstall, import, show, search the catalogue, print the store.
+
+Commands act on the local store through `pendra_shared`, the same install code the fetcher runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import typer
+from pendra_shared.catalogue import Catalogue
+from pendra_shared.config import Settings, load_settings
+from pendra_shared.install import Installer
+from pendra_shared.install import Progress as InstallProgress
+from pendra_shared.sources import Sources
+from pendra_shared.store import ModelStore
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from pendra.console import err, human_size, out, print_json
+
+models_app = typer.Typer(help="Manage the GGUF models in the store.", invoke_without_command=True)
+
+JSON_OPTION = typer.Option(False, "--json", help="Print JSON for scripts.")
+
+
+def _store(settings: Settings) -> ModelStore:
+    return ModelStore(settings.models_dir)
+
+
+def _catalogue(settings: Settings) -> Catalogue:
+    return Catalogue.load(settings.catalogue_locations)
+
+
+@models_app.callback()
+def models_root(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+    """Manage the GGUF models in the store (with no subcommand: list them)."""
+    if ctx.invoked_subcommand is None:
+        list_models(as_json)
+
+
+@models_app.command("list")
+def list_models(as_json: bool = JSON_OPTION) -> None:
+    """List the models in the store: name, purpose, size, quantization, status."""
+    store = _store(load_settings())
+    scan = store.scan()
+    if as_json:
+        print_json(
+            {
+                "models_dir": str(store.root),
+                "models": [m.as_dict() for m in scan.models],
+                "problems": scan.problems,
+            }
+        )
+        return
+    if not scan.models:
+        out.print(
+            f"No models in {store.root}. Install one with `pendra models install NAME` "
+            "(see `pendra models catalogue`).",
+            markup=False,
+        )
+    else:
+        table = Table(box=None, pad_edge=False)
+        for column in ("NAME", "PURPOSE", "SIZE", "QUANT", "STATUS"):
+            table.add_column(column)
+        for m in scan.models:
+            status = m.status if m.valid else f"invalid: {m.error}"
+            quant = m.facts.quantization if m.facts else None
+            table.add_row(m.name, m.purpose or "-", human_size(m.size_bytes), quant or "-", status)
+        out.print(table)
+    for model in scan.models:
+        for problem in model.problems:
+            err.print(f"warning: {model.file_name}: {problem}", markup=False)
+    for problem in scan.problems:
+        err.print(f"warning: {problem}", markup=False)
+
+
+@models_app.command("dir")
+def models_dir() -> None:
+    """Print the store directory."""
+    out.print(str(load_settings().models_dir), markup=False)
+
+
+@models_app.command("show")
+def show(name: str, as_json: bool = JSON_OPTION) -> None:
+    """Show one model: its file, sidecar and the facts in its GGUF header."""
+    model = _store(load_settings()).find(name, include_invalid=True)
+    data = model.as_dict()
+    if as_json:
+        print_json(data)
+        return
+    facts = {("title" if k == "name" else k): v for k, v in (data.pop("facts") or {}).items()}
+    problems = data.pop("problems")
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in {**data, **facts}.items():
+        if value is not None:
+            table.add_row(
+                key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+            )
+    out.print(table)
+    for problem in problems:
+        err.print(f"warning: {problem}", markup=False)
+
+
+@models_app.command("catalogue")
+def catalogue(
+    query: str = typer.Argument("", help="Words to look for in names and descriptions."),
+    purpose: str | None = typer.Option(None, help="Only chat, embedding, image or transcription."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Search the catalogue of installable models."""
+    entries = _catalogue(load_settings()).search(query, purpose)
+    if as_json:
+        print_json([e.facts() for e in entries])
+        return
+    if not entries:
+        out.print("No catalogue entry matches.", markup=False)
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("NAME", "PURPOSE", "PARAMS", "QUANT", "SIZE", "CONTEXT", "LICENSE"):
+        table.add_column(column)
+    for e in entries:
+        name = f"{e.name} (default)" if e.default else e.name
+        table.add_row(
+            name,
+            e.purpose,
+            e.parameters or "-",
+            e.quantization or "-",
+            human_size(e.size_bytes),
+            str(e.context_length or "-"),
+            e.license or "-",
+        )
+    out.print(table)
+
+
+@models_app.command("install")
+def install(name: str = typer.Argument(..., help="family[:tag], e.g. qwen3:4b or gemma3.")) -> None:
+    """Download a catalogue model, verify its SHA-256 and add it to the store."""
+    settings = load_settings()
+    entry = _catalogue(settings).resolve(name)
+    installer = Installer(
+        _store(settings),
+        Sources(settings.download_timeout_s),
+        retries=settings.download_retries,
+        backoff_s=settings.download_backoff_s,
+    )
+    cancel = threading.Event()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(entry.name, total=entry.size_bytes)
+
+        def on_progress(p: InstallProgress) -> None:
+            if p.phase == "waiting":
+                bar.update(task, description=f"{entry.name}: waiting for another install")
+            elif p.phase == "verifying":
+                bar.update(task, description=f"{entry.name}: verifying")
+            else:
+                bar.update(task, description=entry.name, completed=p.done_bytes, total=p.total_bytes)
+            if p.message.startswith("retrying"):
+                err.print(f"{entry.name}: {p.message}", markup=False)
+
+        try:
+            result = installer.install(entry, on_progress, cancel)
+        except KeyboardInterrupt:
+            cancel.set()
+            err.print(f"interrupted; run `pendra models install {name}` again to resume", markup=False)
+            raise typer.Exit(130) from None
+    model = result.model
+    if result.already_installed:
+        out.print(f"{entry.name} is already installed and verified ({model.file_name})", markup=False)
+    else:
+        resumed = f", resumed at {human_size(result.resumed_from)}" if result.resumed_from else ""
+        out.print(
+            f"installed {entry.name}: {human_size(model.size_bytes)}, sha256 verified{resumed}, "
+            f"at {model.path}",
+            markup=False,
+        )
+
+
+@models_app.command("uninstall")
+def uninstall(name: str) -> None:
+    """Remove a model's GGUF file and its sidecar from the store."""
+    model = _store(load_settings()).uninstall(name)
+    out.print(f"uninstalled {model.name} (removed {model.file_name})", markup=False)
+
+
+@models_app.command("import")
+def import_(
+    path: Path = typer.Argument(..., help="A local .gguf file."),
+    name: str | None = typer.Option(None, "--name", help="Model name (default: the file's stem)."),
+    move: bool = typer.Option(False, "--move", help="Move the file instead of copying it."),
+    purpose: str | None = typer.Option(
+        None, help="chat, embedding, image or transcription (default: read from the GGUF)."
+    ),
+) -> None:
+    """Copy (or move) a local GGUF into the store, with its sha256 and a sidecar."""
+    if purpose is not None and purpose not in ("chat", "embedding", "image", "transcription"):
+        raise typer.BadParameter("must be chat, embedding, image or transcription", param_hint="--purpose")
+    store = _store(load_settings())
+    model = store.import_file(path, name=name, move=move, purpose=purpose)
+    verb = "moved" if move else "copied"
+    sha = model.sidecar.sha256 if model.sidecar else "?"
+    out.print(f"imported {model.name} ({verb} to {model.path}), sha256 {sha}", markup=False)

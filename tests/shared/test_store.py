@@ -1,0 +1,203 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from pendra_shared.errors import InvalidModelName, ModelNotFound, StoreError
+from pendra_shared.sidecar import sidecar_path
+from pendra_shared.store import ModelStore
+
+from tests.support.ggufs import write_gguf
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    root = tmp_path / "models"
+    root.mkdir()
+    return ModelStore(root)
+
+
+def names(store: ModelStore) -> dict[str, str]:
+    return {m.name: m.status for m in store.scan().models}
+
+
+def test_empty_or_missing_store_lists_nothing(tmp_path: Path) -> None:
+    assert ModelStore(tmp_path / "does-not-exist").scan().models == []
+
+
+def test_hand_dropped_real_model(store: ModelStore, gemma_path: Path) -> None:
+    os.link(gemma_path, store.root / "Gemma-3-270M.gguf")
+    (model,) = store.scan().models
+    assert (model.name, model.status, model.purpose, model.origin) == (
+        "gemma-3-270m",
+        "ready",
+        "chat",
+        "hand-dropped",
+    )
+    assert model.facts is not None and model.facts.quantization == "Q4_K_M"
+    assert store.find("gemma-3-270m").file_name == "Gemma-3-270M.gguf"
+    assert store.find("Gemma-3-270M.gguf").name == "gemma-3-270m"
+
+
+def test_purpose_is_read_from_metadata_not_the_file_name(store: ModelStore) -> None:
+    write_gguf(store.root / "chat-model.gguf", arch="bert")
+    write_gguf(store.root / "embedding-model.gguf", arch="llama")
+    purposes = {m.name: m.purpose for m in store.scan().models}
+    assert purposes == {"chat-model": "embedding", "embedding-model": "chat"}
+
+
+def test_invalid_files_are_listed_with_reason_and_never_offered(store: ModelStore) -> None:
+    (store.root / "junk.gguf").write_bytes(b"<html>not a model</html>")
+    good = write_gguf(store.root / "good.gguf")
+    (store.root / "half.gguf").write_bytes(good.read_bytes()[:-100])
+    scan = store.scan()
+    by_name = {m.name: m for m in scan.models}
+    assert by_name["junk"].status == "invalid" and "not a GGUF file" in (by_name["junk"].error or "")
+    assert by_name["half"].status == "invalid" and "truncated" in (by_name["half"].error or "")
+    assert [m.name for m in scan.valid] == ["good"]
+    with pytest.raises(ModelNotFound):
+        store.find("junk")
+    assert store.find("junk", include_invalid=True).status == "invalid"
+
+
+def test_partial_downloads_and_other_files_are_not_models(store: ModelStore) -> None:
+    (store.root / ".partial").mkdir()
+    write_gguf(store.root / ".partial" / "abc.part")
+    write_gguf(store.root / ".hidden.gguf")
+    (store.root / "README.txt").write_text("hi")
+    (store.root / "dir.gguf").mkdir()
+    assert store.scan().models == []
+
+
+def test_symlink_out_of_the_store_is_refused_and_uninstall_keeps_the_target(
+    store: ModelStore, tmp_path: Path
+) -> None:
+    outside = write_gguf(tmp_path / "outside.gguf")
+    (store.root / "escape.gguf").symlink_to(outside)
+    write_gguf(store.root / "inner.gguf")
+    (store.root / "alias.gguf").symlink_to(store.root / "inner.gguf")
+    by_name = {m.name: m for m in store.scan().models}
+    assert by_name["escape"].status == "invalid"
+    assert "outside the store" in (by_name["escape"].error or "")
+    assert by_name["escape"].facts is None  # never read
+    assert by_name["alias"].status == "ready"
+    store.uninstall("escape")
+    assert outside.exists() and not (store.root / "escape.gguf").exists()
+
+
+def test_corrupt_stale_and_orphaned_sidecars_are_reported_and_ignored(store: ModelStore) -> None:
+    corrupt = write_gguf(store.root / "corrupt.gguf")
+    sidecar_path(corrupt).write_text("{not json")
+    stale = write_gguf(store.root / "stale.gguf")
+    sidecar_path(stale).write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "name": "renamed:v1",
+                "purpose": "embedding",
+                "sha256": "0" * 64,
+                "source_url": "https://example.test/x.gguf",
+                "size_bytes": 1,
+                "installed_at": "2026-01-01T00:00:00Z",
+            }
+        )
+    )
+    evil = write_gguf(store.root / "evil.gguf")
+    sidecar_path(evil).write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "name": "../../etc/passwd",
+                "purpose": "chat",
+                "sha256": "0" * 64,
+                "source_url": "x",
+                "size_bytes": evil.stat().st_size,
+                "installed_at": "2026-01-01T00:00:00Z",
+            }
+        )
+    )
+    (store.root / "gone.gguf.meta.json").write_text("{}")
+    scan = store.scan()
+    by_name = {m.name: m for m in scan.models}
+    assert set(by_name) == {"corrupt", "stale", "evil"}  # names from the files, not the sidecars
+    assert all(m.valid and m.sidecar is None for m in scan.models)
+    assert "corrupt" in by_name["corrupt"].problems[0]
+    assert "stale" in by_name["stale"].problems[0]
+    assert by_name["stale"].purpose == "chat"  # from the metadata, not the stale sidecar
+    assert "invalid model name" in by_name["evil"].problems[0]
+    assert scan.problems == ["orphaned sidecar gone.gguf.meta.json (no GGUF beside it); ignored"]
+
+
+def test_duplicate_names_keep_the_curated_file(store: ModelStore, tmp_path: Path) -> None:
+    source = write_gguf(tmp_path / "src.gguf")
+    store.import_file(source, name="dup")
+    write_gguf(store.root / "DUP.gguf", name="other")  # hand-dropped, same derived name
+    scan = store.scan()
+    ready = [m for m in scan.models if m.valid]
+    assert [(m.name, m.file_name) for m in ready] == [("dup", "dup.gguf")]
+    (loser,) = [m for m in scan.models if not m.valid]
+    assert loser.file_name == "DUP.gguf" and "already used by dup.gguf" in (loser.error or "")
+
+
+def test_uninstall_removes_the_gguf_and_sidecar_and_nothing_else(store: ModelStore, tmp_path: Path) -> None:
+    store.import_file(write_gguf(tmp_path / "a.gguf"), name="keep:v1")
+    store.import_file(write_gguf(tmp_path / "b.gguf"), name="drop:v1")
+    (store.root / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in store.root.iterdir())
+    removed = store.uninstall("drop:v1")
+    after = sorted(p.name for p in store.root.iterdir())
+    assert removed.file_name == "drop-v1.gguf"
+    assert set(before) - set(after) == {"drop-v1.gguf", "drop-v1.gguf.meta.json"}
+    assert names(store) == {"keep:v1": "ready"}
+    with pytest.raises(ModelNotFound, match="not in the store"):
+        store.uninstall("drop:v1")
+
+
+@pytest.mark.parametrize("name", ["../models", "../../etc/passwd", "/etc/passwd", "x/../../y", "\x00"])
+def test_traversal_names_never_touch_anything(store: ModelStore, tmp_path: Path, name: str) -> None:
+    victim = tmp_path / "victim.gguf"
+    write_gguf(victim)
+    with pytest.raises((ModelNotFound, InvalidModelName)):
+        store.uninstall(name)
+    with pytest.raises((ModelNotFound, InvalidModelName)):
+        store.find(name)
+    with pytest.raises((InvalidModelName, StoreError)):
+        store.import_file(victim, name=name)
+    assert victim.exists()
+    assert list(store.root.iterdir()) == [store.root / ".partial"] or list(store.root.iterdir()) == []
+
+
+def test_child_refuses_anything_but_a_plain_name(store: ModelStore) -> None:
+    for bad in ("../x.gguf", "a/b.gguf", "..", "", "a\x00.gguf", "a\\b.gguf"):
+        with pytest.raises(StoreError):
+            store.child(bad)
+
+
+def test_import_copies_with_sha256_and_sidecar(store: ModelStore, gemma_path: Path) -> None:
+    model = store.import_file(gemma_path, name="gemma3:270m-local")
+    assert model.file_name == "gemma3-270m-local.gguf" and gemma_path.exists()
+    assert model.sidecar is not None
+    assert model.sidecar.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert model.sidecar.source_url == gemma_path.resolve().as_uri()
+    assert model.sidecar.purpose == "chat"
+    with pytest.raises(StoreError, match="already exists"):
+        store.import_file(gemma_path, name="gemma3:270m-local")
+
+
+def test_import_move_and_default_name(store: ModelStore, tmp_path: Path) -> None:
+    source = write_gguf(tmp_path / "Tiny-Embedder.gguf", arch="bert")
+    model = store.import_file(source, move=True)
+    assert not source.exists()
+    assert (model.name, model.purpose) == ("tiny-embedder", "embedding")
+
+
+def test_import_refuses_a_file_that_is_not_a_gguf(store: ModelStore, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"nope")
+    with pytest.raises(StoreError, match="not a usable GGUF"):
+        store.import_file(bad)
+    assert shutil.disk_usage(store.root) is not None
+    assert not any(p.suffix == ".gguf" for p in store.root.iterdir())
