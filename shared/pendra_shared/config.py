@@ -123,6 +123,45 @@ class Settings(BaseSettings):
         description="Network timeout for connecting and for each read during a download.",
     )
 
+    host: str = Field(default="127.0.0.1", description="Address `pendra serve` listens on.")
+    port: int = Field(default=8080, ge=1, le=65535, description="Port `pendra serve` listens on.")
+    max_loaded_models: int = Field(
+        default=3,
+        ge=1,
+        le=64,
+        description="Most models kept loaded at once; the least recently used idle one goes.",
+    )
+    memory_budget_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="RAM (or VRAM) the loaded models may use together; default: 75% of physical memory.",
+    )
+    keep_alive: str = Field(
+        default="5m",
+        description=(
+            "How long an idle model stays loaded (Ollama style: 30s, 5m, 1h; 0 unloads at once; -1 never)."
+        ),
+    )
+    n_ctx: int = Field(
+        default=4096,
+        ge=0,
+        description="Context length per model, capped at its trained length; 0 = trained length.",
+    )
+    n_batch: int = Field(default=512, ge=1, description="Logical batch size for prompt processing.")
+    n_ubatch: int = Field(default=512, ge=1, description="Physical batch size for prompt processing.")
+    n_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads per model; default: all cores."
+    )
+    n_gpu_layers: int | None = Field(
+        default=None,
+        ge=-1,
+        description="Layers offloaded to the GPU; default: all when the build has a GPU backend, else 0.",
+    )
+    max_embedding_inputs: int = Field(
+        default=2048, ge=1, description="Most inputs one /v1/embeddings request may carry."
+    )
+    preload: str = Field(default="", description="Models to load at start, comma-separated.")
+
     @field_validator("models_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path) -> Path:

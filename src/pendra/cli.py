@@ -15,6 +15,7 @@ from pendra_shared.errors import PendraError
 
 from pendra import __version__
 from pendra.cli_models import models_app
+from pendra.cli_serve import serve
 from pendra.console import err, out, print_json
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(models_app, name="models")
+app.command("serve")(serve)
 
 _debug = False
 

@@ -1,0 +1,115 @@
+"""OpenAI-style errors for the inference service, and the handlers that render them.
+
+    APIError (500, server_error)
+    ├── InvalidRequest (400, invalid_request_error)
+    │   ├── ContextLengthExceeded (code context_length_exceeded)
+    │   └── WrongPurpose (code model_wrong_purpose)
+    ├── ModelNotFoundError (404, code model_not_found)
+    ├── NotSupported (501, code not_supported)
+    └── Unavailable (503, code model_unavailable)
+
+Every error, request validation included, leaves as `{"error": {"message", "type", "param",
+"code"}}` with `code` a string, the body the `openai` client parses.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+class InvalidRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class WrongPurpose(InvalidRequest):
+    code = "model_wrong_purpose"
+
+
+class ModelNotFoundError(APIError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class NotSupported(APIError):
+    status = 501
+    type = "not_supported_error"
+    code = "not_supported"
+
+
+class Unavailable(APIError):
+    status = 503
+    type = "server_error"
+    code = "model_unavailable"
+
+
+def error_body(message: str, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+        headers = {"Retry-After": "5"} if exc.status == 503 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+        param = ".".join(loc) or None
+        message = f"{param}: {first['msg']}" if param else str(first["msg"])
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem(s))"
+        return JSONResponse(
+            error_body(message, "invalid_request_error", param, "invalid_request"), status_code=400
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else "http_error"
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(
+            error_body(str(exc.detail), type_, None, code),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error")
+        return JSONResponse(
+            error_body(f"internal error: {type(exc).__name__}", "server_error", None, "internal_error"),
+            status_code=500,
+        )

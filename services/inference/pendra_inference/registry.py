@@ -1,0 +1,309 @@
+"""The model registry: which store models are loaded, loading on first use, and unloading.
+
+Models load on their first request (or at start with `preload`). Several stay loaded within
+`max_loaded_models` and the memory budget; when a new one needs room the least recently used idle
+model goes. Each model unloads after its keep-alive once idle. When the store changes, a model
+whose file was removed or replaced is retired: it finishes its in-flight requests and then unloads,
+and the next request loads the new file. All decisions run on the event loop; loading, unloading
+and inference run in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pendra_shared.config import Settings
+from pendra_shared.gguf_header import read_header
+from pendra_shared.store import ModelStore, ScanResult, StoredModel
+
+from pendra_inference.engine import POOLING, EngineConfig, LlamaEngine, gpu_offload_supported
+from pendra_inference.errors import ModelNotFoundError, Unavailable, WrongPurpose
+
+logger = logging.getLogger(__name__)
+
+Identity = tuple[str, int, int, int]
+EngineFactory = Callable[[Path, EngineConfig], LlamaEngine]
+ENDPOINT_FOR = {"chat": "/v1/chat/completions", "embedding": "/v1/embeddings"}
+_DURATION_RE = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)?$")
+
+
+def parse_keep_alive(value: str | int | float | None, default: float | None) -> float | None:
+    """Seconds to stay loaded when idle; None means forever. Ollama style: 30s, 5m, 1h, 0, -1."""
+    if value is None:
+        return default
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(value.strip())
+        if match is None:
+            raise ValueError(f"keep_alive {value!r} is not a duration such as 30s, 5m, 1h, 0 or -1")
+        scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+        seconds = float(match.group(1)) * scale
+    return None if seconds < 0 else seconds
+
+
+def physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 16 * 1024**3
+
+
+def identity_of(path: Path) -> Identity:
+    st = path.stat()
+    return (path.name, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@dataclass
+class Loaded:
+    model: StoredModel
+    engine: LlamaEngine
+    identity: Identity
+    memory_bytes: int
+    keep_alive_s: float | None
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
+    in_flight: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    retired: bool = False
+    memo: dict[str, Any] = field(default_factory=dict)  # per-model results worth keeping (template)
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+
+class ModelRegistry:
+    def __init__(
+        self, settings: Settings, store: ModelStore, engine_factory: EngineFactory = LlamaEngine
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.engine_factory = engine_factory
+        self.default_keep_alive = parse_keep_alive(settings.keep_alive, 300.0)
+        self.budget = settings.memory_budget_bytes or int(physical_memory() * 0.75)
+        self.gpu = gpu_offload_supported()
+        self._loaded: dict[str, Loaded] = {}
+        self._load_locks: dict[str, asyncio.Lock] = {}
+        self._scan: ScanResult | None = None
+        self._scan_lock = asyncio.Lock()
+
+    # -- the store ---------------------------------------------------------------------------
+
+    async def refresh(self) -> ScanResult:
+        """Rescan the store; retire loaded models whose file is gone or replaced."""
+        async with self._scan_lock:
+            scan = await asyncio.to_thread(self.store.scan)
+            self._scan = scan
+        valid = {m.name: m for m in scan.valid}
+        for name, loaded in list(self._loaded.items()):
+            current = valid.get(name)
+            try:
+                same = current is not None and identity_of(current.path) == loaded.identity
+            except OSError:
+                same = False
+            if not same:
+                logger.info("%s changed or was removed; unloading once idle", name)
+                loaded.retired = True
+                await self._unload_if_idle(loaded)
+        return scan
+
+    async def scan(self) -> ScanResult:
+        if self._scan is None:
+            return await self.refresh()
+        return self._scan
+
+    async def valid_models(self) -> list[StoredModel]:
+        return (await self.scan()).valid
+
+    async def find(self, name: str) -> StoredModel:
+        for model in (await self.scan()).valid:
+            if model.name == name:
+                return model
+        # The watcher may not have told us yet: look again before saying no.
+        for model in (await self.refresh()).valid:
+            if model.name == name:
+                return model
+        raise ModelNotFoundError(f"The model '{name}' does not exist", param="model")
+
+    def is_loaded(self, name: str) -> bool:
+        loaded = self._loaded.get(name)
+        return loaded is not None and not loaded.retired
+
+    # -- use ---------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def use(self, name: str, purpose: str, keep_alive: Any = None) -> AsyncIterator[Loaded]:
+        """Hold a loaded model for one request."""
+        model = await self.find(name)
+        if model.purpose != purpose:
+            endpoint = ENDPOINT_FOR.get(model.purpose or "", "no endpoint Pendra offers")
+            raise WrongPurpose(
+                f"'{name}' is a{'n' if (model.purpose or 'x')[0] in 'aeiou' else ''} "
+                f"{model.purpose} model; it is served on {endpoint}",
+                param="model",
+            )
+        try:
+            keep = parse_keep_alive(keep_alive, self.default_keep_alive)
+        except ValueError as exc:
+            from pendra_inference.errors import InvalidRequest
+
+            raise InvalidRequest(str(exc), param="keep_alive") from None
+        loaded = await self._acquire(model)
+        loaded.in_flight += 1
+        try:
+            yield loaded
+        finally:
+            loaded.in_flight -= 1
+            loaded.last_used = time.monotonic()
+            loaded.keep_alive_s = keep
+            if loaded.retired or keep == 0:
+                await self._unload_if_idle(loaded)
+
+    async def _acquire(self, model: StoredModel) -> Loaded:
+        lock = self._load_locks.setdefault(model.name, asyncio.Lock())
+        async with lock:
+            loaded = self._loaded.get(model.name)
+            if loaded is not None and not loaded.retired:
+                try:
+                    if identity_of(model.path) == loaded.identity:
+                        return loaded
+                except OSError:
+                    pass
+                loaded.retired = True
+                await self._unload_if_idle(loaded)
+            config, memory = self.engine_config(model)
+            await self._make_room(model.name, memory)
+            logger.info(
+                "loading %s (%s, n_ctx=%d, gpu_layers=%d)",
+                model.name,
+                model.file_name,
+                config.n_ctx,
+                config.n_gpu_layers,
+            )
+            identity = identity_of(model.path)
+            try:
+                engine = await asyncio.to_thread(self.engine_factory, model.path, config)
+            except (ValueError, RuntimeError, OSError) as exc:
+                logger.exception("loading %s failed", model.name)
+                raise Unavailable(f"'{model.name}' could not be loaded: {exc}") from None
+            loaded = Loaded(model, engine, identity, memory, self.default_keep_alive)
+            self._loaded[model.name] = loaded
+            return loaded
+
+    def engine_config(self, model: StoredModel) -> tuple[EngineConfig, int]:
+        """How to load `model` (settings, overridden by its sidecar's options) and its memory."""
+        s = self.settings
+        options: dict[str, Any] = dict(model.sidecar.options) if model.sidecar else {}
+        trained = model.facts.context_length if model.facts and model.facts.context_length else 4096
+        n_ctx = int(options.get("n_ctx", s.n_ctx)) or trained
+        n_ctx = min(n_ctx, trained)
+        embedding = model.purpose == "embedding"
+        n_batch = int(options.get("n_batch", s.n_batch))
+        n_ubatch = int(options.get("n_ubatch", s.n_ubatch))
+        pooling = None
+        if embedding:
+            # Encoders need a whole sequence in one micro-batch; so does pooling.
+            n_batch = n_ubatch = n_ctx
+            pooling_name = options.get("pooling")
+            if pooling_name in POOLING:
+                pooling = POOLING[pooling_name]
+            elif not (model.facts and model.facts.pooling_type):
+                pooling = POOLING["mean"]  # a decoder used for embeddings: mean pooling
+        gpu_layers = options.get("n_gpu_layers", s.n_gpu_layers)
+        if gpu_layers is None:
+            gpu_layers = -1 if self.gpu else 0
+        config = EngineConfig(
+            n_ctx=n_ctx,
+            n_batch=min(n_batch, n_ctx),
+            n_ubatch=min(n_ubatch, n_batch, n_ctx),
+            n_threads=options.get("n_threads", s.n_threads),
+            n_gpu_layers=int(gpu_layers),
+            embedding=embedding,
+            pooling=pooling,
+        )
+        return config, model.size_bytes + kv_cache_bytes(model.path, n_ctx)
+
+    async def _make_room(self, name: str, needed: int) -> None:
+        def used() -> int:
+            return sum(m.memory_bytes for m in self._loaded.values())
+
+        while self._loaded and (
+            len(self._loaded) >= self.settings.max_loaded_models or used() + needed > self.budget
+        ):
+            idle = [m for m in self._loaded.values() if m.in_flight == 0]
+            if not idle:
+                raise Unavailable(
+                    f"'{name}' cannot be loaded now: every loaded model is busy and there is no room; "
+                    "retry shortly"
+                )
+            victim = min(idle, key=lambda m: m.last_used)
+            logger.info("unloading %s to make room for %s", victim.name, name)
+            await self._unload(victim)
+        if needed > self.budget:
+            raise Unavailable(
+                f"'{name}' needs about {needed:,} bytes but the memory budget is {self.budget:,} "
+                "(PENDRA_MEMORY_BUDGET_BYTES)"
+            )
+
+    async def _unload_if_idle(self, loaded: Loaded) -> None:
+        if loaded.in_flight == 0:
+            await self._unload(loaded)
+
+    async def _unload(self, loaded: Loaded) -> None:
+        if self._loaded.get(loaded.name) is loaded:
+            del self._loaded[loaded.name]
+        await asyncio.to_thread(loaded.engine.close)
+        logger.info("unloaded %s", loaded.name)
+
+    async def reap_idle(self) -> None:
+        """Unload idle models whose keep-alive has passed."""
+        now = time.monotonic()
+        for loaded in list(self._loaded.values()):
+            if loaded.in_flight or loaded.keep_alive_s is None:
+                continue
+            if now - loaded.last_used >= loaded.keep_alive_s:
+                logger.info("%s idle for %.0fs; unloading", loaded.name, now - loaded.last_used)
+                await self._unload(loaded)
+
+    async def run_reaper(self, every_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            await self.reap_idle()
+
+    async def close(self) -> None:
+        for loaded in list(self._loaded.values()):
+            await self._unload(loaded)
+
+    def loaded_names(self) -> list[str]:
+        return sorted(self._loaded)
+
+
+def kv_cache_bytes(path: Path, n_ctx: int) -> int:
+    """An estimate of the F16 KV cache for `n_ctx` tokens, from the GGUF header."""
+    try:
+        meta = read_header(path).metadata
+    except (OSError, ValueError):
+        return 0
+    arch = meta.get("general.architecture", "")
+
+    def num(key: str, default: int = 0) -> int:
+        value = meta.get(f"{arch}.{key}", default)
+        if isinstance(value, list):
+            value = max(value) if value else default
+        return int(value) if isinstance(value, int | float) else default
+
+    layers = num("block_count")
+    heads = num("attention.head_count", 1) or 1
+    kv_heads = num("attention.head_count_kv", heads) or heads
+    head_dim = num("attention.key_length", num("embedding_length") // heads)
+    return 2 * layers * n_ctx * kv_heads * head_dim * 2

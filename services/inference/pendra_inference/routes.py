@@ -1,0 +1,108 @@
+"""The inference service's HTTP routes: thin glue between FastAPI and the services."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from pendra_inference.errors import NotSupported, Unavailable
+from pendra_inference.protocol import (
+    ChatCompletionRequest,
+    EmbeddingRequest,
+    ModelCard,
+    ModelList,
+)
+from pendra_inference.state import AppState
+
+router = APIRouter()
+
+
+def _state(request: Request) -> AppState:
+    state: AppState = request.app.state.pendra
+    return state
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    if not state.ready:
+        raise Unavailable("the model store has not been scanned yet")
+    return {"status": "ready", "models": len(await state.registry.valid_models())}
+
+
+async def _cards(state: AppState) -> list[ModelCard]:
+    return [
+        ModelCard(
+            id=m.name,
+            created=int(m.modified.timestamp()),
+            purpose=m.purpose,
+            size_bytes=m.size_bytes,
+            quantization=m.facts.quantization if m.facts else None,
+            context_length=m.facts.context_length if m.facts else None,
+            loaded=state.registry.is_loaded(m.name),
+        )
+        for m in await state.registry.valid_models()
+    ]
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=await _cards(_state(request)))
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    state = _state(request)
+    await state.registry.find(model_id)
+    return next(c for c in await _cards(state) if c.id == model_id)
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    service = _state(request).chat
+    if body.stream:
+        events = await service.stream(body, request.is_disconnected)
+        return StreamingResponse(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    result = await service.complete(body, request.is_disconnected)
+    return JSONResponse(result.to_json())
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
+    result = await _state(request).embeddings.embed(body)
+    return JSONResponse(result.model_dump(mode="json"))
+
+
+UNSUPPORTED = {
+    "/v1/images/generations": "Image generation",
+    "/v1/images/edits": "Image editing",
+    "/v1/images/variations": "Image variation",
+    "/v1/audio/transcriptions": "Audio transcription",
+    "/v1/audio/translations": "Audio translation",
+    "/v1/audio/speech": "Text to speech",
+}
+
+
+def _refuser(what: str) -> Callable[[], Awaitable[None]]:
+    async def refuse() -> None:
+        raise NotSupported(
+            f"{what} is not supported by the Pendra backend (llama.cpp serves chat and embeddings only)"
+        )
+
+    return refuse
+
+
+for _path, _what in UNSUPPORTED.items():
+    router.add_api_route(_path, _refuser(_what), methods=["POST"], include_in_schema=False)

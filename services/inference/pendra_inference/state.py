@@ -1,0 +1,17 @@
+"""What the inference app keeps for its lifetime, on `app.state.pendra`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pendra_inference.chat import ChatService
+from pendra_inference.embeddings import EmbeddingService
+from pendra_inference.registry import ModelRegistry
+
+
+@dataclass
+class AppState:
+    registry: ModelRegistry
+    chat: ChatService
+    embeddings: EmbeddingService
+    ready: bool = False
