@@ -59,6 +59,13 @@ def physical_memory() -> int:
         return 16 * 1024**3
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (llama-cpp-python's own default is only half of them)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def identity_of(path: Path) -> Identity:
     st = path.stat()
     return (path.name, st.st_size, st.st_mtime_ns, st.st_ino)
@@ -226,7 +233,7 @@ class ModelRegistry:
             n_ctx=n_ctx,
             n_batch=min(n_batch, n_ctx),
             n_ubatch=min(n_ubatch, n_batch, n_ctx),
-            n_threads=options.get("n_threads", s.n_threads),
+            n_threads=options.get("n_threads", s.n_threads) or usable_cores(),
             n_gpu_layers=int(gpu_layers),
             embedding=embedding,
             pooling=pooling,
