@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from pendra_inference.chat import ChatService
 from pendra_inference.engine import Piece
 from pendra_inference.protocol import ChatCompletionRequest
 from pendra_inference.registry import ModelRegistry
 from pendra_shared.config import load_settings
 from pendra_shared.store import ModelStore
+
 from tests.support.openai_schemas import validate
 
 

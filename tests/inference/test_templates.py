@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from pendra_inference.templates import TemplateRenderError, choose_template
 
 MESSAGES = [
