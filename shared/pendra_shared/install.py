@@ -209,7 +209,6 @@ class Installer:
                 partial.unlink()
                 have = 0
             else:
-                digest = hashlib.sha256()
                 with partial.open("rb") as fh:
                     while chunk := fh.read(CHUNK):
                         digest.update(chunk)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import AbstractContextManager
 
 import httpx
 import openai
@@ -14,6 +15,16 @@ from tests.support.openai_schemas import validate
 from tests.support.server import ServerProcess
 
 HELLO = [{"role": "user", "content": "Write one sentence about the sea."}]
+
+
+def raw_stream(server: ServerProcess, **body: object) -> AbstractContextManager[httpx.Response]:
+    """A streamed chat completion read as raw SSE lines, bypassing the openai client."""
+    return httpx.stream(
+        "POST",
+        f"{server.base_url}/v1/chat/completions",
+        timeout=60,
+        json={"model": CHAT, "messages": HELLO, "stream": True, **body},
+    )
 
 
 def test_completion_shape_usage_and_length(client: openai.OpenAI) -> None:
@@ -51,17 +62,7 @@ def test_streaming_chunks_and_usage(client: openai.OpenAI, server: ServerProcess
     assert streamed == whole.choices[0].message.content
     assert len({c.id for c in chunks}) == 1
     # The raw stream ends with [DONE].
-    with httpx.stream(
-        "POST",
-        f"{server.base_url}/v1/chat/completions",
-        timeout=60,
-        json={
-            "model": CHAT,
-            "messages": HELLO,
-            "max_tokens": 3,
-            "stream": True,
-        },
-    ) as response:
+    with raw_stream(server, max_tokens=3) as response:
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
 
@@ -199,18 +200,7 @@ def test_named_tool_choice_streams_a_tool_call(client: openai.OpenAI) -> None:
 
 
 def test_a_client_that_goes_away_stops_generation(client: openai.OpenAI, server: ServerProcess) -> None:
-    with httpx.stream(
-        "POST",
-        f"{server.base_url}/v1/chat/completions",
-        timeout=60,
-        json={
-            "model": CHAT,
-            "messages": HELLO,
-            "max_tokens": 1500,
-            "stream": True,
-            "temperature": 1.0,
-        },
-    ) as response:
+    with raw_stream(server, max_tokens=1500, temperature=1.0) as response:
         for i, _line in enumerate(response.iter_lines()):
             if i > 6:
                 break

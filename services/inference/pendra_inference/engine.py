@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -129,7 +129,7 @@ class LlamaEngine:
 
     def generate(
         self, prompt: list[int], params: GenerationParams, should_stop: Callable[[], bool]
-    ) -> Iterator[Piece]:
+    ) -> Generator[Piece, None, None]:
         """Stream text pieces; the last one has a finish_reason. `should_stop` is polled every
         token, so a client that goes away stops the work within one token."""
         sampled = [0]
@@ -159,7 +159,6 @@ class LlamaEngine:
         try:
             for chunk in stream:
                 choice = cast(dict[str, Any], chunk)["choices"][0]
-                self.generated_tokens = min(sampled[0], params.max_tokens)
                 yield Piece(choice["text"], choice["finish_reason"])
         finally:
             # llama-cpp-python samples one token past max_tokens before it stops.

@@ -8,6 +8,7 @@ ends the work when the client goes away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -36,11 +37,14 @@ async def generate(
             with loaded.lock:
                 engine = loaded.engine
                 finish = None
-                for piece in engine.generate(prompt, params, stop.is_set):
-                    loop.call_soon_threadsafe(queue.put_nowait, piece)
-                    finish = piece.finish_reason
-                    if stop.is_set():
-                        break
+                # Closed here, under the lock, even when we stop early: llama.cpp's own stream
+                # must not be finalized later from another thread while the model is in use.
+                with contextlib.closing(engine.generate(prompt, params, stop.is_set)) as pieces:
+                    for piece in pieces:
+                        loop.call_soon_threadsafe(queue.put_nowait, piece)
+                        finish = piece.finish_reason
+                        if stop.is_set():
+                            break
                 done = Finished(engine.generated_tokens)
                 stopped = engine.stopped_early or (stop.is_set() and finish is None)
             if stopped:

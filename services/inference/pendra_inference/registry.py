@@ -27,7 +27,7 @@ from pendra_shared.gguf_header import read_header
 from pendra_shared.store import ModelStore, ScanResult, StoredModel
 
 from pendra_inference.engine import POOLING, EngineConfig, LlamaEngine, gpu_offload_supported
-from pendra_inference.errors import ModelNotFoundError, Unavailable, WrongPurpose
+from pendra_inference.errors import InvalidRequest, ModelNotFoundError, Unavailable, WrongPurpose
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +162,6 @@ class ModelRegistry:
         try:
             keep = parse_keep_alive(keep_alive, self.default_keep_alive)
         except ValueError as exc:
-            from pendra_inference.errors import InvalidRequest
-
             raise InvalidRequest(str(exc), param="keep_alive") from None
         loaded = await self._acquire(model)
         loaded.in_flight += 1

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pendra_shared.store import StoredModel
 
 from pendra_inference.errors import NotSupported, Unavailable
 from pendra_inference.protocol import (
@@ -38,31 +39,28 @@ async def ready(request: Request) -> dict[str, Any]:
     return {"status": "ready", "models": len(await state.registry.valid_models())}
 
 
-async def _cards(state: AppState) -> list[ModelCard]:
-    return [
-        ModelCard(
-            id=m.name,
-            created=int(m.modified.timestamp()),
-            purpose=m.purpose,
-            size_bytes=m.size_bytes,
-            quantization=m.facts.quantization if m.facts else None,
-            context_length=m.facts.context_length if m.facts else None,
-            loaded=state.registry.is_loaded(m.name),
-        )
-        for m in await state.registry.valid_models()
-    ]
+def _card(state: AppState, m: StoredModel) -> ModelCard:
+    return ModelCard(
+        id=m.name,
+        created=int(m.modified.timestamp()),
+        purpose=m.purpose,
+        size_bytes=m.size_bytes,
+        quantization=m.facts.quantization if m.facts else None,
+        context_length=m.facts.context_length if m.facts else None,
+        loaded=state.registry.is_loaded(m.name),
+    )
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=await _cards(_state(request)))
+    state = _state(request)
+    return ModelList(data=[_card(state, m) for m in await state.registry.valid_models()])
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> ModelCard:
     state = _state(request)
-    await state.registry.find(model_id)
-    return next(c for c in await _cards(state) if c.id == model_id)
+    return _card(state, await state.registry.find(model_id))
 
 
 @router.post("/v1/chat/completions", response_model=None)
