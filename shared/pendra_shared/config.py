@@ -162,6 +162,52 @@ class Settings(BaseSettings):
     )
     preload: str = Field(default="", description="Models to load at start, comma-separated.")
 
+    # -- the service set (compose) and the API in front of it ------------------------------------
+    api_keys: str = Field(
+        default="",
+        description=(
+            "Bearer tokens the API accepts, comma-separated; empty: no authentication. "
+            "/health, /ready and /metrics stay open."
+        ),
+    )
+    cors_origins: str = Field(
+        default="", description="Origins allowed to call the API from a browser, comma-separated; * for any."
+    )
+    api_url: str = Field(
+        default="",
+        description="A running Pendra API for `pendra models` to act through (e.g. http://gpu-box:8080).",
+    )
+    api_key: str = Field(default="", description="The bearer token `pendra models` sends to PENDRA_API_URL.")
+    inference_url: str = Field(
+        default="http://127.0.0.1:8081",
+        description="Where the API service reaches the inference service (compose: http://inference:8081).",
+    )
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Redis holding the install queue and job progress (API and fetcher services).",
+    )
+    mirror_url: str = Field(
+        default="",
+        description=(
+            "S3/MinIO mirror for GGUF blobs as http(s)://host:port/bucket; empty: no mirror. "
+            "The fetcher installs from it first and uploads what it verified upstream."
+        ),
+    )
+    mirror_access_key: str = Field(default="", description="Access key for PENDRA_MIRROR_URL.")
+    mirror_secret_key: str = Field(default="", description="Secret key for PENDRA_MIRROR_URL.")
+    install_concurrency: int = Field(
+        default=2, ge=1, le=32, description="Installs one fetcher (or `pendra serve`) runs at once."
+    )
+    job_lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description=(
+            "How long a fetcher may go silent before its job is taken over by another (or a restarted) "
+            "fetcher, resuming from the bytes on disk."
+        ),
+    )
+
     @field_validator("models_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path) -> Path:
@@ -170,6 +216,14 @@ class Settings(BaseSettings):
     @property
     def catalogue_locations(self) -> list[str]:
         return split_locations(self.catalogue)
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @classmethod
     def settings_customise_sources(

@@ -11,6 +11,7 @@ PendraError
     ├── InsufficientSpace       not enough free disk for the download
     ├── UnsupportedSource       a `gguf_url` scheme this process cannot fetch
     ├── InstallCancelled        the install was cancelled; its partial file is gone
+    ├── DownloadInterrupted     retries ran out on network trouble; the partial file is kept
     └── TransientDownloadError  network trouble that a retry may cure
 """
 
@@ -67,6 +68,10 @@ class UnsupportedSource(InstallError):
 
 class InstallCancelled(InstallError):
     """The install was cancelled and its partial file removed."""
+
+
+class DownloadInterrupted(InstallError):
+    """The download kept failing on network trouble; its partial file stays for a later resume."""
 
 
 class TransientDownloadError(InstallError):

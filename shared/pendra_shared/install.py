@@ -23,6 +23,7 @@ from pathlib import Path
 from pendra_shared.catalogue import CatalogueEntry
 from pendra_shared.errors import (
     ChecksumMismatch,
+    DownloadInterrupted,
     InstallCancelled,
     InstallError,
     InsufficientSpace,
@@ -85,12 +86,22 @@ class Installer:
     def partial_path(self, entry: CatalogueEntry) -> Path:
         return self.store.partial_dir / f"{entry.gguf_sha256}.part"
 
+    def discard_partial(self, entry: CatalogueEntry) -> None:
+        """Remove what a stopped install of `entry` left behind (its job was cancelled)."""
+        with exclusive_lock(self.store.lock_for(file_name_for(entry.ref))):
+            partial = self.partial_path(entry)
+            partial.unlink(missing_ok=True)
+            partial.with_suffix(".json").unlink(missing_ok=True)
+
     def install(
         self,
         entry: CatalogueEntry,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        interrupt: threading.Event | None = None,
     ) -> InstallResult:
+        """Install `entry`. Setting `cancel` stops it and deletes the partial file; setting
+        `interrupt` (a service shutting down) stops it and keeps the partial file to resume."""
         report = progress or (lambda _p: None)
         file_name = file_name_for(entry.ref)
         target = self.store.child(file_name)
@@ -99,15 +110,20 @@ class Installer:
         def waiting() -> None:
             report(Progress("waiting", message=f"another install of {entry.name} is running"))
 
-        stop = (lambda: cancel.is_set()) if cancel is not None else None
+        events = [e for e in (cancel, interrupt) if e is not None]
+        stop = (lambda: any(e.is_set() for e in events)) if events else None
         try:
             with exclusive_lock(self.store.lock_for(file_name), on_wait=waiting, should_stop=stop):
                 present = self._already_installed(entry, target, report)
                 if present is not None:
                     report(Progress("done", present.size_bytes, present.size_bytes, "already installed"))
                     return InstallResult(present, True, 0, 0, 0)
-                return self._download_and_place(entry, target, report, cancel)
+                return self._download_and_place(entry, target, report, cancel, interrupt)
         except TimeoutError:
+            if interrupt is not None and interrupt.is_set():
+                raise DownloadInterrupted(
+                    f"{entry.name}: stopped while waiting for another install"
+                ) from None
             raise InstallCancelled(f"{entry.name}: install cancelled while waiting") from None
 
     # -- steps -------------------------------------------------------------------------------
@@ -152,6 +168,7 @@ class Installer:
         target: Path,
         report: ProgressCallback,
         cancel: threading.Event | None,
+        interrupt: threading.Event | None,
     ) -> InstallResult:
         partial = self.partial_path(entry)
         info = partial.with_suffix(".json")
@@ -168,7 +185,7 @@ class Installer:
             ).encode(),
         )
         try:
-            resumed_from, downloaded, attempts = self._download(entry, partial, report, cancel)
+            resumed_from, downloaded, attempts = self._download(entry, partial, report, cancel, interrupt)
         except InstallCancelled:
             partial.unlink(missing_ok=True)
             info.unlink(missing_ok=True)
@@ -198,6 +215,7 @@ class Installer:
         partial: Path,
         report: ProgressCallback,
         cancel: threading.Event | None,
+        interrupt: threading.Event | None,
     ) -> tuple[int, int, int]:
         """Fill `partial` with the verified bytes. Returns (resumed_from, downloaded, attempts)."""
         source = self.sources.for_url(entry.gguf_url)
@@ -242,6 +260,10 @@ class Installer:
                         for chunk in stream.chunks:
                             if cancel is not None and cancel.is_set():
                                 raise InstallCancelled(f"{entry.name}: install cancelled")
+                            if interrupt is not None and interrupt.is_set():
+                                raise DownloadInterrupted(
+                                    f"{entry.name}: stopped at {have:,} bytes; the next try resumes there"
+                                )
                             out.write(chunk)
                             digest.update(chunk)
                             have += len(chunk)
@@ -258,7 +280,7 @@ class Installer:
             except TransientDownloadError as exc:
                 failures = 0 if progressed else failures + 1
                 if failures > self.retries:
-                    raise InstallError(
+                    raise DownloadInterrupted(
                         f"{entry.name}: download failed after {self.retries} retries: {exc}; "
                         "run the install again to resume"
                     ) from exc

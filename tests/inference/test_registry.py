@@ -6,8 +6,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from pendra_inference.errors import ModelNotFoundError, WrongPurpose
 from pendra_inference.registry import ModelRegistry, parse_keep_alive
+from pendra_shared.api_errors import ModelNotFoundError, WrongPurpose
 from pendra_shared.config import load_settings
 from pendra_shared.sidecar import sidecar_path
 from pendra_shared.store import ModelStore
@@ -72,7 +72,7 @@ def test_busy_models_are_not_evicted(store: ModelStore) -> None:
         reg = registry(store, max_loaded_models=1)
         try:
             async with reg.use("chat-a:1", "chat"):
-                from pendra_inference.errors import Unavailable
+                from pendra_shared.api_errors import Unavailable
 
                 with pytest.raises(Unavailable, match="busy"):
                     async with reg.use("embed-b:1", "embedding"):
@@ -93,7 +93,7 @@ def test_budget_and_sidecar_options(store: ModelStore) -> None:
     assert reg.engine_config(model)[0].n_gpu_layers == -1
 
     async def scenario() -> None:
-        from pendra_inference.errors import Unavailable
+        from pendra_shared.api_errors import Unavailable
 
         with pytest.raises(Unavailable, match="memory budget"):
             async with reg.use("chat-a:1", "chat"):

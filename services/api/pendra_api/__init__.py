@@ -1,7 +1,5 @@
-"""Pendra's API gateway: the OpenAI-compatible surface and model management for the console.
-
-It proxies chat and embeddings to the inference service and enqueues installs for the fetcher;
-the routes arrive with the service-set issue. It depends on `pendra_shared` only.
-"""
+"""Pendra's API gateway: the OpenAI-compatible surface (proxied to the inference service) and
+model management for the console (installs queued for the fetcher). It depends on `pendra_shared`
+only; `pendra serve` also mounts its management routes over an in-process queue."""
 
 __version__ = "0.1.0"

@@ -1,5 +1,4 @@
-"""Pendra's fetcher: runs `pendra_shared.install` for queued installs, writing verified GGUF files
-and sidecars to the shared store. The arq worker arrives with the service-set issue; until then the
-CLI runs the same install code in-process."""
+"""Pendra's fetcher: an arq worker that runs `pendra_shared.install` for queued installs, writing
+verified GGUF files and sidecars to the shared store, with an optional S3/MinIO mirror."""
 
 __version__ = "0.1.0"

@@ -1,4 +1,9 @@
-"""The inference service's FastAPI application and its lifespan."""
+"""The inference service's FastAPI application, and the runtime it starts and stops.
+
+`InferenceRuntime` owns the model registry, the store watcher and the idle reaper; `create_app`
+wraps it in the service's own app, and `pendra serve` starts the same runtime inside its
+all-in-one app.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,13 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from pendra_shared.api_errors import install_error_handlers
 from pendra_shared.config import Settings
 from pendra_shared.store import ModelStore
 
 from pendra_inference.chat import ChatService
 from pendra_inference.embeddings import EmbeddingService
-from pendra_inference.errors import install_error_handlers
+from pendra_inference.metrics import InferenceMetrics
 from pendra_inference.registry import EngineFactory, ModelRegistry
 from pendra_inference.routes import router
 from pendra_inference.state import AppState
@@ -22,34 +28,68 @@ from pendra_inference.watcher import watch_store
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, engine_factory: EngineFactory | None = None) -> FastAPI:
-    store = ModelStore(settings.models_dir)
-    registry = ModelRegistry(settings, store, *(() if engine_factory is None else (engine_factory,)))
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = AppState(
-            registry, ChatService(registry), EmbeddingService(registry, settings.max_embedding_inputs)
+class InferenceRuntime:
+    def __init__(self, settings: Settings, engine_factory: EngineFactory | None = None) -> None:
+        self.settings = settings
+        store = ModelStore(settings.models_dir)
+        self.registry = ModelRegistry(settings, store, *(() if engine_factory is None else (engine_factory,)))
+        metrics = InferenceMetrics()
+        self.state = AppState(
+            self.registry,
+            ChatService(self.registry, metrics),
+            EmbeddingService(self.registry, settings.max_embedding_inputs, metrics),
+            metrics,
         )
-        app.state.pendra = state
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> AppState:
+        registry = self.registry
         await registry.refresh()
-        state.ready = True
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(watch_store(registry, stop)), asyncio.create_task(registry.run_reaper())]
-        for name in filter(None, (n.strip() for n in settings.preload.split(","))):
+        self.state.ready = True
+        self._tasks = [
+            asyncio.create_task(watch_store(registry, self._stop)),
+            asyncio.create_task(registry.run_reaper()),
+        ]
+        for name in filter(None, (n.strip() for n in self.settings.preload.split(","))):
             model = await registry.find(name)
             async with registry.use(model.name, model.purpose or "chat", keep_alive=-1):
                 logger.info("preloaded %s", name)
+        return self.state
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.registry.close()
+
+
+def create_app(settings: Settings, engine_factory: EngineFactory | None = None) -> FastAPI:
+    runtime = InferenceRuntime(settings, engine_factory)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.pendra = await runtime.start()
         try:
             yield
         finally:
-            stop.set()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await registry.close()
+            await runtime.stop()
 
     app = FastAPI(title="Pendra inference", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(router)
     return app
+
+
+def run(settings: Settings) -> None:
+    """Run the inference service on PENDRA_HOST:PENDRA_PORT until SIGINT or SIGTERM."""
+    import uvicorn
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+    )

@@ -20,10 +20,11 @@ from typing import Any, cast
 
 import llama_cpp
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+from pendra_shared.api_errors import APIError, ContextLengthExceeded, InvalidRequest, error_body
 
 from pendra_inference.engine import GenerationParams
-from pendra_inference.errors import APIError, ContextLengthExceeded, InvalidRequest, error_body
 from pendra_inference.generation import Finished, generate
+from pendra_inference.metrics import InferenceMetrics
 from pendra_inference.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -302,8 +303,9 @@ def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: st
 
 
 class ChatService:
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: InferenceMetrics | None = None) -> None:
         self.registry = registry
+        self.metrics = metrics or InferenceMetrics()
         self._background: set[asyncio.Task[None]] = set()
 
     async def complete(
@@ -323,6 +325,7 @@ class ChatService:
                         finish = item.finish_reason or finish
             finally:
                 watch.cancel()
+        self.metrics.chat_done(req.model, len(p.prompt), used)
         content: str | None = "".join(text)
         calls = parse_tool_calls(content or "", p.tools) if p.tools else []
         if calls:
@@ -394,6 +397,7 @@ class ChatService:
                     delta = {"content": text}
                 yield _chunk(cid, created, req.model, delta, None)
             yield _chunk(cid, created, req.model, {}, finish)
+            self.metrics.chat_done(req.model, len(p.prompt), used)
             if req.stream_options and req.stream_options.include_usage:
                 usage = {
                     "prompt_tokens": len(p.prompt),

@@ -11,8 +11,9 @@ import base64
 from typing import Any
 
 import numpy as np
+from pendra_shared.api_errors import ContextLengthExceeded, InvalidRequest
 
-from pendra_inference.errors import ContextLengthExceeded, InvalidRequest
+from pendra_inference.metrics import InferenceMetrics
 from pendra_inference.protocol import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from pendra_inference.registry import Loaded, ModelRegistry
 
@@ -76,9 +77,12 @@ def _shape(vector: list[float], dimensions: int | None, encoding: str) -> list[f
 
 
 class EmbeddingService:
-    def __init__(self, registry: ModelRegistry, max_inputs: int) -> None:
+    def __init__(
+        self, registry: ModelRegistry, max_inputs: int, metrics: InferenceMetrics | None = None
+    ) -> None:
         self.registry = registry
         self.max_inputs = max_inputs
+        self.metrics = metrics or InferenceMetrics()
 
     async def embed(self, req: EmbeddingRequest) -> EmbeddingList:
         async with self.registry.use(req.model, "embedding", req.keep_alive) as loaded:
@@ -95,6 +99,7 @@ class EmbeddingService:
 
             vectors = await asyncio.to_thread(run)
         used = sum(len(t) for t in tokens)
+        self.metrics.embeddings_done(req.model, used)
         return EmbeddingList(
             data=[
                 Embedding(embedding=_shape(v, req.dimensions, req.encoding_format), index=i)

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pendra_shared.api_errors import InvalidRequest, ModelNotFoundError, Unavailable, WrongPurpose
 from pendra_shared.config import Settings
 from pendra_shared.gguf_header import read_header
 from pendra_shared.store import ModelStore, ScanResult, StoredModel
 
 from pendra_inference.engine import POOLING, EngineConfig, LlamaEngine, gpu_offload_supported
-from pendra_inference.errors import InvalidRequest, ModelNotFoundError, Unavailable, WrongPurpose
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pendra_shared.api_errors import NotSupported, Unavailable
 from pendra_shared.store import StoredModel
 
-from pendra_inference.errors import NotSupported, Unavailable
 from pendra_inference.protocol import (
     ChatCompletionRequest,
     EmbeddingRequest,
@@ -49,6 +49,13 @@ def _card(state: AppState, m: StoredModel) -> ModelCard:
         context_length=m.facts.context_length if m.facts else None,
         loaded=state.registry.is_loaded(m.name),
     )
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    body = state.metrics.render(len(state.registry.loaded_names()))
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get("/v1/models")

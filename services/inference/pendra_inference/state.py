@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from pendra_inference.chat import ChatService
 from pendra_inference.embeddings import EmbeddingService
+from pendra_inference.metrics import InferenceMetrics
 from pendra_inference.registry import ModelRegistry
 
 
@@ -14,4 +15,5 @@ class AppState:
     registry: ModelRegistry
     chat: ChatService
     embeddings: EmbeddingService
+    metrics: InferenceMetrics
     ready: bool = False

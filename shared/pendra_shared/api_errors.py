@@ -1,26 +1,29 @@
-"""OpenAI-style errors for the inference service, and the handlers that render them.
+"""OpenAI-style errors for Pendra's HTTP services, and the handlers that render them.
 
     APIError (500, server_error)
     ├── InvalidRequest (400, invalid_request_error)
     │   ├── ContextLengthExceeded (code context_length_exceeded)
     │   └── WrongPurpose (code model_wrong_purpose)
+    ├── Unauthorized (401, code invalid_api_key)
     ├── ModelNotFoundError (404, code model_not_found)
+    ├── NotFound (404, code not_found)
+    ├── Conflict (409, code conflict)
     ├── NotSupported (501, code not_supported)
-    └── Unavailable (503, code model_unavailable)
+    └── Unavailable (503, code model_unavailable; sent with Retry-After)
+        └── UpstreamUnavailable (code service_unavailable)
 
 Every error, request validation included, leaves as `{"error": {"message", "type", "param",
-"code"}}` with `code` a string, the body the `openai` client parses.
+"code"}}` with `code` a string, the body the `openai` client parses. FastAPI is imported only where
+the handlers are installed, so the CLI's store commands never load it.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +58,28 @@ class WrongPurpose(InvalidRequest):
     code = "model_wrong_purpose"
 
 
+class Unauthorized(APIError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
 class ModelNotFoundError(APIError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class NotFound(APIError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class Conflict(APIError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
 
 
 class NotSupported(APIError):
@@ -73,14 +94,25 @@ class Unavailable(APIError):
     code = "model_unavailable"
 
 
+class UpstreamUnavailable(Unavailable):
+    code = "service_unavailable"
+
+
 def error_body(message: str, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
         headers = {"Retry-After": "5"} if exc.status == 503 else None
+        if exc.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -1,0 +1,31 @@
+# syntax=docker/dockerfile:1.7
+# The inference service for hosts without a GPU: llama.cpp's CPU backend, built for a portable
+# x86-64/arm64 baseline rather than the build machine's CPU.
+ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential cmake git \
+    && rm -rf /var/lib/apt/lists/*
+RUN pip install --no-cache-dir uv==0.13.9
+ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CPU_ALL_VARIANTS=ON -DGGML_BACKEND_DL=ON" \
+    UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PROJECT_ENVIRONMENT=/opt/venv \
+    UV_PYTHON_DOWNLOADS=never UV_NO_BINARY_PACKAGE=llama-cpp-python
+WORKDIR /src
+COPY pyproject.toml uv.lock README.md ./
+COPY src src
+COPY shared shared
+COPY services services
+RUN uv sync --frozen --no-dev --no-editable --package pendra-inference
+
+FROM ${PYTHON_IMAGE}
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgomp1 \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent pendra \
+    && mkdir /models && chown 10001:10001 /models
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PENDRA_MODELS_DIR=/models
+USER 10001:10001
+EXPOSE 8081
+CMD ["python", "-m", "pendra_inference"]

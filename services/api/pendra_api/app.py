@@ -1,0 +1,94 @@
+"""The API gateway's FastAPI application: `/v1/*` proxied to the inference service, `/api/*` for
+model management over the arq install queue, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pendra_shared.api_errors import APIError, install_error_handlers
+from pendra_shared.catalogue import Catalogue
+from pendra_shared.config import Settings
+from pendra_shared.store import ModelStore
+from prometheus_client import CollectorRegistry, generate_latest
+
+from pendra_api import management, proxy
+from pendra_api.arq_queue import ArqQueue
+from pendra_api.auth import secure
+from pendra_api.management import Management
+from pendra_api.queue import InstallQueue
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, queue: InstallQueue | None = None) -> FastAPI:
+    metrics = CollectorRegistry()
+    upstream_requests = proxy.proxy_metrics(metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        install_queue = queue or ArqQueue(settings.redis_url)
+        await install_queue.start()
+        app.state.management = Management(
+            Catalogue.load(settings.catalogue_locations), ModelStore(settings.models_dir), install_queue
+        )
+        app.state.upstream = proxy.upstream_client(settings.inference_url)
+        app.state.upstream_requests = upstream_requests
+        logger.info(
+            "gateway ready: inference at %s, queue %s", settings.inference_url, type(install_queue).__name__
+        )
+        try:
+            yield
+        finally:
+            await app.state.upstream.aclose()
+            await install_queue.close()
+
+    app = FastAPI(title="Pendra API", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        """Ready when the install queue answers; the inference service's state is reported too."""
+        body: dict[str, Any] = {"status": "ready", "queue": "ok"}
+        try:
+            await request.app.state.management.queue.check()
+        except APIError as exc:
+            body.update(status="unavailable", queue=exc.message)
+        try:
+            upstream = await request.app.state.upstream.get("/ready", timeout=2.0)
+            body["inference"] = "ok" if upstream.status_code == 200 else f"HTTP {upstream.status_code}"
+        except httpx.TransportError:
+            body["inference"] = "unreachable"
+        status = 200 if body["status"] == "ready" else 503
+        return JSONResponse(body, status_code=status, headers={"Retry-After": "5"} if status == 503 else None)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_route() -> Response:
+        return Response(generate_latest(metrics), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.include_router(management.router)
+    app.include_router(proxy.router)
+    secure(app, settings)
+    return app
+
+
+def run(settings: Settings) -> None:
+    """Run the gateway on PENDRA_HOST:PENDRA_PORT until SIGINT or SIGTERM."""
+    import uvicorn
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+    )

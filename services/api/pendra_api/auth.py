@@ -1,0 +1,74 @@
+"""Bearer-token API keys and CORS for the gateway.
+
+With `PENDRA_API_KEYS` set, every request but `/health`, `/ready` and `/metrics` needs
+`Authorization: Bearer <key>`; the token is compared with every key in constant time, so timing
+tells nothing about which key or how much of it matched. CORS sits outside the check, so browser
+preflights are answered without a key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from fastapi import FastAPI
+from pendra_shared.api_errors import Unauthorized
+from pendra_shared.config import Settings
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+def key_matches(token: bytes, keys: list[bytes]) -> bool:
+    matched = False
+    for key in keys:  # no early exit: the time taken does not depend on which key matched
+        matched |= hmac.compare_digest(token, key)
+    return matched
+
+
+class BearerAuth:
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and key_matches(token.strip(), self.keys):
+            await self.app(scope, receive, send)
+            return
+        problem = "missing bearer token" if not header else "invalid API key"
+        error = Unauthorized(f"{problem}: send Authorization: Bearer <one of PENDRA_API_KEYS>")
+        body = json.dumps(error.body()).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b"Bearer"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def secure(app: FastAPI, settings: Settings) -> None:
+    """Add the API-key check (when keys are set) and CORS (when origins are set)."""
+    if settings.api_key_list:
+        app.add_middleware(BearerAuth, keys=settings.api_key_list)
+    origins = settings.cors_origin_list
+    if origins:  # added last, so it runs first
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["authorization", "content-type"],
+            allow_credentials="*" not in origins,
+            max_age=600,
+        )

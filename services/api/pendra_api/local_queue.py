@@ -1,0 +1,110 @@
+"""`pendra serve`'s install queue: asyncio tasks in this process running the same job code as the
+arq fetcher (`pendra_shared.jobs.run_install_job`), with the same retry, progress and cancel rules,
+and no Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+from typing import Any
+
+from pendra_shared.catalogue import CatalogueEntry
+from pendra_shared.config import Settings
+from pendra_shared.errors import ModelNotFound, PendraError
+from pendra_shared.install import Installer
+from pendra_shared.jobs import MAX_TRIES, Job, JobState, retry_delay_s, run_install_job
+from pendra_shared.sources import Sources
+from pendra_shared.store import ModelStore
+
+logger = logging.getLogger(__name__)
+
+
+class LocalQueue:
+    def __init__(self, settings: Settings, store: ModelStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.installer = Installer(
+            store,
+            Sources(settings.download_timeout_s),
+            retries=settings.download_retries,
+            backoff_s=settings.download_backoff_s,
+        )
+        self._jobs: dict[str, Job] = {}
+        self._cancels: set[str] = set()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(settings.install_concurrency)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.store.ensure)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()  # interrupts the download; its partial file stays for the next start
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def check(self) -> None:
+        return None
+
+    # JobSink
+    async def save(self, job: Job) -> None:
+        self._jobs[job.id] = job
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return job_id in self._cancels
+
+    async def submit(self, entry: CatalogueEntry) -> tuple[Job, bool]:
+        job = Job.new(entry.name, entry.size_bytes)
+        existing = self._jobs.get(job.id)
+        if existing is not None and not existing.final:
+            return existing, False
+        self._jobs[job.id] = job
+        self._cancels.discard(job.id)
+        task = asyncio.create_task(self._run(job, entry), name=job.id)
+        self._tasks[job.id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(job.id, None))
+        return job, True
+
+    async def _run(self, job: Job, entry: CatalogueEntry) -> None:
+        async with self._slots:
+            while True:
+                job = self._jobs[job.id]
+                if job.final:  # cancelled while it waited
+                    await asyncio.to_thread(self.installer.discard_partial, entry)
+                    return
+                job = await run_install_job(job, partial(self.installer.install, entry), self)
+                if job.state != JobState.RETRYING:
+                    return
+                if job.attempts >= MAX_TRIES:
+                    await self.save(job.finished(JobState.FAILED, message=f"gave up after {MAX_TRIES} tries"))
+                    return
+                delay = retry_delay_s(job.attempts, self.settings.download_backoff_s)
+                await self.save(job.moved(message=f"retrying in {delay:.0f}s"))
+                await asyncio.sleep(delay)
+
+    async def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    async def jobs(self) -> list[Job]:
+        return sorted(self._jobs.values(), key=lambda j: j.created_at)
+
+    async def cancel(self, job_id: str) -> Job | None:
+        job = self._jobs.get(job_id)
+        if job is None or job.final:
+            return job
+        if job.state in (JobState.QUEUED, JobState.RETRYING):
+            job = job.finished(JobState.CANCELLED, message="cancelled before it ran")
+            self._jobs[job_id] = job
+            return job
+        self._cancels.add(job_id)
+        return job
+
+    async def uninstall(self, name: str) -> dict[str, Any]:
+        try:
+            model = await asyncio.to_thread(self.store.uninstall, name)
+        except ModelNotFound as exc:
+            return {"ok": False, "code": "model_not_found", "message": str(exc)}
+        except PendraError as exc:
+            return {"ok": False, "code": "store_conflict", "message": str(exc)}
+        return {"ok": True, "model": model.name, "file": model.file_name}

@@ -1,0 +1,171 @@
+"""`/api/*`: model management, the console's API. Installs are jobs on the install queue; the
+store itself is read here directly (the gateway mounts the shared volume read-only)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pendra_shared.api_errors import (
+    Conflict,
+    InvalidRequest,
+    ModelNotFoundError,
+    NotFound,
+    UpstreamUnavailable,
+)
+from pendra_shared.catalogue import Catalogue
+from pendra_shared.errors import InvalidModelName, ModelNotFound
+from pendra_shared.jobs import Job
+from pendra_shared.store import ModelStore
+from pydantic import BaseModel, ConfigDict
+
+from pendra_api.queue import InstallQueue
+
+router = APIRouter(prefix="/api")
+
+EVENT_POLL_S = 0.25
+KEEPALIVE_S = 15.0
+
+
+@dataclass
+class Management:
+    catalogue: Catalogue
+    store: ModelStore
+    queue: InstallQueue
+
+
+class InstallRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+
+
+def _m(request: Request) -> Management:
+    management: Management = request.app.state.management
+    return management
+
+
+def _job_json(job: Job) -> dict[str, Any]:
+    return job.model_dump(mode="json")
+
+
+@router.get("/catalogue")
+async def catalogue(
+    request: Request,
+    q: str = Query("", description="Words to find in names and descriptions."),
+    purpose: str | None = Query(None, description="chat, embedding, image or transcription."),
+) -> dict[str, Any]:
+    m = _m(request)
+    if purpose is not None and purpose not in ("chat", "embedding", "image", "transcription"):
+        raise InvalidRequest("purpose must be chat, embedding, image or transcription", param="purpose")
+    installed = {model.name for model in (await asyncio.to_thread(m.store.scan)).valid}
+    return {
+        "object": "list",
+        "data": [{**e.facts(), "installed": e.name in installed} for e in m.catalogue.search(q, purpose)],
+    }
+
+
+@router.get("/models")
+async def models(request: Request) -> dict[str, Any]:
+    """What is in the store, with status (ready, invalid), and what is being installed."""
+    m = _m(request)
+    scan = await asyncio.to_thread(m.store.scan)
+    data = [model.as_dict() for model in scan.models]
+    present = {model.name for model in scan.models}
+    for job in await m.queue.jobs():
+        if not job.final and job.model not in present:
+            data.append({"name": job.model, "status": "installing", "job": _job_json(job)})
+    return {"object": "list", "models_dir": str(m.store.root), "data": data, "problems": scan.problems}
+
+
+@router.post("/models/install", status_code=202)
+async def install(body: InstallRequest, request: Request) -> JSONResponse:
+    m = _m(request)
+    try:
+        entry = m.catalogue.resolve(body.model)
+    except InvalidModelName as exc:
+        raise InvalidRequest(str(exc), param="model", code="invalid_model_name") from None
+    except ModelNotFound as exc:
+        raise ModelNotFoundError(str(exc), param="model") from None
+    job, _created = await m.queue.submit(entry)
+    return JSONResponse(_job_json(job), status_code=202, headers={"Location": f"/api/jobs/{job.id}"})
+
+
+@router.delete("/models/{name}")
+async def uninstall(name: str, request: Request) -> dict[str, Any]:
+    m = _m(request)
+    for job in await m.queue.jobs():
+        if job.model == name and not job.final:
+            raise Conflict(f"{name} is being installed (job {job.id}); cancel the job first")
+    result = await m.queue.uninstall(name)
+    if not result["ok"]:
+        if result["code"] == "model_not_found":
+            raise ModelNotFoundError(result["message"])
+        raise Conflict(result["message"])
+    return {"id": result["model"], "object": "model", "deleted": True, "file": result["file"]}
+
+
+@router.get("/jobs")
+async def jobs(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [_job_json(j) for j in await _m(request).queue.jobs()]}
+
+
+async def _job(request: Request, job_id: str) -> Job:
+    job = await _m(request).queue.get(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}", code="job_not_found")
+    return job
+
+
+@router.get("/jobs/{job_id}")
+async def job(job_id: str, request: Request) -> dict[str, Any]:
+    return _job_json(await _job(request, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel")
+async def cancel(job_id: str, request: Request) -> dict[str, Any]:
+    await _job(request, job_id)
+    job = await _m(request).queue.cancel(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}", code="job_not_found")
+    return _job_json(job)
+
+
+@router.get("/jobs/{job_id}/events")
+async def events(job_id: str, request: Request) -> StreamingResponse:
+    """Server-sent events: `progress` whenever the job changes, then one final event named after
+    its end state (`done`, `failed`, `cancelled`), then the stream closes."""
+    first = await _job(request, job_id)
+    queue = _m(request).queue
+
+    async def stream() -> AsyncIterator[str]:
+        job: Job | None = first
+        sent: str | None = None
+        quiet = 0.0
+        while job is not None:
+            body = job.model_dump_json()
+            if body != sent:
+                sent, quiet = body, 0.0
+                yield f"event: {job.state.value if job.final else 'progress'}\ndata: {body}\n\n"
+                if job.final:
+                    return
+            elif quiet >= KEEPALIVE_S:
+                quiet = 0.0
+                yield ": keep-alive\n\n"
+            await asyncio.sleep(EVENT_POLL_S)
+            quiet += EVENT_POLL_S
+            try:
+                job = await queue.get(job_id)
+            except UpstreamUnavailable:
+                continue  # Redis restarting: keep the stream open and ask again
+        yield f"event: failed\ndata: {json.dumps({'id': job_id, 'error': 'the job record expired'})}\n\n"
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

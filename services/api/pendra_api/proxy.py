@@ -1,0 +1,77 @@
+"""`/v1/*` on the gateway: forwarded to the inference service with one shared `httpx.AsyncClient`.
+
+Bytes pass through as they come (no buffering, no re-encoding), so a streamed completion reaches
+the client token by token. When the client goes away, Starlette stops the stream and the
+response's background task closes the upstream request, which makes the inference service stop
+generating. An inference service that cannot be reached is a 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pendra_shared.api_errors import UpstreamUnavailable
+from prometheus_client import Counter
+from starlette.background import BackgroundTask
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter()
+
+# Request headers worth forwarding; the rest (authorization, cookies, hop-by-hop) stay here.
+FORWARD_REQUEST = ("content-type", "accept", "x-request-id", "openai-organization", "user-agent")
+# Response headers that describe one hop, not the content.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "te", "trailer"}
+)
+
+
+def upstream_client(base_url: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=base_url,
+        # No read timeout: a long prompt on a slow host may take minutes before its first token.
+        timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=30.0),
+        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+        headers={"Accept-Encoding": "identity"},
+    )
+
+
+def proxy_metrics(registry: object) -> Counter:
+    return Counter(
+        "pendra_api_upstream_requests",
+        "Requests forwarded to the inference service, by status (0: unreachable).",
+        ["status"],
+        registry=registry,  # type: ignore[arg-type]
+    )
+
+
+@router.api_route("/v1/{path:path}", methods=["GET", "POST", "DELETE"], include_in_schema=False)
+async def forward(path: str, request: Request) -> StreamingResponse:
+    client: httpx.AsyncClient = request.app.state.upstream
+    counter: Counter = request.app.state.upstream_requests
+    headers = {k: v for k in FORWARD_REQUEST if (v := request.headers.get(k)) is not None}
+    upstream = client.build_request(
+        request.method,
+        f"/v1/{path}",
+        params=request.query_params,
+        headers=headers,
+        content=await request.body(),
+    )
+    try:
+        response = await client.send(upstream, stream=True)
+    except httpx.TransportError as exc:
+        counter.labels("0").inc()
+        logger.warning("inference service unreachable at %s: %s", client.base_url, exc)
+        raise UpstreamUnavailable(
+            "the inference service is not reachable (starting or restarting?); retry shortly"
+        ) from None
+    counter.labels(str(response.status_code)).inc()
+    return StreamingResponse(
+        response.aiter_raw(),
+        status_code=response.status_code,
+        headers={k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP},
+        background=BackgroundTask(response.aclose),
+    )

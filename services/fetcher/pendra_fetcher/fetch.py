@@ -1,0 +1,60 @@
+"""One verified install as the fetcher does it: the mirror first, then upstream, then the mirror
+is filled with what was verified upstream. The foundation's `Installer` does the real work."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from pendra_shared.catalogue import CatalogueEntry
+from pendra_shared.errors import DownloadInterrupted, InstallCancelled, InstallError
+from pendra_shared.install import Installer, InstallResult, Progress, ProgressCallback
+
+from pendra_fetcher.mirror import S3Mirror
+
+logger = logging.getLogger(__name__)
+
+
+class Fetch:
+    def __init__(self, installer: Installer, mirror: S3Mirror | None) -> None:
+        self.installer = installer
+        self.mirror = mirror
+
+    def install(
+        self,
+        entry: CatalogueEntry,
+        progress: ProgressCallback,
+        cancel: threading.Event,
+        interrupt: threading.Event,
+    ) -> InstallResult:
+        mirror = self.mirror
+        if mirror is None or entry.gguf_url.startswith("s3://"):
+            return self.installer.install(entry, progress, cancel, interrupt)
+        if self._in_mirror(mirror, entry):
+            progress(Progress("checking", 0, entry.size_bytes, f"installing from the {mirror}"))
+            mirrored = entry.model_copy(update={"gguf_url": mirror.url_for(entry.gguf_sha256)})
+            try:
+                return self.installer.install(mirrored, progress, cancel, interrupt)
+            except (InstallCancelled, DownloadInterrupted):
+                raise
+            except InstallError as exc:
+                logger.warning("%s: the mirror copy failed (%s); going upstream", entry.name, exc)
+        result = self.installer.install(entry, progress, cancel, interrupt)
+        self._fill_mirror(mirror, entry, result)
+        return result
+
+    @staticmethod
+    def _in_mirror(mirror: S3Mirror, entry: CatalogueEntry) -> bool:
+        try:
+            return mirror.has(entry.gguf_sha256)
+        except Exception as exc:  # a mirror that is down must not stop an install
+            logger.warning("%s: cannot reach the %s (%s); going upstream", entry.name, mirror, exc)
+            return False
+
+    @staticmethod
+    def _fill_mirror(mirror: S3Mirror, entry: CatalogueEntry, result: InstallResult) -> None:
+        try:
+            if not mirror.has(entry.gguf_sha256):
+                mirror.upload(result.model.path, entry.gguf_sha256)
+        except Exception as exc:
+            logger.warning("%s: installed, but uploading it to the %s failed: %s", entry.name, mirror, exc)

@@ -1,0 +1,148 @@
+"""Job records in Redis, shared by the API (which creates, reads and cancels them) and the fetcher
+(which runs them and writes their progress).
+
+    pendra:job:<id>          the Job as JSON
+    pendra:jobs              the set of job ids, for listing
+    pendra:job:<id>:cancel   present when a client asked to cancel
+    pendra:job:<id>:lease    present while a live fetcher runs the job (expires when it dies)
+
+Only the API and the fetcher import this module; the CLI's store commands never load Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
+from redis.asyncio.retry import Retry
+
+from pendra_shared.jobs import Job, JobState
+
+logger = logging.getLogger(__name__)
+
+JOBS_SET = "pendra:jobs"
+FINISHED_TTL_S = 7 * 24 * 3600
+CANCEL_TTL_S = 24 * 3600
+
+
+def job_key(job_id: str) -> str:
+    return f"pendra:job:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"pendra:job:{job_id}:cancel"
+
+
+def lease_key(job_id: str) -> str:
+    return f"pendra:job:{job_id}:lease"
+
+
+def retrying(retries: int) -> Retry:
+    """Retry policy for Redis commands: `retries` tries with backoff capped at one second. The
+    fetcher rides out a Redis restart with many; the API answers 503 quickly with few."""
+    return Retry(ExponentialBackoff(cap=1.0, base=0.05), retries)
+
+
+def connection_pool(url: str, retries: int = 3) -> aioredis.ConnectionPool:
+    """A pool whose commands retry through short outages (see `retrying`)."""
+    return aioredis.ConnectionPool.from_url(
+        url,
+        retry=retrying(retries),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        socket_connect_timeout=2,
+    )
+
+
+def connect(url: str, retries: int = 3) -> aioredis.Redis:
+    return aioredis.Redis(connection_pool=connection_pool(url, retries))
+
+
+class RedisJobs:
+    """Job records for one Redis database."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+
+    async def get(self, job_id: str) -> Job | None:
+        raw = await self.redis.get(job_key(job_id))
+        return Job.model_validate_json(raw) if raw is not None else None
+
+    async def save(self, job: Job) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(job_key(job.id), job.model_dump_json(), ex=FINISHED_TTL_S if job.final else None)
+            pipe.sadd(JOBS_SET, job.id)
+            if job.final:
+                pipe.delete(cancel_key(job.id), lease_key(job.id))
+            await pipe.execute()
+
+    async def all(self) -> list[Job]:
+        members: set[bytes] = await self.redis.smembers(JOBS_SET)  # type: ignore[misc]
+        ids = sorted(m.decode() for m in members)
+        if not ids:
+            return []
+        raws = await self.redis.mget([job_key(i) for i in ids])
+        gone = [i for i, raw in zip(ids, raws, strict=True) if raw is None]
+        if gone:
+            await self.redis.srem(JOBS_SET, *gone)  # type: ignore[misc]
+        return [Job.model_validate_json(raw) for raw in raws if raw is not None]
+
+    async def claim(self, job: Job) -> tuple[Job, bool]:
+        """Store `job` unless an unfinished job with its id exists. Returns the job in force and
+        whether it is the new one; two callers racing get the same job."""
+        key = job_key(job.id)
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    existing = Job.model_validate_json(raw) if raw is not None else None
+                    if existing is not None and not existing.final:
+                        await pipe.unwatch()
+                        return existing, False
+                    pipe.multi()
+                    pipe.set(key, job.model_dump_json())
+                    pipe.sadd(JOBS_SET, job.id)
+                    pipe.delete(cancel_key(job.id))
+                    await pipe.execute()
+                    return job, True
+                except WatchError:
+                    continue
+
+    async def cancel(self, job_id: str) -> Job | None:
+        """Ask for `job_id` to stop. A job still queued is cancelled here and now; a running one
+        is stopped by its fetcher, which sees the request within a second."""
+        key = job_key(job_id)
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if raw is None:
+                        await pipe.unwatch()
+                        return None
+                    job = Job.model_validate_json(raw)
+                    if job.final:
+                        await pipe.unwatch()
+                        return job
+                    pipe.multi()
+                    pipe.set(cancel_key(job_id), b"1", ex=CANCEL_TTL_S)
+                    if job.state in (JobState.QUEUED, JobState.RETRYING):
+                        job = job.finished(JobState.CANCELLED, message="cancelled before it ran")
+                        pipe.set(key, job.model_dump_json(), ex=FINISHED_TTL_S)
+                    await pipe.execute()
+                    return job
+                except WatchError:
+                    continue
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return bool(await self.redis.exists(cancel_key(job_id)))
+
+    async def renew_lease(self, job_id: str, owner: str, ttl_s: float) -> None:
+        await self.redis.set(lease_key(job_id), owner.encode(), px=max(int(ttl_s * 1000), 1))
+
+    async def has_lease(self, job_id: str) -> bool:
+        return bool(await self.redis.exists(lease_key(job_id)))
