@@ -11,14 +11,16 @@ Only the API and the fetcher import this module; the CLI's store commands never 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
-from redis.asyncio.retry import Retry
 
 from pendra_shared.jobs import Job, JobState
 
@@ -62,16 +64,29 @@ def connect(url: str, retries: int = 3) -> aioredis.Redis:
 
 
 class RedisJobs:
-    """Job records for one Redis database."""
+    """Job records for one Redis database. With `patience_s`, `save` keeps trying that long
+    through a Redis outage (the fetcher must not lose a job's final state)."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, patience_s: float = 0.0) -> None:
         self.redis = redis
+        self.patience_s = patience_s
 
     async def get(self, job_id: str) -> Job | None:
         raw = await self.redis.get(job_key(job_id))
         return Job.model_validate_json(raw) if raw is not None else None
 
     async def save(self, job: Job) -> None:
+        deadline = time.monotonic() + self.patience_s
+        while True:
+            try:
+                return await self._save(job)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                logger.warning("saving %s: %s; trying again", job.id, exc)
+                await asyncio.sleep(0.5)
+
+    async def _save(self, job: Job) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(job_key(job.id), job.model_dump_json(), ex=FINISHED_TTL_S if job.final else None)
             pipe.sadd(JOBS_SET, job.id)

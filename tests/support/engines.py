@@ -129,7 +129,8 @@ class S3Server:
         args = [str(weed), "server", f"-dir={self.directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
         for name, (http, grpc) in ports.items():
             args += [f"-{name}.port={http}", f"-{name}.port.grpc={grpc}"]
-        args += ["-s3", f"-s3.config={config}", "-volume.max=4", "-master.volumeSizeLimitMB=512"]
+        args += ["-s3", f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+        args += ["-volume.max=4", "-master.volumeSizeLimitMB=512"]
         with (self.directory / "weed.log").open("ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         client = self.client()

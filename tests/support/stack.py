@@ -73,7 +73,9 @@ def interpolate(value: str, variables: dict[str, str]) -> str:
     return _VAR_RE.sub(one, value)
 
 
-def service_process(name: str, variables: dict[str, str], mapping: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+def service_process(
+    name: str, variables: dict[str, str], mapping: dict[str, str]
+) -> tuple[list[str], dict[str, str]]:
     """The command and environment compose gives service `name`, with `mapping` applied to values
     (compose hostnames and paths to this machine's)."""
     service = load_compose()["services"][name]

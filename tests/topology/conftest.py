@@ -11,7 +11,6 @@ import pytest
 
 from tests.conftest import gemma_entry
 from tests.support.engines import RedisServer, S3Server
-from tests.support.httpserver import FileServer
 from tests.support.stack import ComposeStack, EmbeddedStack
 
 Stack = ComposeStack | EmbeddedStack

@@ -33,7 +33,9 @@ def test_install_watch_chat_uninstall(stack: Stack, file_server: FileServer) -> 
     assert (stack.store / "gemma3-270m.gguf.meta.json").is_file()
 
     listed = httpx.get(f"{stack.api_url}/api/models", timeout=10).json()
-    assert [(m["name"], m["status"], m["purpose"]) for m in listed["data"]] == [("gemma3:270m", "ready", "chat")]
+    assert [(m["name"], m["status"], m["purpose"]) for m in listed["data"]] == [
+        ("gemma3:270m", "ready", "chat")
+    ]
 
     api.wait_model(stack.api_url, "gemma3:270m")
     with openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key="none", max_retries=0, timeout=120) as client:
@@ -48,7 +50,12 @@ def test_install_watch_chat_uninstall(stack: Stack, file_server: FileServer) -> 
 
         gone = httpx.delete(f"{stack.api_url}/api/models/gemma3:270m", timeout=30)
         assert gone.status_code == 200, gone.text
-        assert gone.json() == {"id": "gemma3:270m", "object": "model", "deleted": True, "file": "gemma3-270m.gguf"}
+        assert gone.json() == {
+            "id": "gemma3:270m",
+            "object": "model",
+            "deleted": True,
+            "file": "gemma3-270m.gguf",
+        }
         assert not (stack.store / "gemma3-270m.gguf").exists()
         assert not (stack.store / "gemma3-270m.gguf.meta.json").exists()
         api.wait_model(stack.api_url, "gemma3:270m", present=False)
@@ -67,7 +74,8 @@ def test_the_same_model_asked_twice_at_once_is_one_job(stack: Stack, file_server
     file_server.faults.throttle_s = 0.0005
     results: list[dict[str, object]] = []
     threads = [
-        threading.Thread(target=lambda: results.append(api.install(stack.api_url, "gemma3:270m"))) for _ in range(4)
+        threading.Thread(target=lambda: results.append(api.install(stack.api_url, "gemma3:270m")))
+        for _ in range(4)
     ]
     for t in threads:
         t.start()

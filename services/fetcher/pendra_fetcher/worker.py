@@ -58,6 +58,8 @@ async def install_model(ctx: dict[str, Any], job_id: str, entry_data: dict[str, 
     jobs: RedisJobs = ctx["jobs"]
     entry = CatalogueEntry.model_validate(entry_data)
     job = await jobs.get(job_id) or Job.new(entry.name, entry.size_bytes)
+    if job.state in (JobState.DONE, JobState.FAILED):
+        return job.state.value  # this run finished before arq could record it (Redis was away)
     fetch: Fetch = ctx["fetch"]
     if job.state == JobState.CANCELLED or await jobs.cancel_requested(job_id):
         await asyncio.to_thread(fetch.installer.discard_partial, entry)
@@ -153,7 +155,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     installer = Installer(
         store, sources, retries=settings.download_retries, backoff_s=settings.download_backoff_s
     )
-    jobs = RedisJobs(connect(settings.redis_url, retries=60))
+    jobs = RedisJobs(connect(settings.redis_url, retries=60), patience_s=300)
     ctx.update(
         store=store,
         jobs=jobs,
@@ -205,8 +207,20 @@ def redis_settings(url: str) -> RedisSettings:
     )
 
 
+class ResilientWorker(Worker):
+    """arq's worker, riding out Redis outages: a failed poll is logged and tried again rather than
+    ending the process (running downloads carry on meanwhile)."""
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            logger.warning("polling the queue failed (%s); trying again", exc)
+            await asyncio.sleep(1.0)
+
+
 def create_worker(settings: Settings) -> Worker:
-    return Worker(
+    return ResilientWorker(
         functions=WorkerSettings.functions,
         queue_name=WorkerSettings.queue_name,
         on_startup=WorkerSettings.on_startup,

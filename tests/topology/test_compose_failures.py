@@ -1,0 +1,163 @@
+"""What only the service set has: a fetcher killed mid-download, Redis restarting mid-job, the
+S3 mirror (and installing from it with the upstream server gone), an inference service that is
+down behind the gateway."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+
+import httpx
+import openai
+import pytest
+from pendra_shared.fsutil import sha256_file
+
+from tests.conftest import GEMMA_SHA256, GEMMA_SIZE, gemma_entry
+from tests.support import api
+from tests.support.engines import S3_BUCKET, RedisServer, S3Server
+from tests.support.httpserver import FileServer
+from tests.support.stack import ComposeStack
+from tests.topology.conftest import Stack
+
+MakeStack = Callable[..., Stack]
+
+
+def _listed(stack: ComposeStack) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{stack.inference_url}/v1/models", timeout=10).json()["data"]}
+
+
+def test_a_killed_fetcher_is_replaced_and_the_install_resumes(
+    make_stack: MakeStack, file_server: FileServer
+) -> None:
+    stack = make_stack("compose")
+    assert isinstance(stack, ComposeStack)
+    file_server.faults.throttle_s = 0.004  # roughly 15 seconds for the whole file
+    job = api.install(stack.api_url, "gemma3:270m")
+    api.wait_job(stack.api_url, job["id"], until=lambda j: j["done_bytes"] > 40_000_000, timeout_s=60)
+    stack.services["fetcher"].stop(signal.SIGKILL)
+    killed_at = api.job(stack.api_url, job["id"])["done_bytes"]
+    assert _listed(stack) == set(), "a partial download was offered as a model"
+
+    file_server.faults.throttle_s = 0
+    stack.start_service("fetcher")
+    final = api.wait_job(stack.api_url, job["id"], timeout_s=120)
+    assert final["state"] == "done", final
+    assert final["attempts"] == 2
+    assert sha256_file(stack.store / "gemma3-270m.gguf") == GEMMA_SHA256
+    assert list((stack.store / ".partial").glob("*.part")) == []
+    resumed = [r for r in file_server.requests if r.range]
+    assert resumed and int(resumed[-1].range.split("=")[1].rstrip("-")) >= killed_at - 8 * 1024 * 1024
+    assert "taking the job over" in stack.services["fetcher"].log()
+    api.wait_model(stack.api_url, "gemma3:270m")
+
+
+def test_redis_restarting_mid_job_loses_nothing(
+    make_stack: MakeStack, file_server: FileServer, redis_server: RedisServer
+) -> None:
+    stack = make_stack("compose")
+    file_server.faults.throttle_s = 0.003
+    job = api.install(stack.api_url, "gemma3:270m")
+    api.wait_job(stack.api_url, job["id"], until=lambda j: j["done_bytes"] > 10_000_000, timeout_s=60)
+    redis_server.restart(down_s=2.0)
+    final = api.wait_job(stack.api_url, job["id"], timeout_s=120)
+    assert final["state"] == "done", final
+    assert sha256_file(stack.store / "gemma3-270m.gguf") == GEMMA_SHA256
+    assert all(s.alive() for s in stack.services.values())
+    assert len(file_server.requests) == 1  # the download itself went on undisturbed
+
+
+def test_the_mirror_fills_and_then_serves_installs_without_upstream(
+    make_stack: MakeStack,
+    file_server: FileServer,
+    s3_server: S3Server,
+    served_gemma: str,
+    write_catalogue: Callable[..., object],
+) -> None:
+    s3_server.empty()
+    stack = make_stack("compose", s3=s3_server)
+    job = api.install(stack.api_url, "gemma3:270m")
+    assert api.wait_job(stack.api_url, job["id"])["state"] == "done"
+    key = f"sha256/{GEMMA_SHA256}"
+    assert s3_server.client().stat_object(S3_BUCKET, key).size == GEMMA_SIZE
+
+    assert httpx.delete(f"{stack.api_url}/api/models/gemma3:270m", timeout=30).status_code == 200
+    file_server.stop()  # upstream gone: an air-gapped host with a filled mirror
+    job = api.install(stack.api_url, "gemma3:270m")
+    final = api.wait_job(stack.api_url, job["id"])
+    assert final["state"] == "done", final
+    assert sha256_file(stack.store / "gemma3-270m.gguf") == GEMMA_SHA256
+    assert "mirror" in stack.services["fetcher"].log()
+
+
+def test_a_catalogue_entry_on_s3_installs_from_the_mirror(
+    make_stack: MakeStack, s3_server: S3Server, gemma_path: object, write_catalogue: Callable[..., object]
+) -> None:
+    s3_server.empty()
+    s3_server.client().fput_object(S3_BUCKET, "models/gemma.gguf", str(gemma_path))
+    catalogue = write_catalogue([gemma_entry(f"s3://{S3_BUCKET}/models/gemma.gguf", name="gemma-s3:270m")])
+    stack = make_stack("compose", s3=s3_server, env={"PENDRA_CATALOGUE": str(catalogue)})
+    stack.extra_env["PENDRA_CATALOGUE"] = str(catalogue)
+    job = api.install(stack.api_url, "gemma-s3:270m")
+    final = api.wait_job(stack.api_url, job["id"])
+    assert final["state"] == "done", final
+    assert sha256_file(stack.store / "gemma-s3-270m.gguf") == GEMMA_SHA256
+
+
+def test_inference_down_is_a_503_with_retry_after(make_stack: MakeStack) -> None:
+    stack = make_stack("compose")
+    assert isinstance(stack, ComposeStack)
+    stack.services["inference"].stop()
+    response = httpx.post(
+        f"{stack.api_url}/v1/chat/completions",
+        json={"model": "gemma3:270m", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=10,
+    )
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert response.json()["error"]["code"] == "service_unavailable"
+    ready = httpx.get(f"{stack.api_url}/ready", timeout=10).json()
+    assert ready["inference"] == "unreachable" and ready["queue"] == "ok"
+    with (
+        openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key="none", max_retries=0) as client,
+        pytest.raises(openai.InternalServerError) as err,
+    ):
+        client.models.list()
+    assert err.value.status_code == 503
+
+    stack.start_service("inference")
+    assert httpx.get(f"{stack.api_url}/v1/models", timeout=10).status_code == 200
+
+
+def test_streaming_through_the_gateway_arrives_token_by_token(
+    make_stack: MakeStack, gemma_path: object
+) -> None:
+    stack = make_stack("compose")
+    assert isinstance(stack, ComposeStack)
+    job = api.install(stack.api_url, "gemma3:270m")
+    assert api.wait_job(stack.api_url, job["id"])["state"] == "done"
+    api.wait_model(stack.api_url, "gemma3:270m")
+
+    def timed_stream(base_url: str) -> tuple[list[str], float]:
+        arrivals, pieces = [], []
+        with openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=120) as client:
+            stream = client.chat.completions.create(
+                model="gemma3:270m",
+                messages=[{"role": "user", "content": "Count from one to twenty."}],
+                max_tokens=48,
+                temperature=0,
+                seed=1,
+                stream=True,
+            )
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    arrivals.append(time.monotonic())
+                    pieces.append(chunk.choices[0].delta.content)
+        return pieces, arrivals[-1] - arrivals[0]
+
+    timed_stream(stack.inference_url)  # warm: the model loads
+    direct, direct_span = timed_stream(stack.inference_url)
+    proxied, proxied_span = timed_stream(stack.api_url)
+    assert proxied == direct and len(direct) > 10
+    # Buffered, all chunks would arrive together; passed through, they spread as generated.
+    assert proxied_span > 0.5 * direct_span, (proxied_span, direct_span)
