@@ -1,6 +1,8 @@
 """`pendra models ...`: list, install, uninstall, import, show, search the catalogue, print the store.
 
 Commands act on the local store through `pendra_shared`, the same install code the fetcher runs.
+With `PENDRA_API_URL` set, `list`, `install`, `uninstall` and `cancel` act through that API instead,
+on the server's store.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from rich.progress import (
 from rich.table import Table
 
 from pendra.console import err, human_size, out, print_json
+from pendra.remote import RemoteAPI, RemoteError
 
 models_app = typer.Typer(help="Manage the GGUF models in the store.", invoke_without_command=True)
 
@@ -50,7 +53,11 @@ def models_root(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
 @models_app.command("list")
 def list_models(as_json: bool = JSON_OPTION) -> None:
     """List the models in the store: name, purpose, size, quantization, status."""
-    store = _store(load_settings())
+    settings = load_settings()
+    if settings.api_url:
+        _list_remote(settings, as_json)
+        return
+    store = _store(settings)
     scan = store.scan()
     if as_json:
         print_json(
@@ -81,6 +88,36 @@ def list_models(as_json: bool = JSON_OPTION) -> None:
             err.print(f"warning: {model.file_name}: {problem}", markup=False)
     for problem in scan.problems:
         err.print(f"warning: {problem}", markup=False)
+
+
+def _list_remote(settings: Settings, as_json: bool) -> None:
+    remote = RemoteAPI(settings)
+    try:
+        listing = remote.request("GET", "/api/models")
+    finally:
+        remote.close()
+    if as_json:
+        print_json(listing)
+        return
+    if not listing["data"]:
+        out.print(f"No models on {remote.base_url}.", markup=False)
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("NAME", "PURPOSE", "SIZE", "QUANT", "STATUS"):
+        table.add_column(column)
+    for m in listing["data"]:
+        status = m["status"]
+        if status == "installing":
+            job = m["job"]
+            done, total = job["done_bytes"], job["total_bytes"]
+            status = f"installing {done * 100 // total}%" if total else "installing"
+        elif status == "invalid":
+            status = f"invalid: {m.get('error')}"
+        quant = (m.get("facts") or {}).get("quantization")
+        table.add_row(
+            m["name"], m.get("purpose") or "-", human_size(m.get("size_bytes")), quant or "-", status
+        )
+    out.print(table)
 
 
 @models_app.command("dir")
@@ -147,6 +184,9 @@ def catalogue(
 def install(name: str = typer.Argument(..., help="family[:tag], e.g. qwen3:4b or gemma3.")) -> None:
     """Download a catalogue model, verify its SHA-256 and add it to the store."""
     settings = load_settings()
+    if settings.api_url:
+        _install_remote(settings, name)
+        return
     entry = _catalogue(settings).resolve(name)
     installer = Installer(
         _store(settings),
@@ -193,11 +233,99 @@ def install(name: str = typer.Argument(..., help="family[:tag], e.g. qwen3:4b or
         )
 
 
+def _progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+
+
+def _install_remote(settings: Settings, name: str) -> None:
+    """Queue the install on the server and follow its job until it ends. Ctrl-C stops watching;
+    the install goes on there."""
+    remote = RemoteAPI(settings)
+    try:
+        job = remote.request("POST", "/api/models/install", json={"model": name})
+        model = job["model"]
+        final = job
+        try:
+            with _progress_bar() as bar:
+                task = bar.add_task(model, total=job["total_bytes"])
+                for event, data in remote.events(job["id"]):
+                    final = data
+                    described = (
+                        model if data["phase"] == "downloading" else f"{model}: {data['phase'] or event}"
+                    )
+                    bar.update(
+                        task, description=described, completed=data["done_bytes"], total=data["total_bytes"]
+                    )
+        except KeyboardInterrupt:
+            err.print(
+                f"stopped watching; {model} goes on installing on {remote.base_url}. "
+                f"`pendra models install {model}` follows it again, `pendra models cancel {model}` stops it",
+                markup=False,
+            )
+            raise typer.Exit(130) from None
+    finally:
+        remote.close()
+    if final["state"] == "done":
+        out.print(
+            f"installed {model} on {remote.base_url}: {human_size(final['done_bytes'])}, sha256 verified "
+            f"({final['message']})",
+            markup=False,
+        )
+    elif final["state"] == "cancelled":
+        raise RemoteError(f"the install of {model} was cancelled")
+    else:
+        raise RemoteError(f"the install of {model} failed: {final.get('error') or final['state']}")
+
+
 @models_app.command("uninstall")
 def uninstall(name: str) -> None:
     """Remove a model's GGUF file and its sidecar from the store."""
-    model = _store(load_settings()).uninstall(name)
+    settings = load_settings()
+    if settings.api_url:
+        remote = RemoteAPI(settings)
+        try:
+            gone = remote.request("DELETE", f"/api/models/{name}")
+        finally:
+            remote.close()
+        out.print(f"uninstalled {gone['id']} from {remote.base_url} (removed {gone['file']})", markup=False)
+        return
+    model = _store(settings).uninstall(name)
     out.print(f"uninstalled {model.name} (removed {model.file_name})", markup=False)
+
+
+@models_app.command("cancel")
+def cancel(name: str) -> None:
+    """Cancel a running install on the server at PENDRA_API_URL."""
+    settings = load_settings()
+    if not settings.api_url:
+        raise RemoteError(
+            "nothing to cancel here: a local install stops with Ctrl-C; "
+            "set PENDRA_API_URL to cancel an install on a server"
+        )
+    remote = RemoteAPI(settings)
+    try:
+        jobs = remote.request("GET", "/api/jobs")["data"]
+        running = [
+            j
+            for j in jobs
+            if j["state"] not in ("done", "failed", "cancelled")
+            and name in (j["model"], j["model"].split(":")[0])
+        ]
+        if not running:
+            raise RemoteError(f"no install of {name} is running on {remote.base_url}")
+        for job in running:
+            remote.request("POST", f"/api/jobs/{job['id']}/cancel")
+            out.print(f"cancelled the install of {job['model']}", markup=False)
+    finally:
+        remote.close()
 
 
 @models_app.command("import")

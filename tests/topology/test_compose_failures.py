@@ -4,7 +4,10 @@ down behind the gateway."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -17,7 +20,7 @@ from tests.conftest import GEMMA_SHA256, GEMMA_SIZE, gemma_entry
 from tests.support import api
 from tests.support.engines import S3_BUCKET, RedisServer, S3Server
 from tests.support.httpserver import FileServer
-from tests.support.stack import ComposeStack
+from tests.support.stack import ComposeStack, load_compose
 from tests.topology.conftest import Stack
 
 MakeStack = Callable[..., Stack]
@@ -161,3 +164,25 @@ def test_streaming_through_the_gateway_arrives_token_by_token(
     assert proxied == direct and len(direct) > 10
     # Buffered, all chunks would arrive together; passed through, they spread as generated.
     assert proxied_span > 0.5 * direct_span, (proxied_span, direct_span)
+
+
+def test_the_fetcher_healthcheck_follows_the_worker(make_stack: MakeStack) -> None:
+    stack = make_stack("compose")
+    assert isinstance(stack, ComposeStack)
+    command = load_compose()["services"]["fetcher"]["healthcheck"]["test"][1:]
+    fetcher = stack.services["fetcher"]
+    fetcher_env = {**os.environ, "PENDRA_REDIS_URL": stack.redis.url}
+
+    def healthy() -> bool:
+        argv = [sys.executable if part == "python" else part for part in command]
+        return subprocess.run(argv, env=fetcher_env, capture_output=True, timeout=30).returncode == 0
+
+    deadline = time.monotonic() + 15
+    while not healthy():
+        assert time.monotonic() < deadline, "the running fetcher never reported healthy"
+        time.sleep(0.5)
+    fetcher.stop()
+    deadline = time.monotonic() + 20  # the record lives one health-check interval (10 s) plus one
+    while healthy():
+        assert time.monotonic() < deadline, "a stopped fetcher still reports healthy"
+        time.sleep(1)

@@ -1,0 +1,144 @@
+"""compose.yaml, its CPU override and the Dockerfiles, checked statically: no Docker engine runs
+here. The topology tests then start each service's own command from compose.yaml as a process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+from typing import Any
+
+import jsonschema
+import pytest
+
+from tests.support.stack import ROOT, interpolate, load_compose
+
+SCHEMA = json.loads((ROOT / "tests" / "data" / "compose-spec.json").read_text())
+ENV = {"PENDRA_MIRROR_SECRET_KEY": "a-secret-of-length"}
+
+
+def _strings(node: Any) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in _strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in _strings(v)]
+    return []
+
+
+@pytest.mark.parametrize("files", [("compose.yaml",), ("compose.yaml", "compose.cpu.yaml")])
+def test_compose_files_follow_the_compose_spec(files: tuple[str, ...]) -> None:
+    # The schema names draft 2019-09 by an address jsonschema does not know; say it plainly.
+    jsonschema.Draft201909Validator(SCHEMA).validate(load_compose(*files))
+
+
+def test_the_stack_has_the_designed_shape() -> None:
+    services = load_compose()["services"]
+    assert set(services) == {"redis", "minio", "minio-init", "fetcher", "inference", "api"}
+    assert [name for name, s in services.items() if "ports" in s] == ["api"]
+    gpu = services["inference"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+
+    def mount(service: str) -> tuple[str, bool]:
+        (volume,) = [v for v in services[service]["volumes"] if "/models" in str(v)]
+        if isinstance(volume, str):
+            return volume.split(":")[0], volume.endswith(":ro")
+        return volume["source"], bool(volume.get("read_only"))
+
+    assert mount("fetcher") == ("models", False)
+    assert mount("inference") == ("models", True)
+    assert mount("api") == ("models", True)
+    for name, service in services.items():
+        if name != "minio-init":
+            assert "healthcheck" in service, name
+    assert services["api"]["depends_on"]["inference"] == {"condition": "service_healthy"}
+    assert services["fetcher"]["depends_on"]["redis"] == {"condition": "service_healthy"}
+    assert services["fetcher"]["depends_on"]["minio-init"] == {"condition": "service_completed_successfully"}
+
+
+def test_unset_secrets_stop_compose_before_anything_starts() -> None:
+    strings = _strings(load_compose())
+    for value in strings:
+        interpolate(value, ENV)  # all set: fine
+    with pytest.raises(ValueError, match="PENDRA_MIRROR_SECRET_KEY"):
+        for value in strings:
+            interpolate(value, {})
+
+
+def test_the_cpu_override_drops_the_gpu_and_builds_the_cpu_image() -> None:
+    inference = load_compose("compose.yaml", "compose.cpu.yaml")["services"]["inference"]
+    assert "deploy" not in inference
+    assert inference["build"]["dockerfile"] == "docker/inference.cpu.Dockerfile"
+
+
+@pytest.mark.parametrize("service", ["fetcher", "inference", "api"])
+def test_each_service_command_is_a_real_module(service: str) -> None:
+    command = load_compose()["services"][service]["command"]
+    assert command[:2] == ["python", "-m"]
+    assert importlib.util.find_spec(command[2]) is not None
+
+
+def _dockerfile(path: str) -> str:
+    return (ROOT / path).read_text()
+
+
+def _final_stage(text: str) -> str:
+    return text[text.rindex("\nFROM ") :]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["docker/service.Dockerfile", "docker/inference.cuda.Dockerfile", "docker/inference.cpu.Dockerfile"],
+)
+def test_dockerfiles_pin_their_bases_copy_what_exists_and_run_as_a_user(path: str) -> None:
+    text = _dockerfile(path)
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.MULTILINE))
+    for image in re.findall(r"^FROM (\S+)", text, re.MULTILINE):
+        resolved = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+        name, _, tag = resolved.rpartition(":")
+        assert name and re.search(r"\d", tag) and tag != "latest", resolved
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.MULTILINE):
+        for part in source.split():
+            assert (ROOT / part).exists(), f"{path} copies {part}, which is not in the repository"
+    user = re.findall(r"^USER (\S+)$", _final_stage(text), re.MULTILINE)
+    assert user and user[-1].split(":")[0] not in ("0", "root")
+    assert re.search(r"uv sync --frozen --no-dev --no-editable --package", text)
+    assert "uv==" in text  # the uv that reads uv.lock is pinned
+
+
+def test_the_inference_image_builds_llama_cpp_with_cuda_and_runs_on_the_matching_runtime() -> None:
+    text = _dockerfile("docker/inference.cuda.Dockerfile")
+    assert "-DGGML_CUDA=on" in text
+    bases = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
+    assert bases == [
+        "nvidia/cuda:${CUDA_VERSION}-devel-${UBUNTU}",
+        "nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU}",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("package", "slim"), [("pendra-api", True), ("pendra-fetcher", True), ("pendra-inference", False)]
+)
+def test_only_the_inference_image_contains_llama_cpp(package: str, slim: bool) -> None:
+    exported = subprocess.run(
+        ["uv", "export", "--package", package, "--frozen", "--no-dev", "--no-hashes"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    requirements = [line for line in exported.splitlines() if line and not line.lstrip().startswith("#")]
+    has_llama = any(line.startswith("llama-cpp-python") for line in requirements)
+    assert has_llama is not slim
+
+
+def test_the_build_context_leaves_out_what_images_do_not_need() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".git", ".venv", "tests", ".env", "*.gguf"):
+        assert entry in ignored
+    for service in ("api", "fetcher"):
+        build = load_compose()["services"][service]["build"]
+        assert build["dockerfile"] == "docker/service.Dockerfile"
+        assert build["args"]["PACKAGE"] == f"pendra-{service}"
