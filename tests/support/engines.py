@@ -147,7 +147,7 @@ class S3Server:
         raise RuntimeError("the S3 server did not start")
 
     def stop(self) -> None:
-        _stop(self.proc)
+        _stop(self.proc, timeout=5)
 
     def empty(self) -> None:
         client = self.client()

@@ -202,8 +202,11 @@ class ComposeStack:
 
     def start(self) -> ComposeStack:
         self.store.mkdir(parents=True, exist_ok=True)
-        for name in ("fetcher", "inference", "api"):  # compose's depends_on order
-            self.start_service(name)
+        # All at once, as compose would once redis is healthy; the API copes with inference
+        # coming up after it (503 until then), and each is waited for before the test goes on.
+        started = [self.start_service(name, wait=False) for name in ("fetcher", "inference", "api")]
+        for service in started:
+            self._wait(service)
         return self
 
     def stop(self) -> None:

@@ -35,7 +35,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 @pytest.fixture
 def catalogue(served_gemma: str, write_catalogue: Callable[..., Path]) -> Path:
-    return write_catalogue([gemma_entry(served_gemma)])
+    embedder = gemma_entry(served_gemma, name="gemma-embed:270m", purpose="embedding")
+    return write_catalogue([gemma_entry(served_gemma), embedder])
 
 
 @pytest.fixture

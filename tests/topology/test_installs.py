@@ -58,16 +58,25 @@ def test_install_watch_chat_uninstall(stack: Stack, file_server: FileServer) -> 
         }
         assert not (stack.store / "gemma3-270m.gguf").exists()
         assert not (stack.store / "gemma3-270m.gguf.meta.json").exists()
-        api.wait_model(stack.api_url, "gemma3:270m", present=False)
-        with pytest.raises(openai.NotFoundError) as err:
+        with pytest.raises(openai.NotFoundError) as err:  # at once, before the store watcher stirs
             client.chat.completions.create(
                 model="gemma3:270m", messages=[{"role": "user", "content": "hi"}], max_tokens=4
             )
         assert err.value.code == "model_not_found"
+        api.wait_model(stack.api_url, "gemma3:270m", present=False)
 
     again = httpx.delete(f"{stack.api_url}/api/models/gemma3:270m", timeout=30)
     assert again.status_code == 404 and again.json()["error"]["code"] == "model_not_found"
     assert [r.path for r in file_server.requests] == ["/gemma.gguf"]
+
+
+def test_an_embedding_model_answers_as_soon_as_its_install_is_done(stack: Stack) -> None:
+    job = api.install(stack.api_url, "gemma-embed:270m")
+    assert api.wait_job(stack.api_url, job["id"], poll_s=0.02)["state"] == "done"
+    with openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key="none", max_retries=0, timeout=120) as client:
+        result = client.embeddings.create(model="gemma-embed:270m", input=["a red apple", "a green pear"])
+    assert [len(d.embedding) for d in result.data] == [640, 640]
+    assert result.usage.prompt_tokens > 0
 
 
 def test_the_same_model_asked_twice_at_once_is_one_job(stack: Stack, file_server: FileServer) -> None:

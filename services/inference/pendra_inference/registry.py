@@ -134,9 +134,9 @@ class ModelRegistry:
 
     async def find(self, name: str) -> StoredModel:
         for model in (await self.scan()).valid:
-            if model.name == name:
+            if model.name == name and model.path.exists():
                 return model
-        # The watcher may not have told us yet: look again before saying no.
+        # The watcher may not have told us yet (a model just installed or removed): look again.
         for model in (await self.refresh()).valid:
             if model.name == name:
                 return model
