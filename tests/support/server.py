@@ -39,7 +39,9 @@ class ServerProcess:
                 self.proc.wait(10)
 
 
-def start_server(env: dict[str, str], log_path: Path, *args: str, timeout_s: float = 60) -> ServerProcess:
+def start_server(
+    env: dict[str, str], log_path: Path, *args: str, timeout_s: float = 60, ready_path: str = "/ready"
+) -> ServerProcess:
     port = free_port()
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -54,7 +56,7 @@ def start_server(env: dict[str, str], log_path: Path, *args: str, timeout_s: flo
         if proc.poll() is not None:
             raise RuntimeError(f"pendra serve exited with {proc.returncode}:\n{server.log()}")
         try:
-            if httpx.get(f"{server.base_url}/ready", timeout=1).status_code == 200:
+            if httpx.get(f"{server.base_url}{ready_path}", timeout=1).status_code == 200:
                 return server
         except httpx.TransportError:
             pass

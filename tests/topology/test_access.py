@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import openai
@@ -10,6 +11,7 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.support import api
+from tests.support.server import free_port, start_server
 from tests.topology.conftest import Stack
 
 
@@ -94,8 +96,6 @@ def test_the_cli_installs_lists_and_uninstalls_through_the_api(
 
 
 def test_the_cli_says_when_the_api_is_unreachable() -> None:
-    from tests.support.server import free_port
-
     result = run_cli("models", "list", env={"PENDRA_API_URL": f"http://127.0.0.1:{free_port()}"})
     assert result.returncode == 1
     assert "cannot reach the Pendra API" in result.stderr and "Traceback" not in result.stderr
@@ -107,3 +107,28 @@ def test_job_listing_shows_progress(make_stack: Callable[..., Stack]) -> None:
     api.wait_job(stack.api_url, job["id"])
     jobs = httpx.get(f"{stack.api_url}/api/jobs", timeout=10).json()["data"]
     assert [(j["id"], j["state"], j["attempts"]) for j in jobs] == [("install:gemma3:270m", "done", 1)]
+
+
+@pytest.mark.parametrize(
+    ("service", "present", "absent"),
+    [("inference", "/v1/models", "/api/models"), ("api", "/api/catalogue", None)],
+)
+def test_pendra_serve_runs_one_service_of_the_stack(
+    tmp_path: Path, service: str, present: str, absent: str | None
+) -> None:
+    env = {
+        "PENDRA_MODELS_DIR": str(tmp_path / "models"),
+        "PENDRA_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+    }
+    server = start_server(env, tmp_path / "serve.log", service, ready_path="/health")
+    try:
+        assert httpx.get(server.base_url + present, timeout=10).status_code == 200
+        if absent is not None:
+            assert httpx.get(server.base_url + absent, timeout=10).status_code == 404
+    finally:
+        server.stop()
+
+
+def test_pendra_serve_refuses_an_unknown_service() -> None:
+    result = run_cli("serve", "everything")
+    assert result.returncode == 2 and "everything" in result.stderr

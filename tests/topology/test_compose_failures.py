@@ -186,3 +186,28 @@ def test_the_fetcher_healthcheck_follows_the_worker(make_stack: MakeStack) -> No
     while healthy():
         assert time.monotonic() < deadline, "a stopped fetcher still reports healthy"
         time.sleep(1)
+
+
+def test_a_client_leaving_mid_stream_stops_generation_behind_the_gateway(make_stack: MakeStack) -> None:
+    stack = make_stack("compose")
+    assert isinstance(stack, ComposeStack)
+    job = api.install(stack.api_url, "gemma3:270m")
+    assert api.wait_job(stack.api_url, job["id"])["state"] == "done"
+    body = {
+        "model": "gemma3:270m",
+        "messages": [{"role": "user", "content": "Tell a very long story."}],
+        "max_tokens": 1500,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{stack.api_url}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        received = [line for line, _ in zip(lines, range(6), strict=False) if line.startswith("data: ")]
+        assert received
+    # The gateway closed its upstream request; the inference service stopped well short of 1500.
+    deadline = time.monotonic() + 20
+    while "client went away; stopped after" not in stack.services["inference"].log():
+        assert time.monotonic() < deadline, stack.services["inference"].log()[-3000:]
+        time.sleep(0.2)
+    stopped = int(stack.services["inference"].log().split("stopped after ")[1].split()[0])
+    assert stopped < 1500

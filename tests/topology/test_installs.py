@@ -100,7 +100,11 @@ def test_the_same_model_asked_twice_at_once_is_one_job(stack: Stack, file_server
 def test_cancel_stops_the_download_and_leaves_nothing(stack: Stack, file_server: FileServer) -> None:
     file_server.faults.throttle_s = 0.01  # about 40 seconds for the whole file
     job = api.install(stack.api_url, "gemma3:270m")
-    api.wait_job(stack.api_url, job["id"], until=lambda j: j["done_bytes"] > 1_000_000, timeout_s=60)
+    running = api.wait_job(
+        stack.api_url, job["id"], until=lambda j: j["done_bytes"] > 1_000_000 and j["speed_bps"], timeout_s=60
+    )
+    assert running["state"] == "running" and running["phase"] == "downloading"
+    assert running["total_bytes"] == GEMMA_SIZE and 0 < running["speed_bps"] < 100_000_000
     response = httpx.post(f"{stack.api_url}/api/jobs/{job['id']}/cancel", timeout=10)
     assert response.status_code == 200, response.text
     final = api.wait_job(stack.api_url, job["id"], timeout_s=30)
@@ -160,3 +164,15 @@ def test_bad_requests_get_openai_errors(stack: Stack) -> None:
     ).items()
     wrong = httpx.get(f"{base}/api/catalogue", params={"purpose": "video"}, timeout=10)
     assert wrong.status_code == 400
+
+
+def test_network_trouble_past_the_retries_is_retried_as_a_job(stack: Stack, file_server: FileServer) -> None:
+    # PENDRA_DOWNLOAD_RETRIES=3: the first try sees four 503s and gives up; the job is tried again
+    # after a pause, sees two more, then gets the file.
+    file_server.faults.errors_503 = 6
+    job = api.install(stack.api_url, "gemma3:270m")
+    final = api.wait_job(stack.api_url, job["id"])
+    assert final["state"] == "done", final
+    assert final["attempts"] == 2
+    assert [r.status for r in file_server.requests] == [503] * 6 + [200]
+    assert sha256_file(stack.store / "gemma3-270m.gguf") == GEMMA_SHA256
