@@ -53,7 +53,7 @@ def test_the_stack_has_the_designed_shape() -> None:
     for name, service in services.items():
         if name != "minio-init":
             assert "healthcheck" in service, name
-    assert services["api"]["depends_on"]["inference"] == {"condition": "service_healthy"}
+    assert services["api"]["depends_on"]["inference"] == {"condition": "service_started"}
     assert services["fetcher"]["depends_on"]["redis"] == {"condition": "service_healthy"}
     assert services["fetcher"]["depends_on"]["minio-init"] == {"condition": "service_completed_successfully"}
 

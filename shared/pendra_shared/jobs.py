@@ -14,6 +14,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -76,6 +77,7 @@ class Job(BaseModel):
     error: str | None = None
     error_code: str | None = None
     attempts: int = 0
+    run: str = ""  # one value per request to install; a queue's stale run of this job checks it
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None = None
@@ -83,7 +85,14 @@ class Job(BaseModel):
     @classmethod
     def new(cls, model: str, total_bytes: int | None = None) -> Job:
         now = now_utc()
-        return cls(id=job_id_for(model), model=model, total_bytes=total_bytes, created_at=now, updated_at=now)
+        return cls(
+            id=job_id_for(model),
+            model=model,
+            total_bytes=total_bytes,
+            run=uuid.uuid4().hex[:12],
+            created_at=now,
+            updated_at=now,
+        )
 
     @property
     def final(self) -> bool:
@@ -103,6 +112,12 @@ class Job(BaseModel):
 def job_id_for(model: str) -> str:
     """One job per variant: asking to install the same model twice gives the same job."""
     return f"install:{model}"
+
+
+def queue_job_id(job: Job) -> str:
+    """The queue's id for one run of `job`: unique per request, so a new request never collides
+    with what is left of an earlier, finished or cancelled one."""
+    return f"{job.id}@{job.run}"
 
 
 def error_code_for(exc: BaseException) -> str:
@@ -206,6 +221,11 @@ async def run_install_job(
         interrupt.set()
         with contextlib.suppress(BaseException):
             await asyncio.shield(worker)
+        paused = job.moved(
+            state=JobState.QUEUED, speed_bps=None, message="interrupted; resumes on the next start"
+        )
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(_quietly(asyncio.wait_for(sink.save(paused), 5), "saving %s", job.id))
         raise
     except InstallCancelled as exc:
         job = job.finished(JobState.CANCELLED, message=str(exc), phase=None, done_bytes=0)

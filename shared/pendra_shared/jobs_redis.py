@@ -56,11 +56,12 @@ def connection_pool(url: str, retries: int = 3) -> aioredis.ConnectionPool:
         retry=retrying(retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         socket_connect_timeout=2,
+        socket_timeout=10,  # a paused or half-open Redis is an error, not a hang
     )
 
 
 def connect(url: str, retries: int = 3) -> aioredis.Redis:
-    return aioredis.Redis(connection_pool=connection_pool(url, retries))
+    return aioredis.Redis.from_pool(connection_pool(url, retries))  # closing it closes its pool
 
 
 class RedisJobs:

@@ -258,11 +258,13 @@ def _install_remote(settings: Settings, name: str) -> None:
                 task = bar.add_task(model, total=job["total_bytes"])
                 for event, data in remote.events(job["id"]):
                     final = data
-                    described = (
-                        model if data["phase"] == "downloading" else f"{model}: {data['phase'] or event}"
-                    )
+                    phase = data.get("phase")
+                    described = model if phase == "downloading" else f"{model}: {phase or event}"
                     bar.update(
-                        task, description=described, completed=data["done_bytes"], total=data["total_bytes"]
+                        task,
+                        description=described,
+                        completed=data.get("done_bytes", 0),
+                        total=data.get("total_bytes"),
                     )
         except KeyboardInterrupt:
             err.print(
@@ -273,16 +275,16 @@ def _install_remote(settings: Settings, name: str) -> None:
             raise typer.Exit(130) from None
     finally:
         remote.close()
-    if final["state"] == "done":
+    if final.get("state") == "done":
         out.print(
             f"installed {model} on {remote.base_url}: {human_size(final['done_bytes'])}, sha256 verified "
             f"({final['message']})",
             markup=False,
         )
-    elif final["state"] == "cancelled":
+    elif final.get("state") == "cancelled":
         raise RemoteError(f"the install of {model} was cancelled")
     else:
-        raise RemoteError(f"the install of {model} failed: {final.get('error') or final['state']}")
+        raise RemoteError(f"the install of {model} failed: {final.get('error') or final.get('state')}")
 
 
 @models_app.command("uninstall")

@@ -30,16 +30,20 @@ def _listed(stack: ComposeStack) -> set[str]:
     return {m["id"] for m in httpx.get(f"{stack.inference_url}/v1/models", timeout=10).json()["data"]}
 
 
-def test_a_killed_fetcher_is_replaced_and_the_install_resumes(
-    make_stack: MakeStack, file_server: FileServer
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_a_fetcher_killed_or_stopped_mid_download_resumes_on_restart(
+    make_stack: MakeStack, file_server: FileServer, sig: signal.Signals
 ) -> None:
     stack = make_stack("compose")
     assert isinstance(stack, ComposeStack)
     file_server.faults.throttle_s = 0.004  # roughly 15 seconds for the whole file
     job = api.install(stack.api_url, "gemma3:270m")
     api.wait_job(stack.api_url, job["id"], until=lambda j: j["done_bytes"] > 40_000_000, timeout_s=60)
-    stack.services["fetcher"].stop(signal.SIGKILL)
+    stack.services["fetcher"].stop(sig)
     killed_at = api.job(stack.api_url, job["id"])["done_bytes"]
+    if sig == signal.SIGTERM:  # a clean stop says so in the job
+        stopped = api.job(stack.api_url, job["id"])
+        assert stopped["state"] == "queued" and "resumes" in stopped["message"], stopped
     assert _listed(stack) == set(), "a partial download was offered as a model"
 
     file_server.faults.throttle_s = 0
@@ -51,7 +55,8 @@ def test_a_killed_fetcher_is_replaced_and_the_install_resumes(
     assert list((stack.store / ".partial").glob("*.part")) == []
     resumed = [r for r in file_server.requests if r.range]
     assert resumed and int(resumed[-1].range.split("=")[1].rstrip("-")) >= killed_at - 8 * 1024 * 1024
-    assert "taking the job over" in stack.services["fetcher"].log()
+    # Killed, the job waits out its lease and is taken over; stopped, it is handed back at once.
+    assert ("taking the job over" in stack.services["fetcher"].log()) == (sig == signal.SIGKILL)
     api.wait_model(stack.api_url, "gemma3:270m")
 
 
@@ -211,3 +216,64 @@ def test_a_client_leaving_mid_stream_stops_generation_behind_the_gateway(make_st
         time.sleep(0.2)
     stopped = int(stack.services["inference"].log().split("stopped after ")[1].split()[0])
     assert stopped < 1500
+
+
+@pytest.mark.parametrize("corruption", ["truncated", "same size"])
+def test_a_corrupt_mirror_copy_is_replaced_by_the_verified_upstream_file(
+    make_stack: MakeStack,
+    file_server: FileServer,
+    s3_server: S3Server,
+    write_catalogue: Callable[..., object],
+    corruption: str,
+) -> None:
+    import hashlib
+    import io
+
+    from tests.support.ggufs import write_gguf
+
+    path = write_gguf(file_server.root / "tiny.gguf", tensors=8)
+    data = path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    entry = gemma_entry(file_server.url("tiny.gguf"), name="tiny:1m", gguf_sha256=sha, size_bytes=len(data))
+    catalogue = write_catalogue([entry])
+    bad = data[:1000] if corruption == "truncated" else data[:-16] + b"\0" * 16
+    s3_server.empty()
+    s3_server.client().put_object(S3_BUCKET, f"sha256/{sha}", io.BytesIO(bad), len(bad))
+
+    stack = make_stack("compose", s3=s3_server, env={"PENDRA_CATALOGUE": str(catalogue)})
+    job = api.install(stack.api_url, "tiny:1m")
+    final = api.wait_job(stack.api_url, job["id"])
+    assert final["state"] == "done", final
+    assert sha256_file(stack.store / "tiny-1m.gguf") == sha
+    assert [r.path for r in file_server.requests] == ["/tiny.gguf"]  # upstream, once
+    mirrored = s3_server.client().get_object(S3_BUCKET, f"sha256/{sha}").read()
+    assert mirrored == data
+
+
+def test_a_job_nothing_will_finish_is_marked_lost_and_blocks_no_new_install(
+    make_stack: MakeStack, redis_server: RedisServer
+) -> None:
+    import asyncio
+    from datetime import timedelta
+
+    from pendra_shared.jobs import Job, JobState
+    from pendra_shared.jobs_redis import RedisJobs, connect
+
+    stack = make_stack("compose")
+    # A record left "running" with no queued or running run behind it (Redis lost the queue,
+    # say): it must not hold the model's install hostage.
+    job = Job.new("gemma3:270m", GEMMA_SIZE)
+    then = job.created_at - timedelta(minutes=5)
+    stuck = job.model_copy(update={"state": JobState.RUNNING, "created_at": then, "updated_at": then})
+
+    async def put() -> None:
+        redis = connect(redis_server.url)
+        await RedisJobs(redis).save(stuck)
+        await redis.aclose()
+
+    asyncio.run(put())
+    seen = api.job(stack.api_url, stuck.id)
+    assert seen["state"] == "failed" and seen["error_code"] == "job_lost", seen
+    fresh = api.install(stack.api_url, "gemma3:270m")
+    assert fresh["run"] != stuck.run
+    assert api.wait_job(stack.api_url, fresh["id"])["state"] == "done"

@@ -4,6 +4,7 @@ compose's processes (api, arq fetcher on real Redis, inference) and `pendra serv
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -176,3 +177,24 @@ def test_network_trouble_past_the_retries_is_retried_as_a_job(stack: Stack, file
     assert final["attempts"] == 2
     assert [r.status for r in file_server.requests] == [503] * 6 + [200]
     assert sha256_file(stack.store / "gemma3-270m.gguf") == GEMMA_SHA256
+
+
+@pytest.mark.parametrize("kind", ["compose", "embedded"])
+def test_a_job_cancelled_while_queued_and_asked_for_again_runs_once(
+    make_stack: Callable[..., Stack], file_server: FileServer, kind: str
+) -> None:
+    stack = make_stack(kind, env={"PENDRA_INSTALL_CONCURRENCY": "1"})
+    file_server.faults.throttle_s = 0.002
+    first = api.install(stack.api_url, "gemma3:270m")
+    api.wait_job(stack.api_url, first["id"], until=lambda j: j["state"] == "running")
+    queued = api.install(stack.api_url, "gemma-embed:270m")  # waits: the one download slot is taken
+    cancelled = httpx.post(f"{stack.api_url}/api/jobs/{queued['id']}/cancel", timeout=10).json()
+    assert cancelled["state"] == "cancelled", cancelled
+    again = api.install(stack.api_url, "gemma-embed:270m")
+    assert again["id"] == queued["id"] and again["run"] != queued["run"] and again["state"] == "queued"
+    file_server.faults.throttle_s = 0
+    assert api.wait_job(stack.api_url, first["id"])["state"] == "done"
+    final = api.wait_job(stack.api_url, again["id"])
+    assert final["state"] == "done" and final["attempts"] == 1, final
+    assert len(file_server.requests) == 2  # one download per model: the cancelled run never ran
+    assert sha256_file(stack.store / "gemma-embed-270m.gguf") == GEMMA_SHA256

@@ -3,21 +3,34 @@ progress) are read back from Redis. Redis trouble becomes a 503 for the caller, 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
+from datetime import timedelta
 from typing import Any
 
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix, job_key_prefix
 from pendra_shared.api_errors import UpstreamUnavailable
 from pendra_shared.catalogue import CatalogueEntry
-from pendra_shared.jobs import INSTALL_FUNCTION, QUEUE_NAME, UNINSTALL_FUNCTION, Job
-from pendra_shared.jobs_redis import RedisJobs, connection_pool
+from pendra_shared.jobs import (
+    INSTALL_FUNCTION,
+    QUEUE_NAME,
+    UNINSTALL_FUNCTION,
+    Job,
+    JobState,
+    queue_job_id,
+)
+from pendra_shared.jobs_redis import RedisJobs, connection_pool, lease_key
+from pendra_shared.sidecar import now_utc
 from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
 
 UNINSTALL_WAIT_S = 60.0
+# A queued job may wait this long for a fetcher; arq drops it after that.
+QUEUED_FOR_AT_MOST = timedelta(days=7)
+# A job record younger than this is never judged lost: it may be between its claim and its enqueue.
+LOST_AFTER_S = 15.0
 
 
 class ArqQueue:
@@ -29,7 +42,7 @@ class ArqQueue:
         return None  # connections open on first use, so the API starts even before Redis does
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        await self.redis.aclose(close_connection_pool=True)
 
     @contextlib.asynccontextmanager
     async def _redis(self) -> Any:
@@ -47,20 +60,45 @@ class ArqQueue:
 
     async def submit(self, entry: CatalogueEntry) -> tuple[Job, bool]:
         async with self._redis():
+            await self._unless_lost(await self.records.get(Job.new(entry.name).id))
             job, created = await self.records.claim(Job.new(entry.name, entry.size_bytes))
             if created:
                 await self.redis.enqueue_job(
-                    INSTALL_FUNCTION, job.id, entry.model_dump(mode="json"), _job_id=job.id
+                    INSTALL_FUNCTION,
+                    job.id,
+                    job.run,
+                    entry.model_dump(mode="json"),
+                    _job_id=queue_job_id(job),
+                    _expires=QUEUED_FOR_AT_MOST,
                 )
             return job, created
 
     async def get(self, job_id: str) -> Job | None:
         async with self._redis():
-            return await self.records.get(job_id)
+            return await self._unless_lost(await self.records.get(job_id))
 
     async def jobs(self) -> list[Job]:
         async with self._redis():
-            return await self.records.all()
+            return [j for j in [await self._unless_lost(j) for j in await self.records.all()] if j]
+
+    async def _unless_lost(self, job: Job | None) -> Job | None:
+        """`job`, or, when nothing in the queue will ever finish it (no queued or running run, no
+        fetcher's lease: Redis lost data, an enqueue failed), the job marked failed, so that it
+        no longer blocks a new install of its model."""
+        if job is None or job.final or (now_utc() - job.updated_at).total_seconds() < LOST_AFTER_S:
+            return job
+        queue_id = queue_job_id(job)
+        keys = (job_key_prefix + queue_id, in_progress_key_prefix + queue_id, lease_key(job.id))
+        if await self.redis.exists(*keys):
+            return job
+        logger.warning("%s: no queued or running run holds it; marking it failed", job.id)
+        lost = job.finished(
+            JobState.FAILED,
+            error="the job was lost (no queued or running fetcher run); install the model again",
+            error_code="job_lost",
+        )
+        await self.records.save(lost)
+        return lost
 
     async def cancel(self, job_id: str) -> Job | None:
         async with self._redis():
@@ -68,14 +106,19 @@ class ArqQueue:
 
     async def uninstall(self, name: str) -> dict[str, Any]:
         async with self._redis():
-            job = await self.redis.enqueue_job(UNINSTALL_FUNCTION, name)
+            # Expiring with the wait: a fetcher that comes back later must not act on an answer
+            # the client already got as a 503.
+            job = await self.redis.enqueue_job(UNINSTALL_FUNCTION, name, _expires=UNINSTALL_WAIT_S)
             assert job is not None  # a fresh job id is never taken
             try:
                 result: dict[str, Any] = await job.result(timeout=UNINSTALL_WAIT_S, poll_delay=0.1)
             except TimeoutError:
-                with contextlib.suppress(RedisError, asyncio.TimeoutError):
-                    await job.abort(timeout=0)
                 raise UpstreamUnavailable(
                     f"no fetcher answered within {UNINSTALL_WAIT_S:.0f}s; is the fetcher service running?"
                 ) from None
+            except (RedisError, OSError):
+                raise
+            except Exception as exc:  # the fetcher's run failed (stopped mid-way, say)
+                logger.warning("uninstall of %s failed in the fetcher: %r", name, exc)
+                raise UpstreamUnavailable(f"the fetcher could not uninstall {name}: {exc}") from None
             return result

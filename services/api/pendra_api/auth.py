@@ -68,7 +68,7 @@ def secure(app: FastAPI, settings: Settings) -> None:
             CORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["authorization", "content-type"],
+            allow_headers=["*"],  # the openai SDK in a browser sends its own x-stainless-* headers
             allow_credentials="*" not in origins,
             max_age=600,
         )

@@ -32,14 +32,14 @@ class LocalQueue:
         )
         self._jobs: dict[str, Job] = {}
         self._cancels: set[str] = set()
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.install_concurrency)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.store.ensure)
 
     async def close(self) -> None:
-        tasks = list(self._tasks.values())
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()  # interrupts the download; its partial file stays for the next start
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -49,7 +49,9 @@ class LocalQueue:
 
     # JobSink
     async def save(self, job: Job) -> None:
-        self._jobs[job.id] = job
+        current = self._jobs.get(job.id)
+        if current is None or current.run == job.run:  # a replaced run's news is old news
+            self._jobs[job.id] = job
 
     async def cancel_requested(self, job_id: str) -> bool:
         return job_id in self._cancels
@@ -61,27 +63,29 @@ class LocalQueue:
             return existing, False
         self._jobs[job.id] = job
         self._cancels.discard(job.id)
-        task = asyncio.create_task(self._run(job, entry), name=job.id)
-        self._tasks[job.id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(job.id, None))
+        task = asyncio.create_task(self._run(job.id, job.run, entry), name=job.id)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return job, True
 
-    async def _run(self, job: Job, entry: CatalogueEntry) -> None:
-        async with self._slots:
-            while True:
-                job = self._jobs[job.id]
+    async def _run(self, job_id: str, run: str, entry: CatalogueEntry) -> None:
+        while True:
+            async with self._slots:
+                job = self._jobs[job_id]
+                if job.run != run:
+                    return  # cancelled while it waited, and asked for again since
                 if job.final:  # cancelled while it waited
                     await asyncio.to_thread(self.installer.discard_partial, entry)
                     return
                 job = await run_install_job(job, partial(self.installer.install, entry), self)
-                if job.state != JobState.RETRYING:
-                    return
-                if job.attempts >= MAX_TRIES:
-                    await self.save(job.finished(JobState.FAILED, message=f"gave up after {MAX_TRIES} tries"))
-                    return
-                delay = retry_delay_s(job.attempts, self.settings.download_backoff_s)
-                await self.save(job.moved(message=f"retrying in {delay:.0f}s"))
-                await asyncio.sleep(delay)
+            if job.state != JobState.RETRYING:
+                return
+            if job.attempts >= MAX_TRIES:
+                await self.save(job.finished(JobState.FAILED, message=f"gave up after {MAX_TRIES} tries"))
+                return
+            delay = retry_delay_s(job.attempts, self.settings.download_backoff_s)
+            await self.save(job.moved(message=f"retrying in {delay:.0f}s"))
+            await asyncio.sleep(delay)  # holding no download slot
 
     async def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)

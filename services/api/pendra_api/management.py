@@ -162,7 +162,8 @@ async def events(job_id: str, request: Request) -> StreamingResponse:
                 job = await queue.get(job_id)
             except UpstreamUnavailable:
                 continue  # Redis restarting: keep the stream open and ask again
-        yield f"event: failed\ndata: {json.dumps({'id': job_id, 'error': 'the job record expired'})}\n\n"
+        gone = {"id": job_id, "state": "failed", "error": "the job record is gone", "error_code": "job_lost"}
+        yield f"event: failed\ndata: {json.dumps(gone)}\n\n"
 
     return StreamingResponse(
         stream(),

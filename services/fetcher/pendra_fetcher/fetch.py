@@ -7,7 +7,7 @@ import logging
 import threading
 
 from pendra_shared.catalogue import CatalogueEntry
-from pendra_shared.errors import DownloadInterrupted, InstallCancelled, InstallError
+from pendra_shared.errors import ChecksumMismatch, DownloadInterrupted, InstallCancelled, InstallError
 from pendra_shared.install import Installer, InstallResult, Progress, ProgressCallback
 
 from pendra_fetcher.mirror import S3Mirror
@@ -37,6 +37,9 @@ class Fetch:
                 return self.installer.install(mirrored, progress, cancel, interrupt)
             except (InstallCancelled, DownloadInterrupted):
                 raise
+            except ChecksumMismatch as exc:  # a bad copy: drop it, so the upstream bytes replace it
+                logger.warning("%s: the mirror's copy is corrupt (%s); going upstream", entry.name, exc)
+                self._drop(mirror, entry)
             except InstallError as exc:
                 logger.warning("%s: the mirror copy failed (%s); going upstream", entry.name, exc)
         result = self.installer.install(entry, progress, cancel, interrupt)
@@ -52,9 +55,18 @@ class Fetch:
             return False
 
     @staticmethod
-    def _fill_mirror(mirror: S3Mirror, entry: CatalogueEntry, result: InstallResult) -> None:
+    def _drop(mirror: S3Mirror, entry: CatalogueEntry) -> None:
         try:
-            if not mirror.has(entry.gguf_sha256):
+            mirror.remove(entry.gguf_sha256)
+        except Exception as exc:
+            logger.warning("%s: could not remove the corrupt mirror copy: %s", entry.name, exc)
+
+    @staticmethod
+    def _fill_mirror(mirror: S3Mirror, entry: CatalogueEntry, result: InstallResult) -> None:
+        """Upload the verified file unless the mirror holds a copy of the same size (a corrupt
+        copy of the same size was dropped when its checksum failed)."""
+        try:
+            if mirror.size_of(mirror.bucket, mirror.key_for(entry.gguf_sha256)) != result.model.size_bytes:
                 mirror.upload(result.model.path, entry.gguf_sha256)
         except Exception as exc:
             logger.warning("%s: installed, but uploading it to the %s failed: %s", entry.name, mirror, exc)

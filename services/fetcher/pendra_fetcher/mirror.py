@@ -72,6 +72,10 @@ class S3Mirror:
     def has(self, sha256: str) -> bool:
         return self.size_of(self.bucket, self.key_for(sha256)) is not None
 
+    def remove(self, sha256: str) -> None:
+        self.client.remove_object(self.bucket, self.key_for(sha256))
+        logger.warning("removed %s from the mirror", self.url_for(sha256))
+
     def upload(self, path: Path, sha256: str) -> None:
         self.client.fput_object(
             self.bucket,

@@ -32,7 +32,6 @@ from pendra_shared.jobs import (
     MAX_TRIES,
     QUEUE_NAME,
     UNINSTALL_FUNCTION,
-    Job,
     JobState,
     retry_delay_s,
     run_install_job,
@@ -53,41 +52,56 @@ INSTALL_TIMEOUT_S = 24 * 3600  # a very large model on a slow line; stalls are c
 IN_PROGRESS_MS = (INSTALL_TIMEOUT_S + 10) * 1000
 
 
-async def install_model(ctx: dict[str, Any], job_id: str, entry_data: dict[str, Any]) -> str:
+SLOT_WAIT_S = 2.0  # a queued install finding every download slot busy goes back to the queue this long
+WAITING = "waiting for a free download slot"
+
+
+async def install_model(ctx: dict[str, Any], job_id: str, run: str, entry_data: dict[str, Any]) -> str:
+    """One run of an install job. Redis trouble sends the run back to the queue (its progress so
+    far is on disk); a stale run (the job was asked for again since) does nothing."""
+    try:
+        return await _install(ctx, job_id, run, CatalogueEntry.model_validate(entry_data))
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        logger.warning("%s: Redis trouble (%s); the job goes back to the queue", job_id, exc)
+        raise Retry(defer=5) from exc
+
+
+async def _install(ctx: dict[str, Any], job_id: str, run: str, entry: CatalogueEntry) -> str:
     settings: Settings = ctx["settings"]
     jobs: RedisJobs = ctx["jobs"]
-    entry = CatalogueEntry.model_validate(entry_data)
-    job = await jobs.get(job_id) or Job.new(entry.name, entry.size_bytes)
+    fetch: Fetch = ctx["fetch"]
+    job = await jobs.get(job_id)
+    if job is None or job.run != run:
+        logger.info("%s: run %s was replaced by a newer request; skipping it", job_id, run)
+        return "superseded"
     if job.state in (JobState.DONE, JobState.FAILED):
         return job.state.value  # this run finished before arq could record it (Redis was away)
-    fetch: Fetch = ctx["fetch"]
     if job.state == JobState.CANCELLED or await jobs.cancel_requested(job_id):
         await asyncio.to_thread(fetch.installer.discard_partial, entry)
         if not job.final:
             await jobs.save(job.finished(JobState.CANCELLED, message="cancelled before it ran"))
         return JobState.CANCELLED.value
+    slots: asyncio.Semaphore = ctx["slots"]
+    if slots.locked():
+        # Every download slot is busy: back to the queue, so waiting installs hold no worker slot
+        # (uninstalls still run) and another fetcher may take this one.
+        if job.message != WAITING:
+            await jobs.save(job.moved(message=WAITING))
+        raise Retry(defer=SLOT_WAIT_S)
     owner = ctx["owner"]
 
     async def heartbeat() -> None:
         await jobs.renew_lease(job_id, owner, settings.job_lease_s)
 
-    await heartbeat()
-    slots: asyncio.Semaphore = ctx["slots"]
-    while True:  # at most install_concurrency downloads at once; the others keep their lease
-        try:
-            await asyncio.wait_for(slots.acquire(), timeout=settings.job_lease_s / 3)
-            break
-        except TimeoutError:
-            await heartbeat()
-    try:
+    async with slots:
+        await heartbeat()
         job = await run_install_job(job, partial(fetch.install, entry), jobs, heartbeat=heartbeat)
-    finally:
-        slots.release()
     if job.state == JobState.RETRYING:
-        job_try = int(ctx.get("job_try", 1))
-        if job_try < MAX_TRIES:
-            delay = retry_delay_s(job_try, settings.download_backoff_s)
-            await jobs.save(job.moved(message=f"retrying in {delay:.0f}s (try {job_try + 1} of {MAX_TRIES})"))
+        if job.attempts < MAX_TRIES:
+            delay = retry_delay_s(job.attempts, settings.download_backoff_s)
+            await jobs.save(
+                job.moved(message=f"retrying in {delay:.0f}s (try {job.attempts + 1} of {MAX_TRIES})")
+            )
             raise Retry(defer=delay)
         job = job.finished(JobState.FAILED, message=f"gave up after {MAX_TRIES} tries")
         await jobs.save(job)
@@ -111,8 +125,11 @@ async def take_over_orphans(jobs: RedisJobs, lease_s: float) -> list[str]:
     redis = jobs.redis
     released = []
     for raw in await redis.zrange(QUEUE_NAME, 0, -1):
-        job_id = raw.decode()
-        marker = in_progress_key_prefix + job_id
+        queue_id = raw.decode()
+        if not queue_id.startswith("install:"):
+            continue  # uninstalls are short and hold no lease
+        job_id = queue_id.rpartition("@")[0]
+        marker = in_progress_key_prefix + queue_id
         ttl_ms = await redis.pttl(marker)
         if ttl_ms < 0 or await jobs.has_lease(job_id):
             continue
@@ -120,7 +137,7 @@ async def take_over_orphans(jobs: RedisJobs, lease_s: float) -> list[str]:
             continue  # just picked up; its fetcher has not taken the lease yet
         if await redis.delete(marker):
             logger.warning("%s: its fetcher stopped renewing the lease; taking the job over", job_id)
-            released.append(job_id)
+            released.append(queue_id)
     return released
 
 
@@ -184,13 +201,21 @@ class WorkerSettings:
     in `run()`."""
 
     functions = [
-        func(install_model, name=INSTALL_FUNCTION, timeout=INSTALL_TIMEOUT_S, keep_result=0),
+        # Tries are counted in the job record (download attempts); arq's count also grows with
+        # slot waits, restarts and takeovers, so it must never be what ends a job.
+        func(
+            install_model,
+            name=INSTALL_FUNCTION,
+            timeout=INSTALL_TIMEOUT_S,
+            keep_result=0,
+            max_tries=1_000_000,
+        ),
         func(uninstall_model, name=UNINSTALL_FUNCTION, timeout=120, keep_result=300, max_tries=1),
     ]
     queue_name = QUEUE_NAME
     on_startup = startup
     on_shutdown = shutdown
-    max_tries = MAX_TRIES
+    max_tries = 1
     poll_delay = 0.2
     retry_jobs = True
     health_check_interval = 10
@@ -216,7 +241,17 @@ class ResilientWorker(Worker):
             await super()._poll_iteration()
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             logger.warning("polling the queue failed (%s); trying again", exc)
+            await self._recount_slots()
             await asyncio.sleep(1.0)
+
+    async def _recount_slots(self) -> None:
+        """arq takes a worker slot before it talks to Redis and gives it back only on success; after
+        a failed poll, count the slots again from the jobs really running, so none leaks."""
+        running = sum(not task.done() for task in self.tasks.values())
+        self.job_counter = running
+        self.sem = asyncio.BoundedSemaphore(self.max_jobs + 1)
+        for _ in range(running):  # each running job gives its slot back when it ends
+            await self.sem.acquire()
 
 
 def create_worker(settings: Settings) -> Worker:
@@ -230,7 +265,7 @@ def create_worker(settings: Settings) -> Worker:
         retry_jobs=WorkerSettings.retry_jobs,
         health_check_interval=WorkerSettings.health_check_interval,
         redis_settings=redis_settings(settings.redis_url),
-        max_jobs=settings.install_concurrency + 8,  # queued installs wait for a slot; uninstalls don't
+        max_jobs=settings.install_concurrency + 4,  # room for uninstalls beside running downloads
         ctx={"settings": settings},
     )
 
