@@ -120,21 +120,19 @@ def queue_job_id(job: Job) -> str:
     return f"{job.id}@{job.run}"
 
 
+# A failed job's `error_code`, for scripts and the console: the first class that matches.
+ERROR_CODES: tuple[tuple[type[BaseException], str], ...] = (
+    (ChecksumMismatch, "checksum_mismatch"),
+    (InsufficientSpace, "insufficient_space"),
+    (UnsupportedSource, "unsupported_source"),
+    (StoreError, "store_conflict"),
+    (DownloadInterrupted, "download_interrupted"),
+    (PendraError, "install_failed"),
+)
+
+
 def error_code_for(exc: BaseException) -> str:
-    """A stable code for a failed job, for scripts and the console."""
-    if isinstance(exc, ChecksumMismatch):
-        return "checksum_mismatch"
-    if isinstance(exc, InsufficientSpace):
-        return "insufficient_space"
-    if isinstance(exc, UnsupportedSource):
-        return "unsupported_source"
-    if isinstance(exc, StoreError):
-        return "store_conflict"
-    if isinstance(exc, DownloadInterrupted):
-        return "download_interrupted"
-    if isinstance(exc, PendraError):
-        return "install_failed"
-    return "internal_error"
+    return next((code for kind, code in ERROR_CODES if isinstance(exc, kind)), "internal_error")
 
 
 class JobSink(Protocol):

@@ -55,14 +55,8 @@ def serve(
         run_inference(settings)
         return
 
-    import uvicorn
+    from pendra_shared.service import serve_http
 
     from pendra.embedded import create_embedded_app
 
-    uvicorn.run(
-        create_embedded_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level="info",
-        timeout_graceful_shutdown=5,
-    )
+    serve_http(create_embedded_app(settings), settings)

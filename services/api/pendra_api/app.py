@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from pendra_shared.api_errors import APIError, install_error_handlers
 from pendra_shared.catalogue import Catalogue
 from pendra_shared.config import Settings
+from pendra_shared.service import serve_http
 from pendra_shared.store import ModelStore
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -82,13 +83,5 @@ def create_app(settings: Settings, queue: InstallQueue | None = None) -> FastAPI
 
 
 def run(settings: Settings) -> None:
-    """Run the gateway on PENDRA_HOST:PENDRA_PORT until SIGINT or SIGTERM."""
-    import uvicorn
-
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level="info",
-        timeout_graceful_shutdown=5,
-    )
+    """Run the gateway until SIGINT or SIGTERM."""
+    serve_http(create_app(settings), settings)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from pendra_shared.api_errors import install_error_handlers
 from pendra_shared.config import Settings
+from pendra_shared.service import serve_http
 from pendra_shared.store import ModelStore
 
 from pendra_inference.chat import ChatService
@@ -83,13 +84,5 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
 
 
 def run(settings: Settings) -> None:
-    """Run the inference service on PENDRA_HOST:PENDRA_PORT until SIGINT or SIGTERM."""
-    import uvicorn
-
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level="info",
-        timeout_graceful_shutdown=5,
-    )
+    """Run the inference service until SIGINT or SIGTERM."""
+    serve_http(create_app(settings), settings)
