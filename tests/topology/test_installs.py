@@ -15,6 +15,7 @@ from pendra_shared.fsutil import sha256_file
 from tests.conftest import GEMMA_SHA256, GEMMA_SIZE, gemma_entry
 from tests.support import api
 from tests.support.httpserver import FileServer
+from tests.support.stack import ComposeStack
 from tests.topology.conftest import Stack
 
 
@@ -48,6 +49,13 @@ def test_install_watch_chat_uninstall(stack: Stack, file_server: FileServer) -> 
         )
         assert reply.choices[0].message.content
         assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 8
+        # The inference service counts the tokens it made (compose: its own port; serve: the one).
+        inference = stack.inference_url if isinstance(stack, ComposeStack) else stack.api_url
+        metrics = httpx.get(f"{inference}/metrics", timeout=10).text
+        counted = (
+            f'pendra_completion_tokens_total{{model="gemma3:270m"}} {float(reply.usage.completion_tokens)}'
+        )
+        assert counted in metrics, metrics
 
         gone = httpx.delete(f"{stack.api_url}/api/models/gemma3:270m", timeout=30)
         assert gone.status_code == 200, gone.text
