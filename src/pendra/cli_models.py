@@ -275,10 +275,11 @@ def _install_remote(settings: Settings, name: str) -> None:
             raise typer.Exit(130) from None
     finally:
         remote.close()
-    if final.get("state") == "done":
+    if final.get("state") == "done" and final.get("message") == "already installed":
+        out.print(f"{model} is already installed and verified on {remote.base_url}", markup=False)
+    elif final.get("state") == "done":
         out.print(
-            f"installed {model} on {remote.base_url}: {human_size(final['done_bytes'])}, sha256 verified "
-            f"({final['message']})",
+            f"installed {model} on {remote.base_url}: {human_size(final['done_bytes'])}, sha256 verified",
             markup=False,
         )
     elif final.get("state") == "cancelled":
