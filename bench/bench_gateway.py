@@ -93,6 +93,7 @@ def main() -> None:
         )
         try:
             stream_once(direct, "bench:chat", 8)  # load the model
+            stream_once(gateway, "bench:chat", 8)  # open the gateway's upstream connection
             figures: dict[tuple[str, int], list[tuple[float, float]]] = {}
             for _ in range(args.runs):  # alternate, so drift hits both sides alike
                 for streams in (1, args.concurrency):
