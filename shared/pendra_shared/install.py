@@ -2,7 +2,7 @@
 
 One install: take the per-file lock (a second install of the same variant waits, then finds it
 done), return at once if the verified file is already there, check free space, stream the bytes
-into `.partial/<sha256>.part` while hashing them (resuming with HTTP Range from the bytes already
+into `.partial/<file>.<sha256>.part` while hashing them (resuming with HTTP Range from the bytes already
 on disk, retrying transient failures with exponential backoff), verify size and SHA-256 (a mismatch
 deletes the partial file), `os.replace` it into place, and write the sidecar last.
 """
@@ -84,14 +84,24 @@ class Installer:
         self.sleep = sleep
 
     def partial_path(self, entry: CatalogueEntry) -> Path:
-        return self.store.partial_dir / f"{entry.gguf_sha256}.part"
+        """Where `entry` downloads to: one file per target and pin, guarded by the target's lock
+        (two names for the same bytes never share a partial file)."""
+        return self.store.partial_dir / f"{file_name_for(entry.ref)}.{entry.gguf_sha256}.part"
 
-    def discard_partial(self, entry: CatalogueEntry) -> None:
-        """Remove what a stopped install of `entry` left behind (its job was cancelled)."""
-        with exclusive_lock(self.store.lock_for(file_name_for(entry.ref))):
-            partial = self.partial_path(entry)
-            partial.unlink(missing_ok=True)
-            partial.with_suffix(".json").unlink(missing_ok=True)
+    def discard_partial(self, entry: CatalogueEntry, wait: bool = True) -> bool:
+        """Remove what a stopped install of `entry` left behind (its job was cancelled). With
+        `wait` False, leave it when an install holds the lock: that install owns the file now.
+        Returns whether it looked."""
+        try:
+            with exclusive_lock(
+                self.store.lock_for(file_name_for(entry.ref)), should_stop=None if wait else (lambda: True)
+            ):
+                partial = self.partial_path(entry)
+                partial.unlink(missing_ok=True)
+                partial.with_suffix(".json").unlink(missing_ok=True)
+                return True
+        except TimeoutError:
+            return False
 
     def install(
         self,

@@ -45,6 +45,9 @@ UNINSTALL_FUNCTION = "uninstall_model"
 MAX_TRIES = 8
 
 
+WAITING = "waiting for a free download slot"
+
+
 def retry_delay_s(attempt: int, backoff_s: float) -> float:
     """How long to wait after failed try number `attempt` (1-based) before the next."""
     return float(min(max(backoff_s, 1.0) * 2.0 ** (attempt - 1), 300.0))
@@ -135,10 +138,15 @@ def error_code_for(exc: BaseException) -> str:
     return next((code for kind, code in ERROR_CODES if isinstance(exc, kind)), "internal_error")
 
 
-class JobSink(Protocol):
-    """Where a running job's updates go, and where cancel requests come from."""
+def retry_message(attempts: int, delay_s: float) -> str:
+    return f"retrying in {delay_s:.0f}s (try {attempts + 1} of {MAX_TRIES})"
 
-    async def save(self, job: Job) -> None: ...
+
+class JobSink(Protocol):
+    """Where a running job's updates go, and where cancel requests come from. `save` refuses
+    (returns False) to overwrite a finished record or one that belongs to another run."""
+
+    async def save(self, job: Job) -> bool: ...
 
     async def cancel_requested(self, job_id: str) -> bool: ...
 
@@ -170,13 +178,17 @@ async def run_install_job(
     sink: JobSink,
     *,
     flush_s: float = 0.25,
-    heartbeat: Callable[[], Awaitable[None]] | None = None,
-) -> Job:
+    interrupted: str = "interrupted by a shutdown; the download resumes from where it stopped",
+) -> Job | None:
     """Run `install` (blocking; called in a thread with a progress callback, a cancel event and an
-    interrupt event) as `job`, saving its progress to `sink`. Returns the job in its last state.
+    interrupt event) as `job`, saving its progress to `sink`. Returns the job in its last state,
+    or None when the record was given to a newer request (this run then has nothing to say).
 
-    Cancelled from outside (a service shutting down), it interrupts the install, which keeps its
-    partial file so the next try resumes, and re-raises.
+    When the record stops taking this run's updates (it was cancelled, or replaced by a newer
+    request), the install stops: cancelled, it deletes its partial file; replaced, it keeps it
+    for the newer run. Cancelled from outside (a service shutting down), it interrupts the
+    install, which keeps its partial file, saves the job as queued with `interrupted`, and
+    re-raises.
     """
     cancel, interrupt = threading.Event(), threading.Event()
     latest: list[Progress | None] = [None]  # the newest report, set from the install thread
@@ -188,12 +200,16 @@ async def run_install_job(
     job = job.moved(
         state=JobState.RUNNING, attempts=job.attempts + 1, error=None, error_code=None, message=""
     )
-    await sink.save(job)
+    if not await sink.save(job):
+        return None
     worker = asyncio.ensure_future(asyncio.to_thread(install, on_progress, cancel, interrupt))
     shown: Progress | None = None
+    replaced = False
     try:
         while True:
             done, _ = await asyncio.wait({worker}, timeout=flush_s)
+            if done:
+                break
             p = latest[0]
             if p is not None and p is not shown:
                 shown = p
@@ -205,12 +221,12 @@ async def run_install_job(
                     speed_bps=speed,
                     message=p.message,
                 )
-                if not done:
-                    await _quietly(sink.save(job), "saving progress of %s", job.id)
-            if heartbeat is not None and not done:
-                await _quietly(heartbeat(), "renewing the lease of %s", job.id)
-            if done:
-                break
+                # Progress is worth little next to the download: a slow save is dropped.
+                saved = await _quietly(asyncio.wait_for(sink.save(job), 2.0), "saving progress of %s", job.id)
+                if saved is False and not (cancel.is_set() or interrupt.is_set()):
+                    replaced = not await _quietly(sink.cancel_requested(job.id), "polling %s", job.id)
+                    (interrupt if replaced else cancel).set()
+                    logger.info("%s: the record moved on; stopping this run", job.id)
             if not cancel.is_set() and await _quietly(sink.cancel_requested(job.id), "polling %s", job.id):
                 logger.info("%s: cancel requested", job.id)
                 cancel.set()
@@ -219,9 +235,7 @@ async def run_install_job(
         interrupt.set()
         with contextlib.suppress(BaseException):
             await asyncio.shield(worker)
-        paused = job.moved(
-            state=JobState.QUEUED, speed_bps=None, message="interrupted; resumes on the next start"
-        )
+        paused = job.moved(state=JobState.QUEUED, speed_bps=None, message=interrupted)
         with contextlib.suppress(BaseException):
             await asyncio.shield(_quietly(asyncio.wait_for(sink.save(paused), 5), "saving %s", job.id))
         raise
@@ -240,6 +254,8 @@ async def run_install_job(
         size = result.model.size_bytes
         message = "already installed" if result.already_installed else "installed and verified"
         job = job.finished(JobState.DONE, phase="done", done_bytes=size, total_bytes=size, message=message)
+    if replaced:
+        return None  # the partial file stays for the newer run
     await sink.save(job)
     return job
 

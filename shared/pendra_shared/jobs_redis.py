@@ -76,7 +76,9 @@ class RedisJobs:
         raw = await self.redis.get(job_key(job_id))
         return Job.model_validate_json(raw) if raw is not None else None
 
-    async def save(self, job: Job) -> None:
+    async def save(self, job: Job) -> bool:
+        """Store `job` unless the stored record is finished or belongs to another run (a cancel
+        or a newer request got there first). Returns whether it was stored."""
         deadline = time.monotonic() + self.patience_s
         while True:
             try:
@@ -87,13 +89,26 @@ class RedisJobs:
                 logger.warning("saving %s: %s; trying again", job.id, exc)
                 await asyncio.sleep(0.5)
 
-    async def _save(self, job: Job) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(job_key(job.id), job.model_dump_json(), ex=FINISHED_TTL_S if job.final else None)
-            pipe.sadd(JOBS_SET, job.id)
-            if job.final:
-                pipe.delete(cancel_key(job.id), lease_key(job.id))
-            await pipe.execute()
+    async def _save(self, job: Job) -> bool:
+        key = job_key(job.id)
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    stored = Job.model_validate_json(raw) if raw is not None else None
+                    if stored is not None and (stored.final or stored.run != job.run):
+                        await pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.set(key, job.model_dump_json(), ex=FINISHED_TTL_S if job.final else None)
+                    pipe.sadd(JOBS_SET, job.id)
+                    if job.final:
+                        pipe.delete(cancel_key(job.id), lease_key(job.id))
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
 
     async def all(self) -> list[Job]:
         members: set[bytes] = await self.redis.smembers(JOBS_SET)  # type: ignore[misc]
@@ -104,7 +119,9 @@ class RedisJobs:
         gone = [i for i, raw in zip(ids, raws, strict=True) if raw is None]
         if gone:
             await self.redis.srem(JOBS_SET, *gone)  # type: ignore[misc]
-        return [Job.model_validate_json(raw) for raw in raws if raw is not None]
+        return sorted(
+            (Job.model_validate_json(raw) for raw in raws if raw is not None), key=lambda j: j.created_at
+        )
 
     async def claim(self, job: Job) -> tuple[Job, bool]:
         """Store `job` unless an unfinished job with its id exists. Returns the job in force and
@@ -144,10 +161,15 @@ class RedisJobs:
                     if job.final:
                         await pipe.unwatch()
                         return job
+                    # A running job whose fetcher is gone (no lease) ends here too; the fetcher
+                    # that takes it over finds it cancelled and removes its partial file.
+                    await pipe.watch(lease_key(job_id))
+                    orphaned = job.state == JobState.RUNNING and not await pipe.exists(lease_key(job_id))
                     pipe.multi()
                     pipe.set(cancel_key(job_id), b"1", ex=CANCEL_TTL_S)
-                    if job.state in (JobState.QUEUED, JobState.RETRYING):
-                        job = job.finished(JobState.CANCELLED, message="cancelled before it ran")
+                    if job.state in (JobState.QUEUED, JobState.RETRYING) or orphaned:
+                        said = "cancelled (its fetcher was gone)" if orphaned else "cancelled before it ran"
+                        job = job.finished(JobState.CANCELLED, message=said)
                         pipe.set(key, job.model_dump_json(), ex=FINISHED_TTL_S)
                     await pipe.execute()
                     return job
@@ -159,6 +181,11 @@ class RedisJobs:
 
     async def renew_lease(self, job_id: str, owner: str, ttl_s: float) -> None:
         await self.redis.set(lease_key(job_id), owner.encode(), px=max(int(ttl_s * 1000), 1))
+
+    async def release_lease(self, job_id: str, owner: str) -> None:
+        """Give the lease up at once (a clean stop), so the next fetcher need not wait it out."""
+        if await self.redis.get(lease_key(job_id)) == owner.encode():
+            await self.redis.delete(lease_key(job_id))
 
     async def has_lease(self, job_id: str) -> bool:
         return bool(await self.redis.exists(lease_key(job_id)))

@@ -16,6 +16,7 @@ from pendra_shared.errors import (
     StoreError,
     UnsupportedSource,
 )
+from pendra_shared.fsutil import sha256_file
 from pendra_shared.install import Installer, Progress
 from pendra_shared.sources import Sources
 from pendra_shared.store import ModelStore
@@ -112,8 +113,8 @@ def test_a_later_install_resumes_what_an_earlier_one_left(
         installer(store, retries=1).install(entry(served_gemma))
     file_server.faults.down_after_cut = False
     (partial,) = leftovers(store)[:1]
-    have = (store.partial_dir / f"{GEMMA_SHA256}.part").stat().st_size
-    assert 0 < have <= 60_000_000 and partial.startswith(GEMMA_SHA256)
+    have = (store.partial_dir / f"gemma3-270m.gguf.{GEMMA_SHA256}.part").stat().st_size
+    assert 0 < have <= 60_000_000 and partial.startswith("gemma3-270m.gguf.")
     assert store.scan().models == []  # a partial file is never a model
 
     result = installer(store).install(entry(served_gemma))
@@ -270,3 +271,29 @@ def test_a_different_file_in_the_way_is_kept(store: ModelStore, served_gemma: st
     with pytest.raises(StoreError, match="already exists with other contents"):
         installer(store).install(entry(served_gemma))
     assert other.read_bytes() == before
+
+
+def test_two_names_for_the_same_bytes_install_at_once_without_sharing_a_partial(
+    store: ModelStore, served_gemma: str, file_server: FileServer
+) -> None:
+
+    file_server.faults.throttle_s = 0.0005
+    results: dict[str, object] = {}
+
+    def run(name: str) -> None:
+        try:
+            results[name] = installer(store).install(entry(served_gemma, name=name))
+        except Exception as exc:  # reported below
+            results[name] = exc
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("gemma3:270m", "gemma-copy:270m")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(not isinstance(r, Exception) for r in results.values()), results
+    for file_name in ("gemma3-270m.gguf", "gemma-copy-270m.gguf"):
+        assert sha256_file(store.root / file_name) == GEMMA_SHA256
+    assert leftovers(store) == []
+    discarded = installer(store).discard_partial(entry(served_gemma, name="gemma-copy:270m"), wait=False)
+    assert discarded

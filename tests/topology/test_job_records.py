@@ -50,6 +50,7 @@ def test_cancel_ends_a_queued_job_at_once_and_asks_a_running_one_to_stop(redis_s
         cancelled_queued = await jobs.cancel(queued.id)
         running, _ = await jobs.claim(Job.new("b:1"))
         await jobs.save(running.moved(state=JobState.RUNNING))
+        await jobs.renew_lease(running.id, "fetcher-1", 30)  # its fetcher is alive
         asked = await jobs.cancel(running.id)
         return (
             cancelled_queued,
@@ -64,3 +65,29 @@ def test_cancel_ends_a_queued_job_at_once_and_asks_a_running_one_to_stop(redis_s
     assert flag_queued
     assert asked is not None and asked.state == JobState.RUNNING and flag_running
     assert missing is None
+
+
+def test_a_run_cannot_overwrite_a_cancel_or_a_newer_request(redis_server: RedisServer) -> None:
+    async def scenario(jobs: RedisJobs) -> tuple[bool, bool, bool, JobState]:
+        old, _ = await jobs.claim(Job.new("a:1"))
+        await jobs.cancel(old.id)  # queued: cancelled at once
+        after_cancel = await jobs.save(old.moved(state=JobState.RUNNING))
+        new, _ = await jobs.claim(Job.new("a:1"))
+        stale = await jobs.save(old.moved(state=JobState.RUNNING))
+        own = await jobs.save(new.moved(state=JobState.RUNNING))
+        stored = await jobs.get(new.id)
+        assert stored is not None and stored.run == new.run
+        return after_cancel, stale, own, stored.state
+
+    after_cancel, stale, own, state = run(redis_server, scenario)
+    assert (after_cancel, stale, own, state) == (False, False, True, JobState.RUNNING)
+
+
+def test_cancelling_a_running_job_whose_fetcher_is_gone_ends_it_at_once(redis_server: RedisServer) -> None:
+    async def scenario(jobs: RedisJobs) -> Job | None:
+        job, _ = await jobs.claim(Job.new("c:1"))
+        await jobs.save(job.moved(state=JobState.RUNNING))  # no lease: nobody runs it
+        return await jobs.cancel(job.id)
+
+    cancelled = run(redis_server, scenario)
+    assert cancelled is not None and cancelled.state == JobState.CANCELLED

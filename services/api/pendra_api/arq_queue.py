@@ -63,14 +63,24 @@ class ArqQueue:
             await self._unless_lost(await self.records.get(Job.new(entry.name).id))
             job, created = await self.records.claim(Job.new(entry.name, entry.size_bytes))
             if created:
-                await self.redis.enqueue_job(
-                    INSTALL_FUNCTION,
-                    job.id,
-                    job.run,
-                    entry.model_dump(mode="json"),
-                    _job_id=queue_job_id(job),
-                    _expires=QUEUED_FOR_AT_MOST,
-                )
+                try:
+                    await self.redis.enqueue_job(
+                        INSTALL_FUNCTION,
+                        job.id,
+                        job.run,
+                        entry.model_dump(mode="json"),
+                        _job_id=queue_job_id(job),
+                        _expires=QUEUED_FOR_AT_MOST,
+                    )
+                except (RedisError, OSError):
+                    # Claimed but never queued: say so now rather than leave it waiting for nothing.
+                    with contextlib.suppress(RedisError, OSError):
+                        await self.records.save(
+                            job.finished(
+                                JobState.FAILED, error="could not queue the job", error_code="job_lost"
+                            )
+                        )
+                    raise
             return job, created
 
     async def get(self, job_id: str) -> Job | None:
@@ -94,11 +104,12 @@ class ArqQueue:
         logger.warning("%s: no queued or running run holds it; marking it failed", job.id)
         lost = job.finished(
             JobState.FAILED,
-            error="the job was lost (no queued or running fetcher run); install the model again",
+            error="no queued or running fetcher run holds this job any more; install the model again",
             error_code="job_lost",
         )
-        await self.records.save(lost)
-        return lost
+        if await self.records.save(lost):  # refused when it just finished or was asked for again
+            return lost
+        return await self.records.get(job.id)
 
     async def cancel(self, job_id: str) -> Job | None:
         async with self._redis():

@@ -13,7 +13,15 @@ from pendra_shared.catalogue import CatalogueEntry
 from pendra_shared.config import Settings
 from pendra_shared.errors import ModelNotFound, PendraError
 from pendra_shared.install import Installer
-from pendra_shared.jobs import MAX_TRIES, Job, JobState, retry_delay_s, run_install_job
+from pendra_shared.jobs import (
+    MAX_TRIES,
+    WAITING,
+    Job,
+    JobState,
+    retry_delay_s,
+    retry_message,
+    run_install_job,
+)
 from pendra_shared.sources import Sources
 from pendra_shared.store import ModelStore
 
@@ -48,10 +56,12 @@ class LocalQueue:
         return None
 
     # JobSink
-    async def save(self, job: Job) -> None:
+    async def save(self, job: Job) -> bool:
         current = self._jobs.get(job.id)
-        if current is None or current.run == job.run:  # a replaced run's news is old news
-            self._jobs[job.id] = job
+        if current is not None and (current.final or current.run != job.run):
+            return False  # cancelled, or replaced by a newer request: this run's news is old news
+        self._jobs[job.id] = job
+        return True
 
     async def cancel_requested(self, job_id: str) -> bool:
         return job_id in self._cancels
@@ -70,21 +80,29 @@ class LocalQueue:
 
     async def _run(self, job_id: str, run: str, entry: CatalogueEntry) -> None:
         while True:
+            waiting = self._jobs[job_id]
+            if self._slots.locked() and waiting.run == run:
+                await self.save(waiting.moved(message=WAITING))
             async with self._slots:
                 job = self._jobs[job_id]
                 if job.run != run:
                     return  # cancelled while it waited, and asked for again since
                 if job.final:  # cancelled while it waited
-                    await asyncio.to_thread(self.installer.discard_partial, entry)
+                    await asyncio.to_thread(self.installer.discard_partial, entry, False)
                     return
-                job = await run_install_job(job, partial(self.installer.install, entry), self)
-            if job.state != JobState.RETRYING:
+                result = await run_install_job(
+                    job,
+                    partial(self.installer.install, entry),
+                    self,
+                    interrupted="interrupted by a shutdown; install it again to resume where it stopped",
+                )
+            if result is None or result.state != JobState.RETRYING:
                 return
-            if job.attempts >= MAX_TRIES:
-                await self.save(job.finished(JobState.FAILED, message=f"gave up after {MAX_TRIES} tries"))
+            if result.attempts >= MAX_TRIES:
+                await self.save(result.finished(JobState.FAILED, message=f"gave up after {MAX_TRIES} tries"))
                 return
-            delay = retry_delay_s(job.attempts, self.settings.download_backoff_s)
-            await self.save(job.moved(message=f"retrying in {delay:.0f}s"))
+            delay = retry_delay_s(result.attempts, self.settings.download_backoff_s)
+            await self.save(result.moved(message=retry_message(result.attempts, delay)))
             await asyncio.sleep(delay)  # holding no download slot
 
     async def get(self, job_id: str) -> Job | None:

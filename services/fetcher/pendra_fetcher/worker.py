@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import socket
+from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
@@ -32,8 +33,10 @@ from pendra_shared.jobs import (
     MAX_TRIES,
     QUEUE_NAME,
     UNINSTALL_FUNCTION,
+    WAITING,
     JobState,
     retry_delay_s,
+    retry_message,
     run_install_job,
 )
 from pendra_shared.jobs_redis import RedisJobs, connect, retrying
@@ -53,7 +56,6 @@ IN_PROGRESS_MS = (INSTALL_TIMEOUT_S + 10) * 1000
 
 
 SLOT_WAIT_S = 2.0  # a queued install finding every download slot busy goes back to the queue this long
-WAITING = "waiting for a free download slot"
 
 
 async def install_model(ctx: dict[str, Any], job_id: str, run: str, entry_data: dict[str, Any]) -> str:
@@ -77,10 +79,15 @@ async def _install(ctx: dict[str, Any], job_id: str, run: str, entry: CatalogueE
     if job.state in (JobState.DONE, JobState.FAILED):
         return job.state.value  # this run finished before arq could record it (Redis was away)
     if job.state == JobState.CANCELLED or await jobs.cancel_requested(job_id):
-        await asyncio.to_thread(fetch.installer.discard_partial, entry)
+        # Without waiting: a lock held means another run is at work and owns the partial file.
+        await asyncio.to_thread(fetch.installer.discard_partial, entry, False)
         if not job.final:
             await jobs.save(job.finished(JobState.CANCELLED, message="cancelled before it ran"))
         return JobState.CANCELLED.value
+    if await jobs.has_lease(job_id):
+        # A live fetcher still runs it (its lease lapsed during a Redis outage and the job was
+        # released early): leave it to that one.
+        raise Retry(defer=settings.job_lease_s)
     slots: asyncio.Semaphore = ctx["slots"]
     if slots.locked():
         # Every download slot is busy: back to the queue, so waiting installs hold no worker slot
@@ -88,24 +95,49 @@ async def _install(ctx: dict[str, Any], job_id: str, run: str, entry: CatalogueE
         if job.message != WAITING:
             await jobs.save(job.moved(message=WAITING))
         raise Retry(defer=SLOT_WAIT_S)
-    owner = ctx["owner"]
-
-    async def heartbeat() -> None:
-        await jobs.renew_lease(job_id, owner, settings.job_lease_s)
-
-    async with slots:
-        await heartbeat()
-        job = await run_install_job(job, partial(fetch.install, entry), jobs, heartbeat=heartbeat)
-    if job.state == JobState.RETRYING:
-        if job.attempts < MAX_TRIES:
-            delay = retry_delay_s(job.attempts, settings.download_backoff_s)
-            await jobs.save(
-                job.moved(message=f"retrying in {delay:.0f}s (try {job.attempts + 1} of {MAX_TRIES})")
-            )
+    owner: str = ctx["owner"]
+    running: set[str] = ctx["running"]
+    async with slots, _lease(jobs, job_id, owner, settings.job_lease_s):
+        running.add(job_id)
+        try:
+            result = await run_install_job(job, partial(fetch.install, entry), jobs)
+        finally:
+            running.discard(job_id)
+    if result is None:
+        return "superseded"
+    if result.state == JobState.RETRYING:
+        if result.attempts < MAX_TRIES:
+            delay = retry_delay_s(result.attempts, settings.download_backoff_s)
+            await jobs.save(result.moved(message=retry_message(result.attempts, delay)))
             raise Retry(defer=delay)
-        job = job.finished(JobState.FAILED, message=f"gave up after {MAX_TRIES} tries")
-        await jobs.save(job)
-    return job.state.value
+        result = result.finished(JobState.FAILED, message=f"gave up after {MAX_TRIES} tries")
+        await jobs.save(result)
+    return result.state.value
+
+
+@contextlib.asynccontextmanager
+async def _lease(jobs: RedisJobs, job_id: str, owner: str, lease_s: float) -> AsyncIterator[None]:
+    """Hold the job's lease while the body runs, renewed on its own schedule (never behind a slow
+    progress save); given up at once when the run ends."""
+
+    async def renew() -> None:
+        while True:
+            try:
+                await jobs.renew_lease(job_id, owner, lease_s)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                logger.warning("%s: renewing the lease failed: %s", job_id, exc)
+            await asyncio.sleep(lease_s / 3)
+
+    await jobs.renew_lease(job_id, owner, lease_s)
+    task = asyncio.create_task(renew())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, asyncio.CancelledError):
+            await asyncio.shield(jobs.release_lease(job_id, owner))
 
 
 async def uninstall_model(ctx: dict[str, Any], name: str) -> dict[str, Any]:
@@ -119,9 +151,12 @@ async def uninstall_model(ctx: dict[str, Any], name: str) -> dict[str, Any]:
     return {"ok": True, "model": model.name, "file": model.file_name}
 
 
-async def take_over_orphans(jobs: RedisJobs, lease_s: float) -> list[str]:
+async def take_over_orphans(
+    jobs: RedisJobs, lease_s: float, mine: set[str] | frozenset[str] = frozenset()
+) -> list[str]:
     """Release jobs whose fetcher died: arq still marks them in progress, but no live fetcher has
-    renewed their lease for longer than `lease_s`."""
+    renewed their lease for longer than `lease_s`. Jobs this fetcher runs (`mine`) are never
+    released, whatever their lease says."""
     redis = jobs.redis
     released = []
     for raw in await redis.zrange(QUEUE_NAME, 0, -1):
@@ -129,6 +164,8 @@ async def take_over_orphans(jobs: RedisJobs, lease_s: float) -> list[str]:
         if not queue_id.startswith("install:"):
             continue  # uninstalls are short and hold no lease
         job_id = queue_id.rpartition("@")[0]
+        if job_id in mine:
+            continue
         marker = in_progress_key_prefix + queue_id
         ttl_ms = await redis.pttl(marker)
         if ttl_ms < 0 or await jobs.has_lease(job_id):
@@ -141,10 +178,10 @@ async def take_over_orphans(jobs: RedisJobs, lease_s: float) -> list[str]:
     return released
 
 
-async def _watch_orphans(jobs: RedisJobs, lease_s: float) -> None:
+async def _watch_orphans(jobs: RedisJobs, lease_s: float, mine: set[str]) -> None:
     while True:
         try:
-            await take_over_orphans(jobs, lease_s)
+            await take_over_orphans(jobs, lease_s, mine)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             logger.warning("looking for orphaned jobs failed: %s", exc)
         await asyncio.sleep(max(lease_s / 3, 0.5))
@@ -178,10 +215,11 @@ async def startup(ctx: dict[str, Any]) -> None:
         jobs=jobs,
         fetch=Fetch(installer, mirror),
         slots=asyncio.Semaphore(settings.install_concurrency),
+        running=set(),
         owner=f"{socket.gethostname()}:{os.getpid()}",
     )
     await take_over_orphans(jobs, settings.job_lease_s)
-    ctx["orphan_watch"] = asyncio.create_task(_watch_orphans(jobs, settings.job_lease_s))
+    ctx["orphan_watch"] = asyncio.create_task(_watch_orphans(jobs, settings.job_lease_s, ctx["running"]))
     logger.info("fetcher ready: store %s, %d install(s) at once", store.root, settings.install_concurrency)
 
 
@@ -241,17 +279,17 @@ class ResilientWorker(Worker):
             await super()._poll_iteration()
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             logger.warning("polling the queue failed (%s); trying again", exc)
-            await self._recount_slots()
             await asyncio.sleep(1.0)
 
-    async def _recount_slots(self) -> None:
-        """arq takes a worker slot before it talks to Redis and gives it back only on success; after
-        a failed poll, count the slots again from the jobs really running, so none leaks."""
-        running = sum(not task.done() for task in self.tasks.values())
-        self.job_counter = running
-        self.sem = asyncio.BoundedSemaphore(self.max_jobs + 1)
-        for _ in range(running):  # each running job gives its slot back when it ends
-            await self.sem.acquire()
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        try:
+            await super().start_jobs(job_ids)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            # arq took a worker slot for the job it was starting and, failing before that job's
+            # task existed, never gives it back: give it back here, exactly once.
+            self.job_counter -= 1
+            self.sem.release()
+            raise
 
 
 def create_worker(settings: Settings) -> Worker:
