@@ -14,8 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -25,6 +28,8 @@ from redis.exceptions import WatchError
 from pendra_shared.jobs import Job, JobState
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 JOBS_SET = "pendra:jobs"
 FINISHED_TTL_S = 7 * 24 * 3600
@@ -89,26 +94,36 @@ class RedisJobs:
                 logger.warning("saving %s: %s; trying again", job.id, exc)
                 await asyncio.sleep(0.5)
 
-    async def _save(self, job: Job) -> bool:
-        key = job_key(job.id)
+    async def _update(self, job_id: str, step: Callable[[Pipeline, Job | None], Awaitable[T]]) -> T:
+        """Run `step` on the stored record under WATCH, again whenever another writer got in
+        between: `step` reads what it needs, then queues its writes after `pipe.multi()` (or
+        writes nothing), and returns the answer."""
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
-                    await pipe.watch(key)
-                    raw = await pipe.get(key)
-                    stored = Job.model_validate_json(raw) if raw is not None else None
-                    if stored is not None and (stored.final or stored.run != job.run):
+                    await pipe.watch(job_key(job_id))
+                    raw = await pipe.get(job_key(job_id))
+                    answer = await step(pipe, Job.model_validate_json(raw) if raw is not None else None)
+                    if pipe.explicit_transaction:
+                        await pipe.execute()
+                    else:
                         await pipe.unwatch()
-                        return False
-                    pipe.multi()
-                    pipe.set(key, job.model_dump_json(), ex=FINISHED_TTL_S if job.final else None)
-                    pipe.sadd(JOBS_SET, job.id)
-                    if job.final:
-                        pipe.delete(cancel_key(job.id), lease_key(job.id))
-                    await pipe.execute()
-                    return True
+                    return answer
                 except WatchError:
                     continue
+
+    async def _save(self, job: Job) -> bool:
+        async def step(pipe: Pipeline, stored: Job | None) -> bool:
+            if stored is not None and (stored.final or stored.run != job.run):
+                return False
+            pipe.multi()
+            pipe.set(job_key(job.id), job.model_dump_json(), ex=FINISHED_TTL_S if job.final else None)
+            pipe.sadd(JOBS_SET, job.id)
+            if job.final:
+                pipe.delete(cancel_key(job.id), lease_key(job.id))
+            return True
+
+        return await self._update(job.id, step)
 
     async def all(self) -> list[Job]:
         members: set[bytes] = await self.redis.smembers(JOBS_SET)  # type: ignore[misc]
@@ -126,55 +141,38 @@ class RedisJobs:
     async def claim(self, job: Job) -> tuple[Job, bool]:
         """Store `job` unless an unfinished job with its id exists. Returns the job in force and
         whether it is the new one; two callers racing get the same job."""
-        key = job_key(job.id)
-        while True:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                try:
-                    await pipe.watch(key)
-                    raw = await pipe.get(key)
-                    existing = Job.model_validate_json(raw) if raw is not None else None
-                    if existing is not None and not existing.final:
-                        await pipe.unwatch()
-                        return existing, False
-                    pipe.multi()
-                    pipe.set(key, job.model_dump_json())
-                    pipe.sadd(JOBS_SET, job.id)
-                    pipe.delete(cancel_key(job.id))
-                    await pipe.execute()
-                    return job, True
-                except WatchError:
-                    continue
+
+        async def step(pipe: Pipeline, stored: Job | None) -> tuple[Job, bool]:
+            if stored is not None and not stored.final:
+                return stored, False
+            pipe.multi()
+            pipe.set(job_key(job.id), job.model_dump_json())
+            pipe.sadd(JOBS_SET, job.id)
+            pipe.delete(cancel_key(job.id))
+            return job, True
+
+        return await self._update(job.id, step)
 
     async def cancel(self, job_id: str) -> Job | None:
-        """Ask for `job_id` to stop. A job still queued is cancelled here and now; a running one
-        is stopped by its fetcher, which sees the request within a second."""
-        key = job_key(job_id)
-        while True:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                try:
-                    await pipe.watch(key)
-                    raw = await pipe.get(key)
-                    if raw is None:
-                        await pipe.unwatch()
-                        return None
-                    job = Job.model_validate_json(raw)
-                    if job.final:
-                        await pipe.unwatch()
-                        return job
-                    # A running job whose fetcher is gone (no lease) ends here too; the fetcher
-                    # that takes it over finds it cancelled and removes its partial file.
-                    await pipe.watch(lease_key(job_id))
-                    orphaned = job.state == JobState.RUNNING and not await pipe.exists(lease_key(job_id))
-                    pipe.multi()
-                    pipe.set(cancel_key(job_id), b"1", ex=CANCEL_TTL_S)
-                    if job.state in (JobState.QUEUED, JobState.RETRYING) or orphaned:
-                        said = "cancelled (its fetcher was gone)" if orphaned else "cancelled before it ran"
-                        job = job.finished(JobState.CANCELLED, message=said)
-                        pipe.set(key, job.model_dump_json(), ex=FINISHED_TTL_S)
-                    await pipe.execute()
-                    return job
-                except WatchError:
-                    continue
+        """Ask for `job_id` to stop. A job still queued is cancelled here and now, and so is a
+        running one whose fetcher is gone (no lease; the fetcher that takes it over finds it
+        cancelled and removes its partial file); a running one is stopped by its fetcher, which
+        sees the request within a second."""
+
+        async def step(pipe: Pipeline, job: Job | None) -> Job | None:
+            if job is None or job.final:
+                return job
+            await pipe.watch(lease_key(job_id))
+            orphaned = job.state == JobState.RUNNING and not await pipe.exists(lease_key(job_id))
+            pipe.multi()
+            pipe.set(cancel_key(job_id), b"1", ex=CANCEL_TTL_S)
+            if job.state in (JobState.QUEUED, JobState.RETRYING) or orphaned:
+                said = "cancelled (its fetcher was gone)" if orphaned else "cancelled before it ran"
+                job = job.finished(JobState.CANCELLED, message=said)
+                pipe.set(job_key(job_id), job.model_dump_json(), ex=FINISHED_TTL_S)
+            return job
+
+        return await self._update(job_id, step)
 
     async def cancel_requested(self, job_id: str) -> bool:
         return bool(await self.redis.exists(cancel_key(job_id)))
