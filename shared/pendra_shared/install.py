@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pendra_shared.catalogue import CatalogueEntry
+from pendra_shared.config import Settings
 from pendra_shared.errors import (
     ChecksumMismatch,
     DownloadInterrupted,
@@ -82,6 +83,18 @@ class Installer:
         self.retries = retries
         self.backoff_s = backoff_s
         self.sleep = sleep
+
+    @classmethod
+    def from_settings(
+        cls, store: ModelStore, settings: Settings, sources: Sources | None = None
+    ) -> Installer:
+        """The installer the settings describe (retries, backoff, network timeout)."""
+        return cls(
+            store,
+            sources or Sources(settings.download_timeout_s),
+            retries=settings.download_retries,
+            backoff_s=settings.download_backoff_s,
+        )
 
     def partial_path(self, entry: CatalogueEntry) -> Path:
         """Where `entry` downloads to: one file per target and pin, guarded by the target's lock

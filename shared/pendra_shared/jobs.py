@@ -28,12 +28,14 @@ from pendra_shared.errors import (
     DownloadInterrupted,
     InstallCancelled,
     InsufficientSpace,
+    ModelNotFound,
     PendraError,
     StoreError,
     UnsupportedSource,
 )
 from pendra_shared.install import InstallResult, Progress, ProgressCallback
 from pendra_shared.sidecar import now_utc
+from pendra_shared.store import ModelStore
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +140,25 @@ def error_code_for(exc: BaseException) -> str:
     return next((code for kind, code in ERROR_CODES if isinstance(exc, kind)), "internal_error")
 
 
-def retry_message(attempts: int, delay_s: float) -> str:
-    return f"retrying in {delay_s:.0f}s (try {attempts + 1} of {MAX_TRIES})"
+def next_try(job: Job, backoff_s: float) -> tuple[Job, float | None]:
+    """What follows a run that ended `retrying`: the job to save, and how long to wait before the
+    next try; None when the tries are used up (the job is then failed)."""
+    if job.attempts >= MAX_TRIES:
+        return job.finished(JobState.FAILED, message=f"gave up after {MAX_TRIES} tries"), None
+    delay = retry_delay_s(job.attempts, backoff_s)
+    return job.moved(message=f"retrying in {delay:.0f}s (try {job.attempts + 1} of {MAX_TRIES})"), delay
+
+
+def uninstall_outcome(store: ModelStore, name: str) -> dict[str, Any]:
+    """Remove a model from the store, as the queues answer it: `{"ok": True, "model", "file"}` or
+    `{"ok": False, "code", "message"}` (a plain dict, so it travels through arq as well)."""
+    try:
+        model = store.uninstall(name)
+    except ModelNotFound as exc:
+        return {"ok": False, "code": "model_not_found", "message": str(exc)}
+    except PendraError as exc:
+        return {"ok": False, "code": "store_conflict", "message": str(exc)}
+    return {"ok": True, "model": model.name, "file": model.file_name}
 
 
 class JobSink(Protocol):

@@ -15,7 +15,6 @@ from pendra_shared.catalogue import Catalogue
 from pendra_shared.config import Settings, load_settings
 from pendra_shared.install import Installer
 from pendra_shared.install import Progress as InstallProgress
-from pendra_shared.sources import Sources
 from pendra_shared.store import ModelStore
 from rich.progress import (
     BarColumn,
@@ -188,12 +187,7 @@ def install(name: str = typer.Argument(..., help="family[:tag], e.g. qwen3:4b or
         _install_remote(settings, name)
         return
     entry = _catalogue(settings).resolve(name)
-    installer = Installer(
-        _store(settings),
-        Sources(settings.download_timeout_s),
-        retries=settings.download_retries,
-        backoff_s=settings.download_backoff_s,
-    )
+    installer = Installer.from_settings(_store(settings), settings)
     cancel = threading.Event()
     columns = (
         TextColumn("{task.description}"),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,22 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.server import free_port
+from tests.support.server import free_port, stop_process
 
 S3_ACCESS_KEY = "pendra-test"
 S3_SECRET_KEY = "pendra-test-secret"
 S3_BUCKET = "pendra-models"
-
-
-def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 @dataclass
@@ -80,7 +68,7 @@ class RedisServer:
             return False
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
     def restart(self, down_s: float = 1.0) -> None:
         self.stop()
@@ -147,7 +135,7 @@ class S3Server:
         raise RuntimeError("the S3 server did not start")
 
     def stop(self) -> None:
-        _stop(self.proc, timeout=5)
+        stop_process(self.proc, timeout=5)
 
     def empty(self) -> None:
         client = self.client()

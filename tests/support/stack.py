@@ -22,7 +22,7 @@ import httpx
 import yaml
 
 from tests.support.engines import RedisServer, S3Server
-from tests.support.server import ServerProcess, free_port, start_server
+from tests.support.server import ServerProcess, free_port, start_server, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 _VAR_RE = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
@@ -104,13 +104,7 @@ class Service:
         return self.proc.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, sig, timeout)
 
 
 @dataclass

@@ -60,8 +60,9 @@ class ArqQueue:
 
     async def submit(self, entry: CatalogueEntry) -> tuple[Job, bool]:
         async with self._redis():
-            await self._unless_lost(await self.records.get(Job.new(entry.name).id))
-            job, created = await self.records.claim(Job.new(entry.name, entry.size_bytes))
+            new = Job.new(entry.name, entry.size_bytes)
+            await self._unless_lost(await self.records.get(new.id))  # a lost job must not block it
+            job, created = await self.records.claim(new)
             if created:
                 try:
                     await self.redis.enqueue_job(

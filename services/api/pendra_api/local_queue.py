@@ -11,18 +11,8 @@ from typing import Any
 
 from pendra_shared.catalogue import CatalogueEntry
 from pendra_shared.config import Settings
-from pendra_shared.errors import ModelNotFound, PendraError
 from pendra_shared.install import Installer
-from pendra_shared.jobs import (
-    MAX_TRIES,
-    WAITING,
-    Job,
-    JobState,
-    retry_delay_s,
-    retry_message,
-    run_install_job,
-)
-from pendra_shared.sources import Sources
+from pendra_shared.jobs import WAITING, Job, JobState, next_try, run_install_job, uninstall_outcome
 from pendra_shared.store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -32,12 +22,7 @@ class LocalQueue:
     def __init__(self, settings: Settings, store: ModelStore) -> None:
         self.settings = settings
         self.store = store
-        self.installer = Installer(
-            store,
-            Sources(settings.download_timeout_s),
-            retries=settings.download_retries,
-            backoff_s=settings.download_backoff_s,
-        )
+        self.installer = Installer.from_settings(store, settings)
         self._jobs: dict[str, Job] = {}
         self._cancels: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -98,11 +83,10 @@ class LocalQueue:
                 )
             if result is None or result.state != JobState.RETRYING:
                 return
-            if result.attempts >= MAX_TRIES:
-                await self.save(result.finished(JobState.FAILED, message=f"gave up after {MAX_TRIES} tries"))
+            result, delay = next_try(result, self.settings.download_backoff_s)
+            await self.save(result)
+            if delay is None:
                 return
-            delay = retry_delay_s(result.attempts, self.settings.download_backoff_s)
-            await self.save(result.moved(message=retry_message(result.attempts, delay)))
             await asyncio.sleep(delay)  # holding no download slot
 
     async def get(self, job_id: str) -> Job | None:
@@ -123,10 +107,4 @@ class LocalQueue:
         return job
 
     async def uninstall(self, name: str) -> dict[str, Any]:
-        try:
-            model = await asyncio.to_thread(self.store.uninstall, name)
-        except ModelNotFound as exc:
-            return {"ok": False, "code": "model_not_found", "message": str(exc)}
-        except PendraError as exc:
-            return {"ok": False, "code": "store_conflict", "message": str(exc)}
-        return {"ok": True, "model": model.name, "file": model.file_name}
+        return await asyncio.to_thread(uninstall_outcome, self.store, name)

@@ -23,21 +23,19 @@ from typing import Any
 from arq import Retry, func
 from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
-from arq.worker import Worker
+from arq.worker import Worker, get_kwargs
 from pendra_shared.catalogue import CatalogueEntry
 from pendra_shared.config import Settings
-from pendra_shared.errors import ModelNotFound, PendraError
 from pendra_shared.install import Installer
 from pendra_shared.jobs import (
     INSTALL_FUNCTION,
-    MAX_TRIES,
     QUEUE_NAME,
     UNINSTALL_FUNCTION,
     WAITING,
     JobState,
-    retry_delay_s,
-    retry_message,
+    next_try,
     run_install_job,
+    uninstall_outcome,
 )
 from pendra_shared.jobs_redis import RedisJobs, connect, retrying
 from pendra_shared.sources import Sources
@@ -106,12 +104,10 @@ async def _install(ctx: dict[str, Any], job_id: str, run: str, entry: CatalogueE
     if result is None:
         return "superseded"
     if result.state == JobState.RETRYING:
-        if result.attempts < MAX_TRIES:
-            delay = retry_delay_s(result.attempts, settings.download_backoff_s)
-            await jobs.save(result.moved(message=retry_message(result.attempts, delay)))
-            raise Retry(defer=delay)
-        result = result.finished(JobState.FAILED, message=f"gave up after {MAX_TRIES} tries")
+        result, delay = next_try(result, settings.download_backoff_s)
         await jobs.save(result)
+        if delay is not None:
+            raise Retry(defer=delay)
     return result.state.value
 
 
@@ -141,14 +137,7 @@ async def _lease(jobs: RedisJobs, job_id: str, owner: str, lease_s: float) -> As
 
 
 async def uninstall_model(ctx: dict[str, Any], name: str) -> dict[str, Any]:
-    store: ModelStore = ctx["store"]
-    try:
-        model = await asyncio.to_thread(store.uninstall, name)
-    except ModelNotFound as exc:
-        return {"ok": False, "code": "model_not_found", "message": str(exc)}
-    except PendraError as exc:
-        return {"ok": False, "code": "store_conflict", "message": str(exc)}
-    return {"ok": True, "model": model.name, "file": model.file_name}
+    return await asyncio.to_thread(uninstall_outcome, ctx["store"], name)
 
 
 async def take_over_orphans(
@@ -206,9 +195,7 @@ async def startup(ctx: dict[str, Any]) -> None:
             logger.warning("the %s is not reachable yet: %s", mirror, exc)
         sources.register("s3", mirror)
         logger.info("using the %s", mirror)
-    installer = Installer(
-        store, sources, retries=settings.download_retries, backoff_s=settings.download_backoff_s
-    )
+    installer = Installer.from_settings(store, settings, sources)
     jobs = RedisJobs(connect(settings.redis_url, retries=60), patience_s=300)
     ctx.update(
         store=store,
@@ -293,15 +280,10 @@ class ResilientWorker(Worker):
 
 
 def create_worker(settings: Settings) -> Worker:
+    # The class's settings, read the way arq's own create_worker reads them.
+    kwargs: dict[str, Any] = dict(get_kwargs(dict(vars(WorkerSettings))))
     return ResilientWorker(
-        functions=WorkerSettings.functions,
-        queue_name=WorkerSettings.queue_name,
-        on_startup=WorkerSettings.on_startup,
-        on_shutdown=WorkerSettings.on_shutdown,
-        max_tries=WorkerSettings.max_tries,
-        poll_delay=WorkerSettings.poll_delay,
-        retry_jobs=WorkerSettings.retry_jobs,
-        health_check_interval=WorkerSettings.health_check_interval,
+        **kwargs,
         redis_settings=redis_settings(settings.redis_url),
         max_jobs=settings.install_concurrency + 4,  # room for uninstalls beside running downloads
         ctx={"settings": settings},
