@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1.7
-# The inference service for hosts without a GPU: llama.cpp's CPU backend, built for a portable
-# x86-64/arm64 baseline rather than the build machine's CPU.
+# The inference service for hosts without a GPU: llama.cpp's CPU backend in every variant ggml has
+# (x86-64 baseline, SSE4.2, AVX, AVX2, AVX-512 ..., Arm's likewise), as modules; the service loads
+# the best one the CPU it runs on can execute. Built on one machine, it runs on any x86-64 CPU.
 ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -8,16 +9,17 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential cmake git \
     && rm -rf /var/lib/apt/lists/*
 RUN pip install --no-cache-dir uv==0.13.9
-# No GGML_BACKEND_DL: llama-cpp-python does not load dynamic backends, so the CPU backend is linked in.
-ENV CMAKE_ARGS="-DGGML_NATIVE=OFF" \
-    UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PROJECT_ENVIRONMENT=/opt/venv \
+# The build settings come from pyproject.toml ([tool.uv.config-settings-package]); the script adds
+# nothing for the CPU and says so in the build log.
+ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PROJECT_ENVIRONMENT=/opt/venv \
     UV_PYTHON_DOWNLOADS=never UV_NO_BINARY_PACKAGE=llama-cpp-python
 WORKDIR /src
 COPY pyproject.toml uv.lock README.md ./
 COPY src src
 COPY shared shared
 COPY services services
-RUN uv sync --frozen --no-dev --no-editable --package pendra-inference
+COPY scripts scripts
+RUN python scripts/llama_build.py sync --gpu cpu -- --frozen --no-dev --no-editable --package pendra-inference
 
 FROM ${PYTHON_IMAGE}
 RUN apt-get update \

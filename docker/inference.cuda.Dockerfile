@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1.7
 # The inference service with llama.cpp built for NVIDIA GPUs: llama-cpp-python is compiled with
-# GGML_CUDA=on on the CUDA development image, and the result runs on the matching runtime image.
+# GGML_CUDA=ON on the CUDA development image, and the result runs on the matching runtime image.
+# Backends are modules: the CUDA one, and every CPU variant (the service picks the CPU's best), so a
+# host whose driver is missing still serves, on the CPU, and says why.
 ARG CUDA_VERSION=12.6.3
 ARG UBUNTU=ubuntu24.04
 
@@ -9,10 +11,10 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential cmake git \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/uv && /opt/uv/bin/pip install --no-cache-dir uv==0.13.9
-# Compute capabilities from Turing (T4) to Hopper (H100/H200); the driver's libcuda comes at run time,
-# so the build links against the stub.
-ENV CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=75;80;86;89;90" \
-    FORCE_CMAKE=1 \
+# scripts/llama_build.py --gpu cuda adds GGML_CUDA=ON for compute capabilities from Turing (T4) to
+# Hopper (H100/H200) to pyproject.toml's settings; the driver's libcuda comes at run time, so the
+# build links against the stub.
+ENV PATH=/opt/uv/bin:$PATH \
     LIBRARY_PATH=/usr/local/cuda/lib64/stubs \
     UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PROJECT_ENVIRONMENT=/opt/venv \
     UV_PYTHON=/usr/bin/python3 UV_PYTHON_DOWNLOADS=never UV_NO_BINARY_PACKAGE=llama-cpp-python
@@ -21,8 +23,9 @@ COPY pyproject.toml uv.lock README.md ./
 COPY src src
 COPY shared shared
 COPY services services
+COPY scripts scripts
 RUN ln -s /usr/local/cuda/lib64/stubs/libcuda.so /usr/local/cuda/lib64/stubs/libcuda.so.1 \
-    && /opt/uv/bin/uv sync --frozen --no-dev --no-editable --package pendra-inference
+    && python3 scripts/llama_build.py sync --gpu cuda -- --frozen --no-dev --no-editable --package pendra-inference
 
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU}
 RUN apt-get update \

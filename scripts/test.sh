@@ -9,18 +9,25 @@ else
     python3 -m pip install --quiet uv
     uv=(python3 -m uv)
 fi
-# The service-set tests run a real Redis. Install Debian's when it is missing and we may.
-if ! command -v redis-server >/dev/null 2>&1; then
+# The service-set tests run a real Redis; the build tests run llama.cpp on older CPUs under qemu's
+# x86-64 emulation (qemu-user). Install Debian's when they are missing and we may.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [[ "$(uname -m)" == x86_64 ]] && ! command -v qemu-x86_64 >/dev/null 2>&1; then
+    missing+=(qemu-user)
+fi
+if (( ${#missing[@]} )); then
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
         # Debian starts a system Redis on 6379; the tests start their own on free ports.
         (service redis-server stop || pkill -x redis-server || true) >/dev/null 2>&1
     else
-        echo "redis-server is missing: install it (e.g. apt-get install redis-server) to run the tests" >&2
+        echo "missing: ${missing[*]}: install them (e.g. apt-get install ${missing[*]}) to run the tests" >&2
         exit 1
     fi
 fi
-"${uv[@]}" sync --all-packages --locked
+# The environment, with llama.cpp built as the project decides for this host (scripts/llama_build.py).
+python3 scripts/llama_build.py sync -- --all-packages --locked
 "${uv[@]}" run --no-sync ruff check .
 "${uv[@]}" run --no-sync ruff format --check .
 "${uv[@]}" run --no-sync mypy

@@ -28,7 +28,10 @@ def _strings(node: Any) -> list[str]:
     return []
 
 
-@pytest.mark.parametrize("files", [("compose.yaml",), ("compose.yaml", "compose.cpu.yaml")])
+@pytest.mark.parametrize(
+    "files",
+    [("compose.yaml",), ("compose.yaml", "compose.cpu.yaml"), ("compose.yaml", "compose.vulkan.yaml")],
+)
 def test_compose_files_follow_the_compose_spec(files: tuple[str, ...]) -> None:
     # The schema names draft 2019-09 by an address jsonschema does not know; say it plainly.
     jsonschema.Draft201909Validator(SCHEMA).validate(load_compose(*files))
@@ -73,6 +76,17 @@ def test_the_cpu_override_drops_the_gpu_and_builds_the_cpu_image() -> None:
     assert inference["build"]["dockerfile"] == "docker/inference.cpu.Dockerfile"
 
 
+def test_the_vulkan_override_passes_the_gpu_nodes_and_builds_the_vulkan_image() -> None:
+    inference = load_compose("compose.yaml", "compose.vulkan.yaml")["services"]["inference"]
+    assert "deploy" not in inference  # no NVIDIA reservation
+    assert inference["build"]["dockerfile"] == "docker/inference.vulkan.Dockerfile"
+    assert inference["devices"] == ["/dev/dri:/dev/dri"]
+    (render,) = [g for g in inference["group_add"] if "PENDRA_RENDER_GID" in g]
+    assert interpolate(render, {"PENDRA_RENDER_GID": "992"}) == "992"
+    with pytest.raises(ValueError, match="PENDRA_RENDER_GID"):
+        interpolate(render, {})
+
+
 @pytest.mark.parametrize("service", ["fetcher", "inference", "api"])
 def test_each_service_command_is_a_real_module(service: str) -> None:
     command = load_compose()["services"][service]["command"]
@@ -88,10 +102,14 @@ def _final_stage(text: str) -> str:
     return text[text.rindex("\nFROM ") :]
 
 
-@pytest.mark.parametrize(
-    "path",
-    ["docker/service.Dockerfile", "docker/inference.cuda.Dockerfile", "docker/inference.cpu.Dockerfile"],
-)
+INFERENCE_IMAGES = {
+    "cpu": "docker/inference.cpu.Dockerfile",
+    "cuda": "docker/inference.cuda.Dockerfile",
+    "vulkan": "docker/inference.vulkan.Dockerfile",
+}
+
+
+@pytest.mark.parametrize("path", ["docker/service.Dockerfile", *INFERENCE_IMAGES.values()])
 def test_dockerfiles_pin_their_bases_copy_what_exists_and_run_as_a_user(path: str) -> None:
     text = _dockerfile(path)
     args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.MULTILINE))
@@ -104,13 +122,28 @@ def test_dockerfiles_pin_their_bases_copy_what_exists_and_run_as_a_user(path: st
             assert (ROOT / part).exists(), f"{path} copies {part}, which is not in the repository"
     user = re.findall(r"^USER (\S+)$", _final_stage(text), re.MULTILINE)
     assert user and user[-1].split(":")[0] not in ("0", "root")
-    assert re.search(r"uv sync --frozen --no-dev --no-editable --package", text)
+    assert re.search(
+        r"(uv sync|llama_build.py sync --gpu \w+ --) --frozen --no-dev --no-editable --package", text
+    )
     assert "uv==" in text  # the uv that reads uv.lock is pinned
+
+
+@pytest.mark.parametrize("gpu", sorted(INFERENCE_IMAGES))
+def test_each_inference_image_builds_llama_cpp_through_the_project_script(gpu: str) -> None:
+    """The image's llama.cpp is built as the project decides (pyproject.toml's settings plus
+    scripts/llama_build.py's GPU backend), never from compiler defaults or CMAKE_ARGS."""
+    text = _dockerfile(INFERENCE_IMAGES[gpu])
+    (line,) = re.findall(r"python3? scripts/llama_build.py sync --gpu (\w+) --", text)
+    assert line == gpu
+    assert "CMAKE_ARGS" not in text and "GGML_NATIVE" not in text
+    build = re.findall(r"apt-get install[^&]*", text.split("\nFROM ")[1])[0]
+    if gpu == "vulkan":
+        for package in ("libvulkan-dev", "glslc", "spirv-headers"):
+            assert package in build
 
 
 def test_the_inference_image_builds_llama_cpp_with_cuda_and_runs_on_the_matching_runtime() -> None:
     text = _dockerfile("docker/inference.cuda.Dockerfile")
-    assert "-DGGML_CUDA=on" in text
     bases = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
     assert bases == [
         "nvidia/cuda:${CUDA_VERSION}-devel-${UBUNTU}",

@@ -157,6 +157,20 @@ class Settings(BaseSettings):
         ge=-1,
         description="Layers offloaded to the GPU; default: all when the build has a GPU backend, else 0.",
     )
+    cpu_variant: str = Field(
+        default="",
+        description=(
+            "llama.cpp CPU variant to load (haswell, skylakex, zen4, ...); default: the best this "
+            "CPU can run. `pendra doctor` lists the build's variants."
+        ),
+    )
+    selfcheck: bool = Field(
+        default=True,
+        description=(
+            "Before serving, decode a tiny model in a child process, so that a llama.cpp build "
+            "this host cannot run is a clear error at start rather than a crash on a request."
+        ),
+    )
     max_embedding_inputs: int = Field(
         default=2048, ge=1, description="Most inputs one /v1/embeddings request may carry."
     )

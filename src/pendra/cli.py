@@ -14,6 +14,7 @@ from pendra_shared.config import describe_settings, load_settings
 from pendra_shared.errors import PendraError
 
 from pendra import __version__
+from pendra.cli_doctor import doctor
 from pendra.cli_models import models_app
 from pendra.cli_serve import serve
 from pendra.console import err, out, print_json
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 app.add_typer(models_app, name="models")
 app.command("serve")(serve)
+app.command("doctor")(doctor)
 
 _debug = False
 

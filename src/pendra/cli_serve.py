@@ -55,8 +55,10 @@ def serve(
         run_inference(settings)
         return
 
+    from pendra_inference.doctor import preflight
     from pendra_shared.service import serve_http
 
     from pendra.embedded import create_embedded_app
 
+    preflight(settings)
     serve_http(create_embedded_app(settings), settings)

@@ -302,7 +302,7 @@ def test_bad_requests_get_clear_errors(
         error = response.json()
         validate(error, "ErrorResponse")
         assert error["error"]["code"] == code and text in error["error"]["message"]
-    assert httpx.get(f"{server.base_url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.base_url}/health").json()["status"] == "ok"  # still serving
 
 
 def test_errors_reach_the_openai_client_as_typed_exceptions(client: openai.OpenAI) -> None:

@@ -19,6 +19,7 @@ from pendra_shared.service import serve_http
 from pendra_shared.store import ModelStore
 
 from pendra_inference.chat import ChatService
+from pendra_inference.doctor import preflight
 from pendra_inference.embeddings import EmbeddingService
 from pendra_inference.metrics import InferenceMetrics
 from pendra_inference.registry import EngineFactory, ModelRegistry
@@ -84,5 +85,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
 
 
 def run(settings: Settings) -> None:
-    """Run the inference service until SIGINT or SIGTERM."""
+    """Check that llama.cpp runs on this host, then run the inference service until SIGINT or
+    SIGTERM."""
+    preflight(settings)
     serve_http(create_app(settings), settings)

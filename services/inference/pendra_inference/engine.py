@@ -19,6 +19,8 @@ import numpy as np
 from llama_cpp import Llama, StoppingCriteriaList
 from llama_cpp.llama_grammar import LlamaGrammar
 
+from pendra_inference.backends import activate
+
 logger = logging.getLogger(__name__)
 
 POOLING = {
@@ -30,6 +32,7 @@ POOLING = {
 
 
 def gpu_offload_supported() -> bool:
+    activate()
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
@@ -67,6 +70,7 @@ class LlamaEngine:
     """A llama.cpp model and context. Not thread-safe: one caller at a time."""
 
     def __init__(self, path: Path, config: EngineConfig) -> None:
+        activate()  # the backends for this host, before llama.cpp looks for any
         self.path = path
         self.config = config
         kwargs: dict[str, Any] = {

@@ -27,6 +27,7 @@ from pendra_shared.config import Settings
 from pendra_shared.gguf_header import read_header
 from pendra_shared.store import ModelStore, ScanResult, StoredModel
 
+from pendra_inference.backends import activate
 from pendra_inference.engine import POOLING, EngineConfig, LlamaEngine, gpu_offload_supported
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class ModelRegistry:
         self.engine_factory = engine_factory
         self.default_keep_alive = parse_keep_alive(settings.keep_alive, 300.0)
         self.budget = settings.memory_budget_bytes or int(physical_memory() * 0.75)
+        self.backends = activate(settings.cpu_variant)
         self.gpu = gpu_offload_supported()
         self._loaded: dict[str, Loaded] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}

@@ -27,8 +27,19 @@ def _state(request: Request) -> AppState:
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health(request: Request) -> dict[str, Any]:
+    """Liveness, and what the models run on: the backend ("cuda", "vulkan", "metal", "cpu"),
+    its devices and the CPU variant of llama.cpp in use."""
+    report = _state(request).registry.backends
+    return {
+        "status": "ok",
+        "backend": report.backend,
+        "devices": [
+            {"name": d.name, "description": d.description, "type": d.type, "memory_total": d.memory_total}
+            for d in (report.gpu_devices or report.devices)
+        ],
+        "cpu_variant": report.cpu_variant,
+    }
 
 
 @router.get("/ready")

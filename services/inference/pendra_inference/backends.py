@@ -1,0 +1,435 @@
+"""Which llama.cpp backends this process runs on, chosen for the host it finds itself on.
+
+Pendra builds llama.cpp the way llama.cpp's own releases are built (see `[tool.uv]` in the root
+`pyproject.toml`): ggml's backends are modules (`GGML_BACKEND_DL`), and the CPU backend comes in
+one variant per x86-64 (or Arm) feature level (`GGML_CPU_ALL_VARIANTS`), from a plain x86-64
+baseline to AVX-512 with AMX. llama-cpp-python loads none of them itself, so `activate()` does,
+once per process, before the first model loads:
+
+1. every GPU module the build holds (CUDA, Vulkan, Metal, ...) is loaded; one whose driver is
+   missing fails to load, and the report says why;
+2. each CPU variant reports its score for this CPU (ggml's own cpuid check, 0 = cannot run);
+3. AMX variants are kept only when this process may really execute tile instructions: a CPU
+   can report AMX that its hypervisor or kernel will not let a process use (SIGILL in
+   `tilezero`), so `amx_usable()` runs the instructions in a child process first;
+4. the best remaining variant (or `PENDRA_CPU_VARIANT`) is loaded and registered.
+
+A build with the backends linked in (no modules) needs none of this; its report is read the
+same way. The report `activate()` returns holds what `pendra doctor`, the start-up log and
+`/health` show.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import platform
+import re
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+from pendra_shared.errors import PendraError
+
+logger = logging.getLogger(__name__)
+
+# Variants whose names say they were compiled for AMX tile instructions.
+AMX_VARIANTS = frozenset({"sapphirerapids"})
+DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
+_MODULE_SUFFIXES = (".so", ".dll", ".dylib")
+
+
+class BackendError(PendraError):
+    """llama.cpp's backends cannot be set up on this host."""
+
+
+@dataclass(frozen=True)
+class CpuVariant:
+    name: str  # "haswell", "zen4", ... ("" for a single CPU module)
+    path: Path
+    score: int  # ggml's score for this CPU; 0 means it cannot run here
+
+
+@dataclass
+class Device:
+    name: str
+    description: str
+    type: str
+    backend: str
+    memory_total: int
+    memory_free: int
+
+
+@dataclass
+class BackendReport:
+    """What the llama.cpp in this process was built with and what it runs on."""
+
+    llama_cpp_python: str
+    ggml_version: str
+    ggml_commit: str
+    dynamic: bool  # backends are modules chosen at run time
+    modules: list[str]  # GPU backend modules the build holds (cuda, vulkan, ...)
+    cpu_variants: list[str]  # CPU variants the build holds
+    cpu_variant: str | None  # the one loaded
+    cpu_features: dict[str, str]  # what the loaded CPU backend was compiled with
+    amx: str  # "usable", "unusable: <why>", "not reported by the CPU"
+    backends: list[str]  # registered backends, as llama.cpp names them
+    devices: list[Device]
+    failed_modules: dict[str, str] = field(default_factory=dict)  # module -> why it did not load
+    system_info: str = ""
+
+    @property
+    def gpu_devices(self) -> list[Device]:
+        return [d for d in self.devices if d.type in ("gpu", "igpu")]
+
+    @property
+    def backend(self) -> str:
+        """The backend models run on: the first GPU's ("cuda", "vulkan", "metal") or "cpu"."""
+        gpus = self.gpu_devices
+        return gpus[0].backend.lower() if gpus else "cpu"
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["backend"] = self.backend
+        return data
+
+
+# -- the ggml library ------------------------------------------------------------------------
+
+# ggml's names for its backends, as Pendra (and PENDRA_GPU) names them.
+BACKEND_NAMES = {"cpu": "cpu", "cuda": "cuda", "vulkan": "vulkan", "mtl": "metal", "metal": "metal"}
+
+
+def backend_name(ggml_name: str) -> str:
+    return BACKEND_NAMES.get(ggml_name.lower(), ggml_name.lower())
+
+
+def lib_dir() -> Path:
+    return Path(llama_cpp.__file__).resolve().parent / "lib"
+
+
+def _stem(path: Path) -> str:
+    """`libggml-cpu-haswell.so.0.25.3` -> `ggml-cpu-haswell`; `ggml-cuda.dll` -> `ggml-cuda`."""
+    name = path.name.split(".")[0]
+    return name[3:] if name.startswith("lib") else name
+
+
+def _modules(directory: Path) -> dict[str, Path]:
+    """ggml's libraries in `directory` by stem (`ggml`, `ggml-base`, `ggml-cpu-zen4`, `ggml-cuda`),
+    one file each (a versioned copy and its unversioned name are the same library)."""
+    found: dict[str, Path] = {}
+    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+        if (
+            path.is_file()
+            and _stem(path).startswith("ggml")
+            and any(s in path.name for s in _MODULE_SUFFIXES)
+        ):
+            found.setdefault(_stem(path), path)
+    return found
+
+
+def _in_process(stem: str) -> Path | None:
+    """The file the dynamic linker already mapped for library `stem` (Linux). Opening another
+    name for it (libggml.so beside libggml.so.0) would load a second copy with its own, empty
+    backend registry, which llama.cpp would never see."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = Path(line.split(maxsplit=5)[-1]) if line.count(" ") >= 5 else None
+        if path is not None and path.is_absolute() and _stem(path) == stem and ".so" in path.name:
+            return path
+    return None
+
+
+class _Ggml:
+    """ctypes bindings for the few ggml-backend calls llama-cpp-python does not expose."""
+
+    def __init__(self, modules: dict[str, Path]) -> None:
+        if "ggml" not in modules or "ggml-base" not in modules:
+            raise BackendError(f"no ggml library beside llama-cpp-python ({lib_dir()}): reinstall it")
+        self.lib = ctypes.CDLL(str(_in_process("ggml") or modules["ggml"]))
+        self.base = ctypes.CDLL(str(_in_process("ggml-base") or modules["ggml-base"]))
+        vp, sz, cp = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
+        self._sig(self.lib, "ggml_backend_load", vp, cp)
+        self._sig(self.lib, "ggml_backend_register", None, vp)
+        self._sig(self.lib, "ggml_backend_reg_count", sz)
+        self._sig(self.lib, "ggml_backend_reg_get", vp, sz)
+        self._sig(self.lib, "ggml_backend_dev_count", sz)
+        self._sig(self.lib, "ggml_backend_dev_get", vp, sz)
+        self._sig(self.base, "ggml_backend_reg_name", cp, vp)
+        self._sig(self.base, "ggml_backend_reg_get_proc_address", vp, vp, cp)
+        self._sig(self.base, "ggml_backend_dev_name", cp, vp)
+        self._sig(self.base, "ggml_backend_dev_description", cp, vp)
+        self._sig(self.base, "ggml_backend_dev_type", ctypes.c_int, vp)
+        self._sig(self.base, "ggml_backend_dev_backend_reg", vp, vp)
+        self._sig(self.base, "ggml_backend_dev_memory", None, vp, ctypes.POINTER(sz), ctypes.POINTER(sz))
+
+    @staticmethod
+    def _sig(lib: ctypes.CDLL, name: str, restype: Any, *argtypes: Any) -> None:
+        fn = getattr(lib, name)
+        fn.restype = restype
+        fn.argtypes = list(argtypes)
+
+    def text(self, lib: ctypes.CDLL, name: str) -> str:
+        fn = getattr(lib, name, None)
+        if fn is None:
+            return ""
+        fn.restype = ctypes.c_char_p
+        value = fn()
+        return value.decode() if value else ""
+
+    def registered(self) -> list[str]:
+        return [
+            self.base.ggml_backend_reg_name(self.lib.ggml_backend_reg_get(i)).decode()
+            for i in range(self.lib.ggml_backend_reg_count())
+        ]
+
+    def devices(self) -> list[Device]:
+        out = []
+        for i in range(self.lib.ggml_backend_dev_count()):
+            dev = self.lib.ggml_backend_dev_get(i)
+            free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+            self.base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            reg = self.base.ggml_backend_dev_backend_reg(dev)
+            out.append(
+                Device(
+                    name=self.base.ggml_backend_dev_name(dev).decode(),
+                    description=(self.base.ggml_backend_dev_description(dev) or b"").decode(),
+                    type=DEVICE_TYPES.get(self.base.ggml_backend_dev_type(dev), "other"),
+                    backend=backend_name(self.base.ggml_backend_reg_name(reg).decode()) if reg else "",
+                    memory_total=int(total.value),
+                    memory_free=int(free.value),
+                )
+            )
+        return out
+
+    def features(self, backend: str) -> dict[str, str]:
+        """The compile-time features a registered backend reports (`AVX2: 1`, `ARCHS: 900`)."""
+
+        class Feature(ctypes.Structure):
+            _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
+
+        for i in range(self.lib.ggml_backend_reg_count()):
+            reg = self.lib.ggml_backend_reg_get(i)
+            if self.base.ggml_backend_reg_name(reg).decode() != backend:
+                continue
+            address = self.base.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_get_features")
+            if not address:
+                return {}
+            getter = ctypes.CFUNCTYPE(ctypes.POINTER(Feature), ctypes.c_void_p)(address)
+            items, out, k = getter(reg), {}, 0
+            while items[k].name:
+                out[items[k].name.decode()] = (items[k].value or b"").decode()
+                k += 1
+            return out
+        return {}
+
+
+# -- AMX -------------------------------------------------------------------------------------
+
+# ldtilecfg [rdi]; tilezero tmm0; tilerelease; ret
+_AMX_CODE = bytes.fromhex("c4e2784907c4e27b49c0c4e27849c0c3")
+_AMX_CHILD = r"""
+import ctypes, mmap, sys
+libc = ctypes.CDLL(None, use_errno=True)
+# ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA: Linux lets a process use AMX only after asking.
+if sys.argv[2] == "ask" and libc.syscall(158, 0x1023, 18) != 0:
+    sys.exit(4)
+page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+page.write(bytes.fromhex(sys.argv[1]))
+run = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(ctypes.addressof(ctypes.c_char.from_buffer(page)))
+config = (ctypes.c_ubyte * 64)()
+config[0] = 1                    # palette 1
+config[16] = 64                  # tmm0: 64 bytes a row
+config[48] = 16                  # tmm0: 16 rows
+run(ctypes.addressof(config))
+print("ok")
+"""
+
+
+def cpu_reports_amx() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return bool(re.search(r"^flags\s*:.*\bamx_tile\b", flags, re.MULTILINE))
+
+
+def amx_usable(*, force: bool = False, ask_kernel: bool = True) -> tuple[bool, str]:
+    """Whether this process may execute AMX tile instructions, found by running them in a child
+    process (a CPU can report AMX that its hypervisor does not enable). `force` runs the probe
+    even where the CPU does not report AMX, and `ask_kernel=False` skips the permission request,
+    so that tests reach the instructions on any x86-64 host."""
+    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False, "not an x86-64 Linux host"
+    if not force and not cpu_reports_amx():
+        return False, "not reported by the CPU"
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", _AMX_CHILD, _AMX_CODE.hex(), "ask" if ask_kernel else "skip"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"unusable: the probe could not run ({exc})"
+    if child.returncode == 0 and child.stdout.strip() == "ok":
+        return True, "usable"
+    if child.returncode == 4:
+        return False, "unusable: the kernel refuses AMX state to processes (arch_prctl)"
+    if child.returncode < 0:
+        return False, f"unusable: tile instructions raise {signal_name(-child.returncode)}"
+    return False, f"unusable: the probe failed ({child.stderr.strip()[-200:] or child.returncode})"
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+# -- choosing and loading --------------------------------------------------------------------
+
+
+def _score(path: Path) -> int:
+    """ggml's score of a CPU variant for this CPU; the library is unloaded again, as ggml's own
+    loader does, so only the chosen variant stays in the process."""
+    import _ctypes
+
+    lib = ctypes.CDLL(str(path))
+    try:
+        fn = getattr(lib, "ggml_backend_score", None)
+        if fn is None:
+            return 1  # a module without a score runs anywhere it loads
+        fn.restype = ctypes.c_int
+        return int(fn())
+    finally:
+        _ctypes.dlclose(lib._handle)
+
+
+def choose_variant(
+    variants: list[CpuVariant], amx_ok: bool, wanted: str | None = None
+) -> tuple[CpuVariant, list[str]]:
+    """The CPU variant to load, and notes on what was passed over. A variant that scores 0 cannot
+    run here; AMX variants need `amx_ok`. `wanted` names one explicitly."""
+    if not variants:
+        raise BackendError("this llama.cpp build has no CPU backend module")
+    notes: list[str] = []
+    by_name = {v.name: v for v in variants}
+    if wanted:
+        chosen = by_name.get(wanted)
+        if chosen is None:
+            raise BackendError(
+                f"PENDRA_CPU_VARIANT={wanted} is not in this build; it has {', '.join(sorted(by_name))}"
+            )
+        if chosen.score <= 0 or (chosen.name in AMX_VARIANTS and not amx_ok):
+            raise BackendError(f"PENDRA_CPU_VARIANT={wanted} cannot run on this CPU; unset it")
+        return chosen, notes
+    runnable = []
+    for v in variants:
+        if v.score <= 0:
+            continue
+        if v.name in AMX_VARIANTS and not amx_ok:
+            notes.append(f"{v.name} passed over: the CPU reports AMX but this process may not use it")
+            continue
+        runnable.append(v)
+    if not runnable:
+        raise BackendError(
+            "no CPU variant of this llama.cpp build can run on this CPU "
+            f"(it has {', '.join(v.name for v in variants)})"
+        )
+    return max(runnable, key=lambda v: v.score), notes
+
+
+def _load_gpu_modules(ggml: _Ggml, modules: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
+    """Load every non-CPU backend module; return their names and why any failed."""
+    names, failed = [], {}
+    for stem, path in modules.items():
+        if stem in ("ggml", "ggml-base") or stem.startswith("ggml-cpu"):
+            continue
+        name = backend_name(stem.removeprefix("ggml-"))
+        names.append(name)
+        if not ggml.lib.ggml_backend_load(str(path).encode()):
+            failed[name] = _why_module_failed(name, path)
+            logger.warning("llama.cpp's %s backend did not load: %s", name, failed[name])
+    return names, failed
+
+
+def _why_module_failed(name: str, path: Path) -> str:
+    needs = {"cuda": ("libcuda.so.1", "no NVIDIA driver"), "vulkan": ("libvulkan.so.1", "no Vulkan loader")}
+    if name in needs and sys.platform == "linux":
+        library, meaning = needs[name]
+        try:
+            ctypes.CDLL(library)
+        except OSError:
+            return f"{library} is missing ({meaning} on this host)"
+    try:
+        ctypes.CDLL(str(path))
+    except OSError as exc:
+        return str(exc)
+    return "it found no usable device"
+
+
+def _load(cpu_variant: str | None) -> BackendReport:
+    modules = _modules(lib_dir())
+    ggml = _Ggml(modules)
+    cpu_modules = {stem: path for stem, path in modules.items() if stem.startswith("ggml-cpu")}
+    # Backends linked into libggml register themselves; modules wait for us.
+    dynamic = bool(cpu_modules) and ggml.lib.ggml_backend_reg_count() == 0
+    gpu_modules: list[str] = []
+    failed: dict[str, str] = {}
+    variants: list[CpuVariant] = []
+    chosen: CpuVariant | None = None
+    amx_ok, amx_note = False, "not reported by the CPU"
+    if dynamic:
+        gpu_modules, failed = _load_gpu_modules(ggml, modules)
+        variants = [
+            CpuVariant(stem.removeprefix("ggml-cpu").lstrip("-") or "cpu", path, _score(path))
+            for stem, path in cpu_modules.items()
+        ]
+        if any(v.name in AMX_VARIANTS and v.score > 0 for v in variants):
+            amx_ok, amx_note = amx_usable()
+        chosen, notes = choose_variant(variants, amx_ok, cpu_variant)
+        for note in notes:
+            logger.warning("llama.cpp CPU backend: %s", note)
+        if not ggml.lib.ggml_backend_load(str(chosen.path).encode()):
+            raise BackendError(f"llama.cpp's CPU backend {chosen.path.name} failed to load")
+    elif cpu_reports_amx():
+        amx_ok, amx_note = amx_usable()
+    llama_cpp.llama_backend_init()
+    return BackendReport(
+        llama_cpp_python=llama_cpp.__version__,
+        ggml_version=ggml.text(ggml.base, "ggml_version"),
+        ggml_commit=ggml.text(ggml.base, "ggml_commit"),
+        dynamic=dynamic,
+        modules=gpu_modules,
+        cpu_variants=[v.name for v in variants],
+        cpu_variant=chosen.name if chosen else None,
+        cpu_features=ggml.features("CPU"),
+        amx="usable" if amx_ok else amx_note,
+        backends=ggml.registered(),
+        devices=ggml.devices(),
+        failed_modules=failed,
+        system_info=llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+    )
+
+
+_lock = threading.Lock()
+_report: BackendReport | None = None
+
+
+def activate(cpu_variant: str | None = None) -> BackendReport:
+    """Load the backends for this host, once per process; later calls return the same report."""
+    global _report
+    with _lock:
+        if _report is None:
+            _report = _load(cpu_variant or None)
+        return _report

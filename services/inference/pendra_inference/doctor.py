@@ -1,0 +1,155 @@
+"""The build and host summary behind `pendra doctor` and the start-up log of every server.
+
+It joins three sources: what the llama.cpp build is and runs on (the self-check child's
+`BackendReport`), what accelerators the host has (`pendra_shared.hostinfo`), and the models
+directory's free space. A GPU the host has but the build does not drive is named with the exact
+command that rebuilds for it. `preflight()` is what `pendra serve` and the inference service run
+before they listen: the self-check, the summary in the log, a warning for an unused GPU, and a
+`BackendError` (one clear line) when the build cannot run here.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pendra_shared import hostinfo
+from pendra_shared.config import Settings
+
+from pendra_inference.backends import BackendError
+from pendra_inference.selfcheck import SelfCheck, run_selfcheck
+
+logger = logging.getLogger(__name__)
+
+
+def rebuild_command(backend: str) -> str:
+    return f"python3 scripts/llama_build.py sync --gpu {backend}"
+
+
+def unused_gpus(facts: hostinfo.HostFacts, report: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Accelerators of this host that the llama.cpp build leaves idle, each with the fix."""
+    in_use = {d["backend"].lower() for d in (report or {}).get("devices", []) if d["type"] in ("gpu", "igpu")}
+    compiled = set((report or {}).get("modules", []))
+    failed: dict[str, str] = (report or {}).get("failed_modules", {})
+    out = []
+    for backend, gpu in facts.accelerators:
+        if backend in in_use or (backend == "metal" and "mtl" in " ".join(in_use)):
+            continue
+        if backend in failed:
+            why = f"the build's {backend} backend did not load: {failed[backend]}"
+            fix = "install the GPU driver on this host (in a container: pass the GPU through)"
+        elif backend in compiled:
+            why = f"the build's {backend} backend found no device"
+            fix = "check the driver and that the GPU is visible to this process"
+        else:
+            why = f"this llama.cpp build has no {backend} backend"
+            fix = rebuild_command(backend)
+        out.append({"backend": backend, "name": gpu.name, "why": why, "fix": fix})
+    return out
+
+
+def _disk(path: Path) -> dict[str, Any]:
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    usage = shutil.disk_usage(probe)
+    return {"path": str(path), "free_bytes": usage.free, "total_bytes": usage.total}
+
+
+def summarize(
+    settings: Settings, check: SelfCheck | None, error: str | None, facts: hostinfo.HostFacts | None = None
+) -> dict[str, Any]:
+    facts = facts or hostinfo.gather()
+    report = check.report if check else None
+    accelerators = [
+        {
+            "backend": backend,
+            "name": gpu.name,
+            "memory_total_bytes": gpu.memory_total_mib * 2**20 if gpu.memory_total_mib else None,
+            "compute_cap": gpu.compute_cap,
+            "driver": gpu.driver,
+        }
+        for backend, gpu in facts.accelerators
+    ]
+    return {
+        "ok": error is None,
+        "error": error,
+        "build": report,
+        "selfcheck": (
+            {"tokens": check.tokens, "seconds": round(check.seconds, 3), "gpu_layers": check.gpu_layers}
+            if check
+            else None
+        ),
+        "host": {
+            "system": facts.system,
+            "machine": facts.machine,
+            "cpu": facts.cpu_model,
+            "accelerators": accelerators,
+        },
+        "unused_gpus": unused_gpus(facts, report),
+        "models_dir": _disk(settings.models_dir),
+    }
+
+
+def _gib(n: int | None) -> str:
+    return f"{n / 2**30:.1f} GiB" if n else "?"
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The summary as the short lines the start-up log and `pendra doctor` print."""
+    lines = []
+    build = summary["build"]
+    if build:
+        linked = "loaded at run time" if build["dynamic"] else "linked in"
+        lines.append(
+            f"llama.cpp: llama-cpp-python {build['llama_cpp_python']}, ggml {build['ggml_version']} "
+            f"({build['ggml_commit'] or 'unknown commit'}), backends {linked}"
+        )
+        compiled = ["cpu", *build["modules"]] if build["dynamic"] else build["backends"]
+        lines.append(f"compiled in: {', '.join(compiled)}")
+        if build["cpu_variants"]:
+            lines.append(f"CPU variants: {', '.join(build['cpu_variants'])}; loaded: {build['cpu_variant']}")
+        features = [k for k, v in build["cpu_features"].items() if v == "1"]
+        lines.append(f"CPU features used: {' '.join(features) or 'baseline only'}; AMX: {build['amx']}")
+        for device in build["devices"]:
+            lines.append(
+                f"device {device['name']} ({device['backend']} {device['type']}): {device['description']}, "
+                f"{_gib(device['memory_free'])} free of {_gib(device['memory_total'])}"
+            )
+        lines.append(f"models run on: {build['backend']}")
+    check = summary["selfcheck"]
+    if check:
+        lines.append(f"self-check: decoded {check['tokens']} tokens in {check['seconds']:.2f} s")
+    host = summary["host"]
+    lines.append(f"host: {host['system']} {host['machine']}, CPU {host['cpu'] or 'unknown'}")
+    for acc in host["accelerators"]:
+        lines.append(f"accelerator: {acc['name']} ({acc['backend']}), {_gib(acc['memory_total_bytes'])}")
+    if not host["accelerators"]:
+        lines.append("accelerators: none found")
+    for gpu in summary["unused_gpus"]:
+        lines.append(f"UNUSED GPU {gpu['name']}: {gpu['why']}; fix: {gpu['fix']}")
+    disk = summary["models_dir"]
+    lines.append(
+        f"models directory: {disk['path']}, {_gib(disk['free_bytes'])} free of {_gib(disk['total_bytes'])}"
+    )
+    if summary["error"]:
+        lines.append(f"ERROR: {summary['error']}")
+    return lines
+
+
+def preflight(settings: Settings) -> dict[str, Any] | None:
+    """Before a server listens: prove the build runs here and log what it runs on. Raises a
+    BackendError (a PendraError: one line, exit 1) when it cannot run."""
+    if not settings.selfcheck:
+        logger.info("llama.cpp self-check skipped (PENDRA_SELFCHECK=false)")
+        return None
+    check = run_selfcheck(settings)
+    summary = summarize(settings, check, None)
+    for line in summary_lines(summary):
+        (logger.warning if line.startswith("UNUSED GPU") else logger.info)("%s", line)
+    return summary
+
+
+__all__ = ["BackendError", "preflight", "summarize", "summary_lines", "unused_gpus"]

@@ -1,0 +1,209 @@
+"""The llama.cpp build as built and as loaded: its own report (ggml's backend registry and
+`llama_print_system_info`) is read back and held against the project's build settings and this
+CPU, so a change of build flags cannot pass silently. Other CPUs are real too: the self-check runs
+under qemu's x86-64 emulation of older CPUs (Haswell: AVX2, no AVX-512; Nehalem: SSE4.2, no AVX)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pendra_inference.backends import (
+    AMX_VARIANTS,
+    BackendError,
+    CpuVariant,
+    activate,
+    amx_usable,
+    choose_variant,
+    cpu_reports_amx,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+X86_LINUX = sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")
+
+# What each of ggml's x86 CPU variants is compiled for, as /proc/cpuinfo flags (ggml/src/CMakeLists.txt).
+HASWELL = {"sse4_2", "avx", "f16c", "fma", "avx2", "bmi2"}
+SKYLAKEX = HASWELL | {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}
+VARIANT_FLAGS: dict[str, set[str]] = {
+    "x64": set(),
+    "sse42": {"sse4_2"},
+    "sandybridge": {"sse4_2", "avx"},
+    "ivybridge": {"sse4_2", "avx", "f16c"},
+    "piledriver": {"sse4_2", "avx", "f16c", "fma"},
+    "haswell": HASWELL,
+    "alderlake": HASWELL | {"avx_vnni"},
+    "skylakex": SKYLAKEX,
+    "cannonlake": SKYLAKEX | {"avx512vbmi"},
+    "cascadelake": SKYLAKEX | {"avx512_vnni"},
+    "icelake": SKYLAKEX | {"avx512vbmi", "avx512_vnni"},
+    "cooperlake": SKYLAKEX | {"avx512_vnni", "avx512_bf16"},
+    "zen4": SKYLAKEX | {"avx512vbmi", "avx512_vnni", "avx512_bf16"},
+    "sapphirerapids": SKYLAKEX | {"avx512vbmi", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"},
+}
+# The same features as ggml's CPU backend reports them.
+GGML_NAMES = {
+    "avx": "AVX",
+    "avx2": "AVX2",
+    "f16c": "F16C",
+    "fma": "FMA",
+    "bmi2": "BMI2",
+    "avx512f": "AVX512",
+    "avx512vbmi": "AVX512_VBMI",
+    "avx512_vnni": "AVX512_VNNI",
+    "avx512_bf16": "AVX512_BF16",
+    "avx_vnni": "AVX_VNNI",
+    "amx_int8": "AMX_INT8",
+}
+needs_x86_linux = pytest.mark.skipif(not X86_LINUX, reason="ggml's x86 CPU variants: an x86-64 Linux host")
+
+
+def host_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text()
+    match = re.search(r"^flags\s*:(.*)$", text, re.MULTILINE)
+    assert match
+    return set(match.group(1).split())
+
+
+def expected_variant(flags: set[str], amx_ok: bool) -> str:
+    runnable = [
+        name
+        for name, needs in VARIANT_FLAGS.items()
+        if needs <= flags and (name not in AMX_VARIANTS or amx_ok)
+    ]
+    return max(runnable, key=lambda name: len(VARIANT_FLAGS[name]))
+
+
+def enabled(features: dict[str, str]) -> set[str]:
+    return {name for name, value in features.items() if value == "1"}
+
+
+def expected_features(variant: str) -> set[str]:
+    return {GGML_NAMES[f] for f in VARIANT_FLAGS[variant] if f in GGML_NAMES}
+
+
+def selfcheck(*prefix: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    import os
+
+    done = subprocess.run(
+        [*prefix, sys.executable, "-m", "pendra_inference.selfcheck"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    data: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return data
+
+
+def test_installed_build_is_the_one_the_project_configures() -> None:
+    """uv records the config settings each wheel was built with; they must be pyproject's."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = pyproject["tool"]["uv"]["config-settings-package"]["llama-cpp-python"]
+    assert wanted["cmake.define.GGML_BACKEND_DL"] == "ON"
+    assert wanted["cmake.define.GGML_CPU_ALL_VARIANTS"] == "ON"
+    assert wanted["cmake.define.GGML_NATIVE"] == "OFF"
+    record = importlib.metadata.distribution("llama_cpp_python").read_text("uv_build.json")
+    assert record is not None, "llama-cpp-python was not built by uv from the project's settings"
+    built = json.loads(record)["config_settings"]
+    for key, value in wanted.items():
+        assert built.get(key) == value, (key, built)
+
+
+@needs_x86_linux
+def test_build_holds_every_cpu_variant_and_loads_the_best_this_cpu_can_run() -> None:
+    report = activate()
+    assert report.dynamic
+    assert sorted(report.cpu_variants) == sorted(VARIANT_FLAGS)
+    amx_ok = report.amx == "usable"
+    assert report.cpu_variant == expected_variant(host_flags(), amx_ok)
+    assert report.backends[-1] == "CPU"
+    # ggml's own report of what the loaded CPU backend was compiled with.
+    assert enabled(report.cpu_features) & set(GGML_NAMES.values()) == expected_features(report.cpu_variant)
+    info = report.system_info
+    for feature in expected_features(report.cpu_variant):
+        assert f"{feature} = 1" in info, info
+    if not amx_ok:
+        assert "AMX_INT8 = 1" not in info
+    assert [d.type for d in report.devices] == ["cpu"]
+    assert report.backend == "cpu"
+
+
+@needs_x86_linux
+def test_amx_probe_executes_tile_instructions_in_a_child() -> None:
+    # Here the instructions themselves run (the kernel is not asked first): on a CPU without
+    # usable AMX the child dies of SIGILL and the parent says so, alive.
+    usable, why = amx_usable(force=True, ask_kernel=False)
+    if cpu_reports_amx() and usable:
+        assert why == "usable"
+    else:
+        assert not usable and why == "unusable: tile instructions raise SIGILL"
+    plain = amx_usable()
+    assert plain[0] is usable or not cpu_reports_amx()
+
+
+def variants(**scores: int) -> list[CpuVariant]:
+    return [CpuVariant(name, Path(f"libggml-cpu-{name}.so"), score) for name, score in scores.items()]
+
+
+def test_variant_choice_passes_over_amx_that_the_process_may_not_use() -> None:
+    # A Sapphire Rapids VM whose CPU reports AMX but whose hypervisor does not enable it.
+    found = variants(x64=1, haswell=200, zen4=3000, sapphirerapids=5000)
+    chosen, notes = choose_variant(found, amx_ok=False)
+    assert chosen.name == "zen4"
+    assert notes == ["sapphirerapids passed over: the CPU reports AMX but this process may not use it"]
+    assert choose_variant(found, amx_ok=True)[0].name == "sapphirerapids"
+    # A CPU that cannot run a variant scores it 0.
+    assert choose_variant(variants(x64=1, haswell=0, zen4=0), amx_ok=False)[0].name == "x64"
+
+
+def test_variant_choice_refuses_what_cannot_run() -> None:
+    found = variants(x64=1, haswell=200, zen4=0)
+    assert choose_variant(found, amx_ok=False, wanted="haswell")[0].name == "haswell"
+    with pytest.raises(BackendError, match="PENDRA_CPU_VARIANT=zen4 cannot run on this CPU"):
+        choose_variant(found, amx_ok=False, wanted="zen4")
+    with pytest.raises(BackendError, match="PENDRA_CPU_VARIANT=power9 is not in this build"):
+        choose_variant(found, amx_ok=False, wanted="power9")
+    with pytest.raises(BackendError, match="no CPU variant of this llama.cpp build can run"):
+        choose_variant(variants(zen4=0), amx_ok=False)
+
+
+@needs_x86_linux
+@pytest.mark.parametrize("variant", ["x64", "haswell"])
+def test_a_chosen_variant_decodes(variant: str) -> None:
+    """PENDRA_CPU_VARIANT loads that variant; the x86-64 baseline decodes too."""
+    data = selfcheck(env={"PENDRA_CPU_VARIANT": variant})
+    report = data["report"]
+    assert report["cpu_variant"] == variant
+    assert enabled(report["cpu_features"]) & set(GGML_NAMES.values()) == expected_features(variant)
+    assert data["tokens"] == 8
+
+
+QEMU = shutil.which("qemu-x86_64")
+
+
+@needs_x86_linux
+@pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 (Debian's qemu-user; scripts/test.sh installs it)")
+@pytest.mark.parametrize(
+    ("cpu", "variant"),
+    [("Haswell-v4", "haswell"), ("Nehalem", "sse42")],
+)
+def test_the_same_build_runs_on_an_older_cpu(cpu: str, variant: str) -> None:
+    """Built here (AVX-512), run on an emulated CPU without AVX-512 or without AVX at all:
+    the variant for that CPU is loaded and decodes, where a -march=native build dies of SIGILL."""
+    assert QEMU is not None
+    data = selfcheck(QEMU, "-cpu", cpu)
+    report = data["report"]
+    assert report["cpu_variant"] == variant
+    assert enabled(report["cpu_features"]) & set(GGML_NAMES.values()) == expected_features(variant)
+    assert "AVX512" not in enabled(report["cpu_features"])
+    assert data["tokens"] == 8
