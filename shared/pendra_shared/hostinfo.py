@@ -8,7 +8,8 @@ the facts of hosts they are not running on.
 The order, unless `PENDRA_GPU` names one: CUDA where an NVIDIA driver answers (`nvidia-smi`
 lists a GPU), Metal on Apple silicon, Vulkan where a Vulkan loader and a GPU device are present,
 else the CPU. A backend that needs a compiler the host lacks (nvcc for CUDA, glslc and the
-Vulkan headers for Vulkan) falls back to the CPU with the reason, unless `PENDRA_GPU` insists.
+Vulkan headers, 1.3.272 or newer, for Vulkan) falls back to the CPU with the reason, unless
+`PENDRA_GPU` insists.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import ctypes.util
 import os
 import platform
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -25,6 +27,9 @@ BACKENDS = ("cuda", "metal", "vulkan", "cpu")
 CUDA_HOME_NVCC = Path("/usr/local/cuda/bin/nvcc")
 # Turing (T4) to Hopper (H100/H200): what an image built without a GPU in sight is compiled for.
 DEFAULT_CUDA_ARCHITECTURES = "75;80;86;89;90"
+# The llama.cpp that llama-cpp-python vendors uses VK_EXT_layer_settings, in the public Vulkan
+# headers from 1.3.272 (Debian 12's 1.3.239 fails to compile it; Ubuntu 24.04's 1.3.275 works).
+MIN_VULKAN_HEADER = 272
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,8 @@ class HostFacts:
     nvcc: str | None = None
     vulkan_loader: bool = False
     vulkan_gpus: tuple[Gpu, ...] = ()
-    vulkan_sdk: bool = False  # glslc and the Vulkan headers, needed to build the backend
+    vulkan_sdk: bool = False  # glslc, the Vulkan and SPIRV headers, needed to build the backend
+    vulkan_headers: int | None = None  # VK_HEADER_VERSION of those headers (1.3.<n>)
     cpu_model: str = ""
     cpu_flags: frozenset[str] = field(default_factory=frozenset)
     requested: str | None = None  # PENDRA_GPU
@@ -95,6 +101,14 @@ def choose_backend(facts: HostFacts) -> Choice:
     return Choice("cpu", "no GPU found (no nvidia-smi GPU, not Apple silicon, no Vulkan GPU)", {})
 
 
+def _cannot_build(backend: str, reason: str, message: str, insisted: bool) -> Choice:
+    """A detected GPU whose build tools are missing: the CPU build, with the fix; an error when
+    PENDRA_GPU asked for that backend by name."""
+    if insisted:
+        raise HostError(f"PENDRA_GPU={backend}: {message}")
+    return Choice("cpu", reason, {}, warning=f"{message}; building for the CPU meanwhile")
+
+
 def _cuda(facts: HostFacts, insisted: bool) -> Choice:
     gpus = ", ".join(g.name for g in facts.nvidia_gpus) or "no GPU visible at build time"
     if facts.nvcc is None:
@@ -102,9 +116,7 @@ def _cuda(facts: HostFacts, insisted: bool) -> Choice:
             "building for CUDA needs the CUDA compiler (nvcc), which this host lacks: install the CUDA "
             f"toolkit (e.g. apt-get install nvidia-cuda-toolkit) and run again (GPUs: {gpus})"
         )
-        if insisted:
-            raise HostError(f"PENDRA_GPU=cuda: {message}")
-        return Choice("cpu", "CUDA toolkit missing", {}, warning=f"{message}; building for the CPU meanwhile")
+        return _cannot_build("cuda", "CUDA toolkit missing", message, insisted)
     caps = sorted({g.compute_cap.replace(".", "") for g in facts.nvidia_gpus if g.compute_cap})
     archs = ";".join(caps) if caps else DEFAULT_CUDA_ARCHITECTURES
     reason = f"NVIDIA GPU: {gpus}" if facts.nvidia_gpus else "PENDRA_GPU=cuda"
@@ -119,11 +131,14 @@ def _vulkan(facts: HostFacts, gpus: list[Gpu], insisted: bool) -> Choice:
             f"lacks: install them (e.g. apt-get install glslc libvulkan-dev spirv-headers) and run "
             f"again (GPUs: {names})"
         )
-        if insisted:
-            raise HostError(f"PENDRA_GPU=vulkan: {message}")
-        return Choice(
-            "cpu", "Vulkan build tools missing", {}, warning=f"{message}; building for the CPU meanwhile"
+        return _cannot_build("vulkan", "Vulkan build tools missing", message, insisted)
+    if facts.vulkan_headers is not None and facts.vulkan_headers < MIN_VULKAN_HEADER:
+        message = (
+            f"the Vulkan headers here are 1.3.{facts.vulkan_headers}, and llama.cpp needs 1.3."
+            f"{MIN_VULKAN_HEADER} or newer: install a newer Vulkan SDK (e.g. Ubuntu 24.04's "
+            f"libvulkan-dev) and run again (GPUs: {names})"
         )
+        return _cannot_build("vulkan", "Vulkan headers too old", message, insisted)
     reason = f"Vulkan GPU: {names}" if gpus else "PENDRA_GPU=vulkan"
     return Choice("vulkan", reason, {"GGML_VULKAN": "ON"})
 
@@ -204,6 +219,15 @@ def _vulkan_sdk() -> bool:
     return vulkan and spirv and shutil.which("glslc") is not None
 
 
+def vulkan_header_version(include: Path = Path("/usr/include")) -> int | None:
+    try:
+        text = (include / "vulkan" / "vulkan_core.h").read_text(errors="replace")
+    except OSError:
+        return None
+    match = re.search(r"^#define VK_HEADER_VERSION (\d+)", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
 def _cpu() -> tuple[str, frozenset[str]]:
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
@@ -239,6 +263,7 @@ def gather(environ: dict[str, str] | None = None) -> HostFacts:
         vulkan_loader=loader,
         vulkan_gpus=vulkan_gpus() if loader else (),
         vulkan_sdk=_vulkan_sdk(),
+        vulkan_headers=vulkan_header_version(),
         cpu_model=model,
         cpu_flags=flags,
         requested=env.get("PENDRA_GPU") or None,

@@ -80,6 +80,19 @@ def test_vulkan_needs_a_loader_a_gpu_device_and_the_build_tools() -> None:
     assert missing_tools.warning is not None and "glslc" in missing_tools.warning
 
 
+def test_vulkan_headers_too_old_for_this_llama_cpp_are_caught_before_a_long_build() -> None:
+    # Debian 12's headers (1.3.239) fail to compile this llama.cpp's Vulkan backend after minutes
+    # of building (no VK_EXT_layer_settings); Ubuntu 24.04's (1.3.275) build it.
+    old = linux(vulkan_loader=True, vulkan_gpus=(RADEON,), vulkan_sdk=True, vulkan_headers=239)
+    choice = choose_backend(old)
+    assert choice.backend == "cpu"
+    assert choice.warning is not None and "1.3.239" in choice.warning and "1.3.272 or newer" in choice.warning
+    with pytest.raises(HostError, match="PENDRA_GPU=vulkan: the Vulkan headers here are 1.3.239"):
+        choose_backend(HostFacts(**{**old.__dict__, "requested": "vulkan"}))
+    new = HostFacts(**{**old.__dict__, "vulkan_headers": 275})
+    assert choose_backend(new).backend == "vulkan"
+
+
 def test_cuda_wins_over_vulkan_on_an_nvidia_host() -> None:
     facts = linux(
         nvidia_gpus=(H100,), nvcc="/usr/bin/nvcc", vulkan_loader=True, vulkan_gpus=(RADEON,), vulkan_sdk=True

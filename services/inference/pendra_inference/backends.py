@@ -158,7 +158,6 @@ class _Ggml:
         self.base = ctypes.CDLL(str(_in_process("ggml-base") or modules["ggml-base"]))
         vp, sz, cp = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
         self._sig(self.lib, "ggml_backend_load", vp, cp)
-        self._sig(self.lib, "ggml_backend_register", None, vp)
         self._sig(self.lib, "ggml_backend_reg_count", sz)
         self._sig(self.lib, "ggml_backend_reg_get", vp, sz)
         self._sig(self.lib, "ggml_backend_dev_count", sz)

@@ -114,14 +114,15 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         features = [k for k, v in build["cpu_features"].items() if v == "1"]
         lines.append(f"CPU features used: {' '.join(features) or 'baseline only'}; AMX: {build['amx']}")
         for device in build["devices"]:
+            kind = " ".join(dict.fromkeys((device["backend"], device["type"])))  # "cuda gpu", "cpu"
             lines.append(
-                f"device {device['name']} ({device['backend']} {device['type']}): {device['description']}, "
+                f"device {device['name']} ({kind}): {device['description']}, "
                 f"{_gib(device['memory_free'])} free of {_gib(device['memory_total'])}"
             )
         lines.append(f"models run on: {build['backend']}")
     check = summary["selfcheck"]
     if check:
-        lines.append(f"self-check: decoded {check['tokens']} tokens in {check['seconds']:.2f} s")
+        lines.append(f"self-check: decoded {check['tokens']} tokens in {check['seconds'] * 1000:.0f} ms")
     host = summary["host"]
     lines.append(f"host: {host['system']} {host['machine']}, CPU {host['cpu'] or 'unknown'}")
     for acc in host["accelerators"]:
