@@ -6,7 +6,7 @@ Prints single-stream decode tokens/s and embeddings/s (one request of 256 inputs
 and the ratio to the native build. `--variants` adds runs of the project's build pinned to other
 CPU variants (PENDRA_CPU_VARIANT), e.g. `haswell` to see what AVX-512 is worth here.
 
-    uv run python bench/bench_builds.py [--model PATH] [--runs 3] [--variants haswell,x64]
+    uv run --no-sync python bench/bench_builds.py [--model PATH] [--runs 3] [--variants haswell,x64]
 
 The native build is made once with uv (cached by its settings) into ~/.cache/pendra-bench.
 """
@@ -35,8 +35,9 @@ from tests.support.server import start_server  # noqa: E402
 
 def native_settings() -> dict[str, str]:
     settings = {"cmake.define.GGML_NATIVE": "ON", "cmake.define.LLAVA_BUILD": "OFF"}
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if "amx_tile" in flags:
+    from pendra_shared.hostinfo import cpu_flags
+
+    if "amx_tile" in cpu_flags():
         # -march=native would enable AMX; explicit -mno flags win over it in GCC and Clang.
         no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
         settings |= {"cmake.define.CMAKE_C_FLAGS": no_amx, "cmake.define.CMAKE_CXX_FLAGS": no_amx}

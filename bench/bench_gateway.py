@@ -5,7 +5,7 @@ same run, on the same loaded model.
 Prints, for one stream and for --concurrency streams at once, the time to first token and the
 decode tokens/s, direct and through the gateway, and the ratio gateway / direct.
 
-    uv run python bench/bench_gateway.py [--model PATH] [--tokens 96] [--runs 3] [--concurrency 4]
+    uv run --no-sync python bench/bench_gateway.py [--model PATH] [--tokens 96] [--runs 3] [--concurrency 4]
 """
 
 from __future__ import annotations

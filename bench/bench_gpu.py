@@ -4,7 +4,7 @@ The model is a GGUF of a real model's shape with random weights (tests/support/s
 where the benchmark runs: weights cannot be copied to a lent GPU machine, shapes can. It prints
 single-stream decode tokens/s, time to first token and embeddings/s for each, and the ratio.
 
-    uv run python bench/bench_gpu.py [--shape llama-3.2-1b] [--runs 3] [--tokens 128]
+    uv run --no-sync python bench/bench_gpu.py [--shape llama-3.2-1b] [--runs 3] [--tokens 128]
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Prints single-stream decode tokens/s, time to first token, and embeddings/s for one request of
 256 inputs, for both servers measured in this run, and the ratio Pendra / llama-server.
 
-    uv run python bench/bench_inference.py [--model PATH] [--llama-server PATH] [--runs 3]
+    uv run --no-sync python bench/bench_inference.py [--model PATH] [--llama-server PATH] [--runs 3]
 
 Without --model it uses the Gemma 3 270M test GGUF (assembled from its PyPI package). Without
 --llama-server it runs ../shared/tools/build-llama-server.sh when that exists (a CPU build of the

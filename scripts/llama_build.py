@@ -73,6 +73,28 @@ def built_settings() -> dict[str, str] | None:
     return None
 
 
+GPU_KEYS = {"GGML_CUDA": "cuda", "GGML_VULKAN": "vulkan", "GGML_METAL": "metal"}
+
+
+def _gpu_keys(settings: dict[str, str] | None) -> dict[str, str]:
+    """The settings a GPU backend added to a recorded build (those not in pyproject.toml)."""
+    static = wanted_settings({})
+    return {
+        key.removeprefix("cmake.define."): value
+        for key, value in (settings or {}).items()
+        if key not in static and key.startswith("cmake.define.")
+    }
+
+
+def _kept_gpu(installed: dict[str, str] | None, choice: object, *, explicit: bool) -> str | None:
+    """The GPU backend of the installed build, when it is to be kept: detection found none now
+    and PENDRA_GPU / --gpu did not ask for the CPU."""
+    if explicit or getattr(choice, "backend", None) != "cpu":
+        return None
+    keys = _gpu_keys(installed)
+    return next((backend for key, backend in GPU_KEYS.items() if keys.get(key) == "ON"), None)
+
+
 def _uv() -> list[str]:
     found = shutil.which("uv")
     if found:
@@ -94,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=("sync", "detect", "args", "settings"))
     parser.add_argument("--gpu", choices=hostinfo.BACKENDS, help="override the detection (as PENDRA_GPU)")
     parser.add_argument("--json", action="store_true", help="detect: print the facts and choice as JSON")
-    parser.add_argument(
-        "uv", nargs="*", help="after --: arguments for uv sync (default: --locked --all-packages)"
-    )
-    ns = parser.parse_args(argv)
+    parser.epilog = "Arguments after -- go to uv sync (default: --locked --all-packages)."
+    argv = sys.argv[1:] if argv is None else argv
+    ns = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    uv_sync_args = argv[argv.index("--") + 1 :] if "--" in argv else ["--locked", "--all-packages"]
 
     environ = dict(os.environ)
     if ns.gpu:
@@ -108,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     except hostinfo.HostError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    installed = built_settings()
+    kept = _kept_gpu(installed, choice, explicit=bool(facts.requested))
+    if kept:
+        # A GPU build in place and nothing asked for another: detection that now finds no GPU
+        # (nvcc off the PATH, nvidia-smi failing for a moment) must not swap it for the CPU's.
+        choice = hostinfo.Choice(kept, "the installed build's; PENDRA_GPU=cpu drops it", _gpu_keys(installed))
 
     if ns.command == "detect":
         if ns.json:
@@ -126,9 +154,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if choice.warning:
         print(f"warning: {choice.warning}", file=sys.stderr)
-    if built_settings() != wanted_settings(choice.cmake):
+    if installed != wanted_settings(choice.cmake):
         print(f"{_describe(choice)}: building llama-cpp-python (minutes, once)", file=sys.stderr)
-    command = [*_uv(), "sync", *(ns.uv or ["--locked", "--all-packages"]), *uv_args(choice.cmake)]
+    try:
+        uv = _uv()
+    except subprocess.CalledProcessError:
+        print(
+            "error: uv is missing and pip could not install it: install uv (pip install uv)", file=sys.stderr
+        )
+        return 2
+    command = [*uv, "sync", *uv_sync_args, *uv_args(choice.cmake)]
     return subprocess.run(command, cwd=ROOT, check=False).returncode
 
 

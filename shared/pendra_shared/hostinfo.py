@@ -157,12 +157,14 @@ def _run(*argv: str, timeout: float = 10) -> str | None:
 def nvidia_gpus() -> tuple[Gpu, ...]:
     if shutil.which("nvidia-smi") is None:
         return ()
-    output = _run(
-        "nvidia-smi",
-        "--query-gpu=name,memory.total,compute_cap,driver_version",
-        "--format=csv,noheader,nounits",
-    )
-    return parse_nvidia_smi(output or "")
+    query = ["nvidia-smi", "--format=csv,noheader,nounits"]
+    output = _run(*query, "--query-gpu=name,memory.total,compute_cap,driver_version")
+    if output is None:  # drivers before 510 know no compute_cap
+        older = _run(*query, "--query-gpu=name,memory.total,driver_version")
+        output = "\n".join(
+            f"{n}, {m}, , {d}" for n, m, d in (line.split(", ") for line in (older or "").splitlines())
+        )
+    return parse_nvidia_smi(output)
 
 
 def parse_nvidia_smi(output: str) -> tuple[Gpu, ...]:
@@ -176,12 +178,15 @@ def parse_nvidia_smi(output: str) -> tuple[Gpu, ...]:
     return tuple(gpus)
 
 
-def vulkan_gpus() -> tuple[Gpu, ...]:
+def vulkan_gpus(render_nodes: bool = True) -> tuple[Gpu, ...]:
     """Vulkan devices from `vulkaninfo --summary`; without vulkaninfo, a render node
-    (/dev/dri/renderD*) stands for a GPU the loader can reach."""
+    (/dev/dri/renderD*) stands for a GPU the loader can reach (unless `render_nodes` is off: on
+    an NVIDIA host the node is that GPU's)."""
     output = _run("vulkaninfo", "--summary") if shutil.which("vulkaninfo") else None
     if output is not None:
         return parse_vulkaninfo(output)
+    if not render_nodes:
+        return ()
     nodes = sorted(Path("/dev/dri").glob("renderD*")) if Path("/dev/dri").is_dir() else []
     return tuple(Gpu(f"GPU at {n}", kind="discrete") for n in nodes)
 
@@ -209,23 +214,38 @@ def parse_vulkaninfo(output: str) -> tuple[Gpu, ...]:
     return tuple(gpus)
 
 
+def _include_roots() -> list[Path]:
+    roots = [Path(os.environ["VULKAN_SDK"], "include")] if os.environ.get("VULKAN_SDK") else []
+    return [*roots, Path("/usr/local/include"), Path("/usr/include")]
+
+
 def _vulkan_sdk() -> bool:
     """glslc, the Vulkan headers and SPIRV-Headers: what llama.cpp's Vulkan backend builds with."""
-    roots = [Path("/usr/include"), Path("/usr/local/include")]
-    if os.environ.get("VULKAN_SDK"):
-        roots.append(Path(os.environ["VULKAN_SDK"], "include"))
+    roots = _include_roots()
     vulkan = any((r / "vulkan" / "vulkan.h").is_file() for r in roots)
     spirv = any((r / "spirv" / "unified1" / "spirv.hpp").is_file() for r in roots)
     return vulkan and spirv and shutil.which("glslc") is not None
 
 
-def vulkan_header_version(include: Path = Path("/usr/include")) -> int | None:
-    try:
-        text = (include / "vulkan" / "vulkan_core.h").read_text(errors="replace")
-    except OSError:
+def vulkan_header_version() -> int | None:
+    """VK_HEADER_VERSION of the Vulkan headers a build would find first."""
+    headers = [r / "vulkan" / "vulkan_core.h" for r in _include_roots()]
+    found = next((h for h in headers if h.is_file()), None)
+    if found is None:
         return None
+    text = found.read_text(errors="replace")
     match = re.search(r"^#define VK_HEADER_VERSION (\d+)", text, re.MULTILINE)
     return int(match.group(1)) if match else None
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as the kernel reports them (/proc/cpuinfo's `flags`)."""
+    return _cpu()[1]
+
+
+def rebuild_command(backend: str | None = None) -> str:
+    """The command that rebuilds llama.cpp for this host (for `backend`, when named)."""
+    return "python3 scripts/llama_build.py sync" + (f" --gpu {backend}" if backend else "")
 
 
 def _cpu() -> tuple[str, frozenset[str]]:
@@ -255,13 +275,14 @@ def gather(environ: dict[str, str] | None = None) -> HostFacts:
         or Path("/usr/lib/x86_64-linux-gnu/libvulkan.so.1").exists()
     )
     model, flags = _cpu()
+    nvidia = nvidia_gpus()
     return HostFacts(
         system=platform.system(),
         machine=platform.machine(),
-        nvidia_gpus=nvidia_gpus(),
+        nvidia_gpus=nvidia,
         nvcc=nvcc,
         vulkan_loader=loader,
-        vulkan_gpus=vulkan_gpus() if loader else (),
+        vulkan_gpus=vulkan_gpus(render_nodes=not nvidia) if loader else (),
         vulkan_sdk=_vulkan_sdk(),
         vulkan_headers=vulkan_header_version(),
         cpu_model=model,

@@ -183,3 +183,22 @@ def test_gpu_settings_never_repeat_a_project_setting() -> None:
             **static,
             **{f"cmake.define.{k}": v for k, v in choice.cmake.items()},
         }
+
+
+def test_install_script_takes_uv_arguments_after_a_double_dash(capsys: pytest.CaptureFixture[str]) -> None:
+    """As the Dockerfiles call it: `sync --gpu cuda -- --frozen --no-dev ...`."""
+    script = _script()
+    assert script.main(["args", "--gpu", "cpu", "--", "--frozen", "--no-dev"]) == 0  # type: ignore[attr-defined]
+    assert script.main(["settings", "--gpu", "cpu", "--", "--frozen"]) == 0  # type: ignore[attr-defined]
+    assert "cmake.define.GGML_BACKEND_DL=ON" in capsys.readouterr().out
+
+
+def test_an_installed_gpu_build_is_kept_when_detection_finds_no_gpu_for_a_moment() -> None:
+    script = _script()
+    static = script.wanted_settings({})  # type: ignore[attr-defined]
+    cuda = {**static, "cmake.define.GGML_CUDA": "ON", "cmake.define.CMAKE_CUDA_ARCHITECTURES": "90"}
+    cpu_choice = choose_backend(linux())
+    assert script._kept_gpu(cuda, cpu_choice, explicit=False) == "cuda"  # type: ignore[attr-defined]
+    assert script._kept_gpu(cuda, cpu_choice, explicit=True) is None  # type: ignore[attr-defined]
+    assert script._kept_gpu(static, cpu_choice, explicit=False) is None  # type: ignore[attr-defined]
+    assert script._gpu_keys(cuda) == {"GGML_CUDA": "ON", "CMAKE_CUDA_ARCHITECTURES": "90"}  # type: ignore[attr-defined]

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+from pendra_shared import hostinfo
+from pendra_shared.config import load_settings
 from pendra_shared.errors import PendraError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,6 @@ logger = logging.getLogger(__name__)
 # Variants whose names say they were compiled for AMX tile instructions.
 AMX_VARIANTS = frozenset({"sapphirerapids"})
 DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
-_MODULE_SUFFIXES = (".so", ".dll", ".dylib")
 
 
 class BackendError(PendraError):
@@ -113,10 +114,14 @@ def lib_dir() -> Path:
     return Path(llama_cpp.__file__).resolve().parent / "lib"
 
 
+_LIBRARY_NAME = re.compile(r"^(?:lib)?(.+?)\.(?:so|dylib|dll)(?:\.\d+)*$")
+
+
 def _stem(path: Path) -> str:
-    """`libggml-cpu-haswell.so.0.25.3` -> `ggml-cpu-haswell`; `ggml-cuda.dll` -> `ggml-cuda`."""
-    name = path.name.split(".")[0]
-    return name[3:] if name.startswith("lib") else name
+    """`libggml-cpu-haswell.so.0.25.3` -> `ggml-cpu-haswell`, `libggml-cpu-armv8.2_1.so` ->
+    `ggml-cpu-armv8.2_1`, `ggml-cuda.dll` -> `ggml-cuda`; "" for anything else."""
+    match = _LIBRARY_NAME.match(path.name)
+    return match.group(1) if match else ""
 
 
 def _modules(directory: Path) -> dict[str, Path]:
@@ -124,11 +129,7 @@ def _modules(directory: Path) -> dict[str, Path]:
     one file each (a versioned copy and its unversioned name are the same library)."""
     found: dict[str, Path] = {}
     for path in sorted(directory.iterdir()) if directory.is_dir() else []:
-        if (
-            path.is_file()
-            and _stem(path).startswith("ggml")
-            and any(s in path.name for s in _MODULE_SUFFIXES)
-        ):
+        if path.is_file() and _stem(path).startswith("ggml"):
             found.setdefault(_stem(path), path)
     return found
 
@@ -143,7 +144,7 @@ def _in_process(stem: str) -> Path | None:
         return None
     for line in maps.splitlines():
         path = Path(line.split(maxsplit=5)[-1]) if line.count(" ") >= 5 else None
-        if path is not None and path.is_absolute() and _stem(path) == stem and ".so" in path.name:
+        if path is not None and path.is_absolute() and _stem(path) == stem:
             return path
     return None
 
@@ -254,11 +255,7 @@ print("ok")
 
 
 def cpu_reports_amx() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
-    return bool(re.search(r"^flags\s*:.*\bamx_tile\b", flags, re.MULTILINE))
+    return "amx_tile" in hostinfo.cpu_flags()
 
 
 def amx_usable(*, force: bool = False, ask_kernel: bool = True) -> tuple[bool, str]:
@@ -422,13 +419,22 @@ def _load(cpu_variant: str | None) -> BackendReport:
 
 
 _lock = threading.Lock()
-_report: BackendReport | None = None
+_outcome: BackendReport | BackendError | None = None
 
 
 def activate(cpu_variant: str | None = None) -> BackendReport:
-    """Load the backends for this host, once per process; later calls return the same report."""
-    global _report
+    """Load the backends for this host, once per process; later calls get the same report (or
+    the same error: a half-done load is not retried). `cpu_variant` defaults to the settings'
+    PENDRA_CPU_VARIANT."""
+    global _outcome
     with _lock:
-        if _report is None:
-            _report = _load(cpu_variant or None)
-        return _report
+        if _outcome is None:
+            if cpu_variant is None:
+                cpu_variant = load_settings().cpu_variant
+            try:
+                _outcome = _load(cpu_variant or None)
+            except BackendError as exc:
+                _outcome = exc
+        if isinstance(_outcome, BackendError):
+            raise _outcome
+        return _outcome

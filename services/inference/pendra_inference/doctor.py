@@ -24,20 +24,19 @@ from pendra_inference.selfcheck import SelfCheck, run_selfcheck
 logger = logging.getLogger(__name__)
 
 
-def rebuild_command(backend: str) -> str:
-    return f"python3 scripts/llama_build.py sync --gpu {backend}"
-
-
 def unused_gpus(facts: hostinfo.HostFacts, report: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Accelerators of this host that the llama.cpp build leaves idle, each with the fix."""
-    in_use = {d["backend"].lower() for d in (report or {}).get("devices", []) if d["type"] in ("gpu", "igpu")}
+    in_use = {d["backend"] for d in (report or {}).get("devices", []) if d["type"] in ("gpu", "igpu")}
     compiled = set((report or {}).get("modules", []))
     failed: dict[str, str] = (report or {}).get("failed_modules", {})
     out = []
     for backend, gpu in facts.accelerators:
-        if backend in in_use or (backend == "metal" and "mtl" in " ".join(in_use)):
+        if backend in in_use:
             continue
-        if backend in failed:
+        if report is None:
+            why = "the self-check failed, so whether this build drives it is unknown"
+            fix = "see the error above"
+        elif backend in failed:
             why = f"the build's {backend} backend did not load: {failed[backend]}"
             fix = "install the GPU driver on this host (in a container: pass the GPU through)"
         elif backend in compiled:
@@ -45,7 +44,7 @@ def unused_gpus(facts: hostinfo.HostFacts, report: dict[str, Any] | None) -> lis
             fix = "check the driver and that the GPU is visible to this process"
         else:
             why = f"this llama.cpp build has no {backend} backend"
-            fix = rebuild_command(backend)
+            fix = hostinfo.rebuild_command(backend)
         out.append({"backend": backend, "name": gpu.name, "why": why, "fix": fix})
     return out
 

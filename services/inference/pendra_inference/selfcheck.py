@@ -23,14 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pendra_shared import hostinfo
 from pendra_shared.config import Settings, load_settings
 
 from pendra_inference.backends import BackendError, signal_name
 
 REBUILD = (
-    "rebuild llama.cpp for this host: `python3 scripts/llama_build.py sync` in a Pendra checkout "
+    f"rebuild llama.cpp for this host: `{hostinfo.rebuild_command()}` in a Pendra checkout "
     "(add --gpu cpu to leave the GPU out), or use the image that matches it"
 )
+
+
+CHILD_REFUSED = 3  # the child's exit status for a clear BackendError
 
 
 @dataclass
@@ -41,53 +45,83 @@ class SelfCheck:
     gpu_layers: int
 
 
-def write_probe_model(path: Path) -> Path:
-    """A tiny but complete llama GGUF: one block, 64-wide, Q8_0 matrices, a byte-level vocab."""
+@dataclass(frozen=True)
+class LlamaShape:
+    """The dimensions of a llama-architecture model."""
+
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_vocab: int
+    rope_base: float = 10000.0
+    context: int = 256
+
+
+PROBE = LlamaShape(n_embd=64, n_layer=1, n_head=2, n_head_kv=2, n_ff=128, n_vocab=320)
+
+
+def write_llama_gguf(
+    path: Path, shape: LlamaShape, *, name: str, weights: str = "q8_0", seed: int = 0
+) -> Path:
+    """A complete llama GGUF of `shape` with random weights and a byte-level vocabulary padded to
+    `n_vocab`: matrices in `weights` ("q8_0", so quantized kernels run, or "f16"), embeddings tied
+    to the output. The self-check's probe, and the real-model shapes the GPU tests and benchmark
+    make where weights cannot be copied."""
     import gguf
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    n_embd, n_ff, n_head = 64, 128, 2
-    tokens = [b"<unk>", b"<s>", b"</s>", *(f"<0x{i:02X}>".encode() for i in range(256))]
-    tokens += [f"p{i}".encode() for i in range(320 - len(tokens))]
-    types = [2, 3, 3, *([6] * 256), *([1] * (320 - 259))]
+    rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("pendra self-check")
-    writer.add_context_length(256)
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(1)
-    writer.add_feed_forward_length(n_ff)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head)
-    writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_name(name)
+    writer.add_context_length(shape.context)
+    writer.add_embedding_length(shape.n_embd)
+    writer.add_block_count(shape.n_layer)
+    writer.add_feed_forward_length(shape.n_ff)
+    writer.add_head_count(shape.n_head)
+    writer.add_head_count_kv(shape.n_head_kv)
+    writer.add_rope_dimension_count(shape.n_embd // shape.n_head)
+    writer.add_rope_freq_base(shape.rope_base)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    f16 = weights == "f16"
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.MOSTLY_Q8_0)
+    tokens = [b"<unk>", b"<s>", b"</s>", *(f"<0x{i:02X}>".encode() for i in range(256))]
+    tokens += [f"w{i}".encode() for i in range(shape.n_vocab - len(tokens))]
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores([0.0] * len(tokens))
-    writer.add_token_types(types)
+    writer.add_token_types([2, 3, 3, *([6] * 256), *([1] * (len(tokens) - 259))])
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
 
-    def matrix(name: str, rows: int, cols: int) -> None:
-        data = (rng.standard_normal((rows, cols)) * 0.1).astype(np.float32)
-        quantized = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-        writer.add_tensor(name, quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    def random(rows: int, cols: int) -> Any:
+        return (rng.standard_normal((rows, cols), dtype=np.float32) / np.sqrt(cols)).astype(np.float32)
 
-    ones = np.ones(n_embd, dtype=np.float32)
-    writer.add_tensor(
-        "token_embd.weight", (rng.standard_normal((len(tokens), n_embd)) * 0.1).astype(np.float32)
-    )
+    def matrix(tensor: str, rows: int, cols: int) -> None:
+        data = random(rows, cols)
+        if f16:
+            writer.add_tensor(tensor, data.astype(np.float16))
+        else:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(tensor, gguf.quants.quantize(data, q8), raw_dtype=q8)
+
+    ones = np.ones(shape.n_embd, dtype=np.float32)
+    kv = shape.n_head_kv * (shape.n_embd // shape.n_head)
+    embeddings = random(shape.n_vocab, shape.n_embd)
+    writer.add_tensor("token_embd.weight", embeddings.astype(np.float16) if f16 else embeddings)
     writer.add_tensor("output_norm.weight", ones)
-    matrix("output.weight", len(tokens), n_embd)
-    writer.add_tensor("blk.0.attn_norm.weight", ones)
-    writer.add_tensor("blk.0.ffn_norm.weight", ones)
-    for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-        matrix(f"blk.0.{name}.weight", n_embd, n_embd)
-    matrix("blk.0.ffn_gate.weight", n_ff, n_embd)
-    matrix("blk.0.ffn_up.weight", n_ff, n_embd)
-    matrix("blk.0.ffn_down.weight", n_embd, n_ff)
+    for i in range(shape.n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", ones)
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
+        matrix(f"blk.{i}.attn_q.weight", shape.n_embd, shape.n_embd)
+        matrix(f"blk.{i}.attn_k.weight", kv, shape.n_embd)
+        matrix(f"blk.{i}.attn_v.weight", kv, shape.n_embd)
+        matrix(f"blk.{i}.attn_output.weight", shape.n_embd, shape.n_embd)
+        matrix(f"blk.{i}.ffn_gate.weight", shape.n_ff, shape.n_embd)
+        matrix(f"blk.{i}.ffn_up.weight", shape.n_ff, shape.n_embd)
+        matrix(f"blk.{i}.ffn_down.weight", shape.n_embd, shape.n_ff)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -104,15 +138,17 @@ def _child(cpu_variant: str | None) -> dict[str, Any]:
 
     gpu_layers = -1 if report.gpu_devices else 0
     with tempfile.TemporaryDirectory(prefix="pendra-selfcheck-") as tmp:
-        path = write_probe_model(Path(tmp) / "probe.gguf")
+        path = write_llama_gguf(Path(tmp) / "probe.gguf", PROBE, name="pendra self-check")
         started = time.perf_counter()
-        llm = Llama(str(path), n_ctx=256, n_batch=64, n_gpu_layers=gpu_layers, verbose=False)
-        llm.eval(llm.tokenize(b"pendra self-check"))  # a prompt batch, then one decode a token
-        tokens = 0
-        for _ in range(8):
-            llm.eval([llm.sample(temp=0.0)])
-            tokens += 1
-        llm.close()
+        # The CPU's kernels always (a partly offloaded model runs them), the GPU's where there is one.
+        for layers in sorted({0, gpu_layers}):
+            llm = Llama(str(path), n_ctx=256, n_batch=64, n_gpu_layers=layers, verbose=False)
+            llm.eval(llm.tokenize(b"pendra self-check"))  # a prompt batch, then one decode a token
+            tokens = 0
+            for _ in range(8):
+                llm.eval([llm.sample(temp=0.0)])
+                tokens += 1
+            llm.close()
         seconds = time.perf_counter() - started
     return {"report": report.as_dict(), "tokens": tokens, "seconds": seconds, "gpu_layers": gpu_layers}
 
@@ -133,12 +169,17 @@ def run_selfcheck(
         raise BackendError(f"llama.cpp's self-check did not finish in {timeout_s:.0f} s") from exc
     if child.returncode < 0:
         raise BackendError(_crash_message(-child.returncode))
+    lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
+    detail = lines[-1] if lines else f"exit status {child.returncode}"
+    if child.returncode == CHILD_REFUSED:  # the child's own clear BackendError (a bad setting)
+        raise BackendError(f"llama.cpp cannot run on this host: {detail}")
     if child.returncode != 0:
-        lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
-        detail = lines[-1] if lines else f"exit status {child.returncode}"
         raise BackendError(f"llama.cpp cannot run on this host: {detail}; {REBUILD}")
-    data = json.loads(child.stdout.strip().splitlines()[-1])
-    return SelfCheck(data["report"], data["tokens"], data["seconds"], data["gpu_layers"])
+    try:
+        data = json.loads(child.stdout.strip().splitlines()[-1])
+        return SelfCheck(data["report"], data["tokens"], data["seconds"], data["gpu_layers"])
+    except (IndexError, ValueError, KeyError, TypeError) as exc:
+        raise BackendError(f"llama.cpp's self-check gave no report ({exc}); {REBUILD}") from exc
 
 
 def _crash_message(signum: int) -> str:
@@ -167,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         result = _child(ns.cpu_variant or load_settings().cpu_variant or None)
     except BackendError as exc:
         sys.stderr.write(f"{exc}\n")
-        return 3
+        return CHILD_REFUSED
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 
