@@ -19,29 +19,15 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_inference import stream_once  # noqa: E402
+from bench.bench_inference import chat_figures, embed_rate  # noqa: E402
 from tests.support.server import start_server  # noqa: E402
 from tests.support.shapes import SHAPES, write_shaped_gguf  # noqa: E402
 
 
 def figures(url: str, tokens: int, runs: int, batch: int) -> tuple[float, float, float]:
-    import statistics
-    import time
-
-    stream_once(url, "shape:chat", 8)
-    results = [stream_once(url, "shape:chat", tokens) for _ in range(runs)]
-    inputs = [f"Sentence number {i}: the quick brown fox jumps over the lazy dog." for i in range(batch)]
-    httpx.post(f"{url}/v1/embeddings", json={"model": "shape:embed", "input": inputs[:4]}, timeout=600)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        httpx.post(f"{url}/v1/embeddings", json={"model": "shape:embed", "input": inputs}, timeout=600)
-        times.append(time.perf_counter() - start)
-    return (
-        statistics.median(r[1] for r in results),
-        statistics.median(r[0] for r in results),
-        batch / statistics.median(times),
-    )
+    """(decode tokens/s, time to first token, embeddings/s), measured as bench_inference does."""
+    ttft, tps = chat_figures(url, "shape:chat", tokens, runs)
+    return tps, ttft, embed_rate(url, "shape:embed", batch, runs)
 
 
 def main() -> None:

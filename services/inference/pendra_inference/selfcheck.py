@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pendra_shared import hostinfo
-from pendra_shared.config import Settings, load_settings
+from pendra_shared.config import Settings
 
 from pendra_inference.backends import BackendError, signal_name
 
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-variant", default=None, help="default: the settings' (PENDRA_CPU_VARIANT)")
     ns = parser.parse_args(argv)
     try:
-        result = _child(ns.cpu_variant or load_settings().cpu_variant or None)
+        result = _child(ns.cpu_variant)  # None: activate() takes the settings' variant
     except BackendError as exc:
         sys.stderr.write(f"{exc}\n")
         return CHILD_REFUSED
