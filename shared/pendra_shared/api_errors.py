@@ -10,7 +10,8 @@
     ├── Conflict (409, code conflict)
     ├── NotSupported (501, code not_supported)
     └── Unavailable (503, code model_unavailable; sent with Retry-After)
-        └── UpstreamUnavailable (code service_unavailable)
+        ├── UpstreamUnavailable (code service_unavailable)
+        └── Overloaded (code server_overloaded: the model's queue is full or the wait too long)
 
 Every error, request validation included, leaves as `{"error": {"message", "type", "param",
 "code"}}` with `code` a string, the body the `openai` client parses. FastAPI is imported only where
@@ -96,6 +97,10 @@ class Unavailable(APIError):
 
 class UpstreamUnavailable(Unavailable):
     code = "service_unavailable"
+
+
+class Overloaded(Unavailable):
+    code = "server_overloaded"
 
 
 def error_body(message: str, type_: str, param: str | None, code: str | None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -157,6 +157,50 @@ class Settings(BaseSettings):
         ge=-1,
         description="Layers offloaded to the GPU; default: all when the build has a GPU backend, else 0.",
     )
+    parallel: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description=(
+            "Sequences of n_ctx tokens a chat model's KV cache holds (the cache is n_ctx × this); "
+            "0 = chosen from the memory budget (up to 8 on a CPU, 32 on a GPU). Requests are admitted "
+            "while their prompt and max_tokens fit, so short requests run many more at once."
+        ),
+    )
+    prefill_budget: int = Field(
+        default=128,
+        ge=1,
+        description=(
+            "Prompt tokens decoded per step while other requests generate (chunked prefill): lower "
+            "keeps their inter-token latency steady, higher brings a long prompt's first token sooner."
+        ),
+    )
+    max_queue: int = Field(
+        default=512,
+        ge=0,
+        description="Requests that may wait per model; past it a request gets 503 with Retry-After.",
+    )
+    queue_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Longest a request waits in a model's queue before it gets 503 with Retry-After.",
+    )
+    flash_attention: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description=(
+            "llama.cpp's flash attention for chat models. auto: on with a GPU, off on a CPU, where "
+            "llama.cpp's results then do not depend on what shares the batch (same seed, same text "
+            "under load); on: faster attention on a CPU when many sequences or cached prefixes "
+            "fill the cache, with answers that vary in the last bits with the batch."
+        ),
+    )
+    prefix_cache: bool = Field(
+        default=True,
+        description=(
+            "Keep finished sequences' KV cells and share any cached prompt prefix with new requests "
+            "(a chat's next turn, a common system prompt)."
+        ),
+    )
     cpu_variant: str = Field(
         default="",
         description=(
@@ -173,6 +217,16 @@ class Settings(BaseSettings):
     )
     max_embedding_inputs: int = Field(
         default=2048, ge=1, description="Most inputs one /v1/embeddings request may carry."
+    )
+    embed_batch_tokens: int = Field(
+        default=256,
+        ge=1,
+        description=(
+            "Most tokens one embedding decode packs, from all waiting /v1/embeddings requests of a "
+            "model (capped at its context); an input longer than this is decoded alone. Bigger is "
+            "not always faster on a CPU: attention spans the whole decode. A sidecar's "
+            "options.embed_batch_tokens sets it per model; raise it on a GPU."
+        ),
     )
     preload: str = Field(default="", description="Models to load at start, comma-separated.")
 

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.inference.conftest import CHAT, GEMMA_EMBED
+from tests.inference.conftest import CHAT, GEMMA_EMBED, TINY
 from tests.support.openai_schemas import validate
 from tests.support.server import ServerProcess
 
@@ -49,6 +49,7 @@ def test_streaming_chunks_and_usage(client: openai.OpenAI, server: ServerProcess
             seed=3,
             temperature=0,
             stream_options={"include_usage": True},
+            extra_body={"cache_prompt": False},
         )
     )
     for chunk in chunks:
@@ -58,7 +59,10 @@ def test_streaming_chunks_and_usage(client: openai.OpenAI, server: ServerProcess
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 10
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    whole = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=10, seed=3, temperature=0)
+    # The same computation (no cached prefix either time) gives the same text, streamed or not.
+    whole = client.chat.completions.create(
+        model=CHAT, messages=HELLO, max_tokens=10, seed=3, temperature=0, extra_body={"cache_prompt": False}
+    )
     assert streamed == whole.choices[0].message.content
     assert len({c.id for c in chunks}) == 1
     # The raw stream ends with [DONE].
@@ -70,7 +74,7 @@ def test_streaming_chunks_and_usage(client: openai.OpenAI, server: ServerProcess
 def test_same_seed_same_output(client: openai.OpenAI) -> None:
     def run(seed: int) -> str:
         r = client.chat.completions.create(
-            model=CHAT, messages=HELLO, max_tokens=24, temperature=1.0, seed=seed
+            model=TINY, messages=HELLO, max_tokens=24, temperature=1.0, seed=seed
         )
         return r.choices[0].message.content or ""
 
@@ -80,18 +84,21 @@ def test_same_seed_same_output(client: openai.OpenAI) -> None:
 
 
 def test_stop_strings(client: openai.OpenAI) -> None:
-    free = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=30, temperature=0)
+    fresh = {"cache_prompt": False}  # the same computation each time (see the README)
+    free = client.chat.completions.create(
+        model=CHAT, messages=HELLO, max_tokens=30, temperature=0, extra_body=fresh
+    )
     text = free.choices[0].message.content or ""
     words = text.split()
     assert len(words) > 3, text
     stop_word = words[2]
     stopped = client.chat.completions.create(
-        model=CHAT, messages=HELLO, max_tokens=30, temperature=0, stop=[stop_word]
+        model=CHAT, messages=HELLO, max_tokens=30, temperature=0, stop=[stop_word], extra_body=fresh
     )
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].message.content == text[: text.index(stop_word)]
     single = client.chat.completions.create(
-        model=CHAT, messages=HELLO, max_tokens=30, temperature=0, stop=stop_word
+        model=CHAT, messages=HELLO, max_tokens=30, temperature=0, stop=stop_word, extra_body=fresh
     )
     assert single.choices[0].message.content == stopped.choices[0].message.content
 
@@ -219,7 +226,14 @@ def test_a_client_that_goes_away_stops_generation(client: openai.OpenAI, server:
 @pytest.mark.parametrize(
     ("body", "status", "code", "text"),
     [
-        ({"model": CHAT, "messages": HELLO, "n": 2}, 400, "invalid_request", "n > 1"),
+        ({"model": CHAT, "messages": HELLO, "n": 200}, 400, "invalid_request", "n"),
+        ({"model": CHAT, "messages": HELLO, "top_logprobs": 2}, 400, "invalid_request", "logprobs"),
+        (
+            {"model": CHAT, "messages": HELLO, "logprobs": True, "top_logprobs": 21},
+            400,
+            "invalid_request",
+            "top_logprobs",
+        ),
         ({"model": "nope:1", "messages": HELLO}, 404, "model_not_found", "nope:1"),
         ({"model": GEMMA_EMBED, "messages": HELLO}, 400, "model_wrong_purpose", "/v1/embeddings"),
         (
@@ -320,7 +334,7 @@ def test_concurrent_requests_to_one_and_several_models(client: openai.OpenAI) ->
     from concurrent.futures import ThreadPoolExecutor
 
     def chat(_: int) -> str:
-        r = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=12, seed=5, temperature=0.8)
+        r = client.chat.completions.create(model=TINY, messages=HELLO, max_tokens=12, seed=5, temperature=0.8)
         return r.choices[0].message.content or ""
 
     def embed(_: int) -> int:
@@ -331,7 +345,7 @@ def test_concurrent_requests_to_one_and_several_models(client: openai.OpenAI) ->
     with ThreadPoolExecutor(6) as pool:
         chats = list(pool.map(chat, range(4)))
         embeds = list(pool.map(embed, range(3)))
-    assert len(set(chats)) == 1 and chats[0]  # serialized per model: same seed, same text
+    assert len(set(chats)) == 1 and chats[0]  # batched together: same seed, same text
     assert embeds == [2, 2, 2]
 
 

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pendra_inference.chat import ChatService
-from pendra_inference.engine import Piece
 from pendra_inference.protocol import ChatCompletionRequest
 from pendra_inference.registry import ModelRegistry
 from pendra_shared.config import load_settings
@@ -30,7 +27,7 @@ def test_failure_mid_stream_is_an_error_event(
     async def not_disconnected() -> bool:
         return False
 
-    async def scenario() -> list[str]:
+    async def scenario() -> tuple[list[str], list[str]]:
         request = ChatCompletionRequest.model_validate(
             {
                 "model": "chat:1",
@@ -39,23 +36,31 @@ def test_failure_mid_stream_is_an_error_event(
                 "messages": [{"role": "user", "content": "Hello"}],
             }
         )
-        events = await service.stream(request, not_disconnected)
         async with registry.use("chat:1", "chat") as loaded:
-            real = loaded.engine.generate
+            scheduler = loaded.runner
+            real = scheduler._decode
+            calls = [0]
 
             # llama.cpp failing after the first token (a decode error on a real machine).
-            def failing(*args: Any, **kwargs: Any) -> Iterator[Piece]:
-                stream = real(*args, **kwargs)
-                yield next(stream)
-                raise RuntimeError("llama_decode returned -3")
+            def failing() -> None:
+                calls[0] += 1
+                if calls[0] > 2:
+                    raise RuntimeError("llama_decode returned -3")
+                real()
 
-            monkeypatch.setattr(loaded.engine, "generate", failing)
-        out = [event async for event in events]
+            monkeypatch.setattr(scheduler, "_decode", failing)
+            events = await service.stream(request, not_disconnected)
+            out = [event async for event in events]
+            # The scheduler survives: the next request is served.
+            monkeypatch.setattr(scheduler, "_decode", real)
+            again = await service.stream(request, not_disconnected)
+            after = [event async for event in again]
         await asyncio.sleep(0.1)
         await registry.close()
-        return out
+        return out, after
 
-    events = asyncio.run(scenario())
+    events, after = asyncio.run(scenario())
+    assert after[-1] == "data: [DONE]\n\n" and "error" not in after[-2]
     assert events[-1] == "data: [DONE]\n\n"
     error = json.loads(events[-2].removeprefix("data: "))
     validate(error, "ErrorResponse")

@@ -166,7 +166,10 @@ def test_streaming_through_the_gateway_arrives_token_by_token(
     timed_stream(stack.inference_url)  # warm: the model loads
     direct, direct_span = timed_stream(stack.inference_url)
     proxied, proxied_span = timed_stream(stack.api_url)
-    assert proxied == direct and len(direct) > 10
+    # The same tokens come through the gateway as straight from the service. (Only the start is
+    # compared: llama.cpp's sums depend on where the cache holds a sequence, and Gemma turns
+    # last-bit differences into different picks at near ties further on; see the README.)
+    assert len(direct) > 10 and len(proxied) > 10 and proxied[:16] == direct[:16]
     # Buffered, all chunks would arrive together; passed through, they spread as generated.
     assert proxied_span > 0.5 * direct_span, (proxied_span, direct_span)
 

@@ -11,31 +11,33 @@ import contextlib
 import json
 import logging
 import re
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import llama_cpp
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 from pendra_shared.api_errors import APIError, ContextLengthExceeded, InvalidRequest, error_body
 
-from pendra_inference.engine import GenerationParams
-from pendra_inference.generation import Finished, generate
 from pendra_inference.metrics import InferenceMetrics
 from pendra_inference.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChoiceMessage,
     FinishReason,
+    PromptTokensDetails,
     ToolCall,
     ToolCallFunction,
     Usage,
 )
 from pendra_inference.registry import Loaded, ModelRegistry
+from pendra_inference.sampling import SamplingParams
+from pendra_inference.scheduler import Scheduler
+from pendra_inference.sequence import Completion, Delta, Result, Ticket, TokenLogprob
 from pendra_inference.templates import ChatTemplate, TemplateRenderError, choose_template
 
 logger = logging.getLogger(__name__)
@@ -48,9 +50,12 @@ _TOOL_TAG_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 @dataclass
 class Plan:
-    prompt: list[int]
-    params: GenerationParams
+    completion: Completion
     tools: list[dict[str, Any]] | None
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.completion.prompt
 
 
 def _text_content(content: Any, index: int) -> str:
@@ -119,7 +124,7 @@ def _loads(value: Any) -> Any:
     return value
 
 
-def _tool_grammar(tools: list[dict[str, Any]], choice: Any) -> LlamaGrammar | None:
+def _tool_grammar(tools: list[dict[str, Any]], choice: Any) -> str | None:
     """A grammar that makes the output one JSON tool call, for `required` or a named tool."""
     names = [t["function"]["name"] for t in tools]
     if isinstance(choice, dict):
@@ -147,11 +152,20 @@ def _tool_grammar(tools: list[dict[str, Any]], choice: Any) -> LlamaGrammar | No
     return _schema_grammar(schema, "tools")
 
 
-def _schema_grammar(schema: Any, param: str) -> LlamaGrammar:
+def _schema_grammar(schema: Any, param: str) -> str:
+    """GBNF for a JSON schema."""
     try:
-        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        return str(LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)._grammar)
     except Exception as exc:  # the converter raises many types for unsupported schemas
         raise InvalidRequest(f"{param}: unsupported JSON schema: {exc}", param=param) from None
+
+
+def _check_grammar(loaded: Loaded, grammar: str, param: str) -> None:
+    """Compile once here, so a grammar llama.cpp refuses is the caller's 400, not a failed step."""
+    sampler = llama_cpp.llama_sampler_init_grammar(loaded.engine.vocab, grammar.encode(), b"root")
+    if not sampler:
+        raise InvalidRequest(f"{param}: llama.cpp could not compile the grammar for it", param=param)
+    llama_cpp.llama_sampler_free(sampler)
 
 
 def _tool_prompt(tools: list[dict[str, Any]]) -> str:
@@ -200,9 +214,8 @@ def parse_tool_calls(text: str, tools: list[dict[str, Any]]) -> list[ToolCall]:
 
 def plan(loaded: Loaded, req: ChatCompletionRequest) -> Plan:
     """Everything before generation; runs in a thread (tokenizing and grammars take time)."""
-    if req.n != 1:
-        raise InvalidRequest("n > 1 is not supported; send separate requests", param="n")
     engine = loaded.engine
+    scheduler = cast(Scheduler, loaded.runner)
     facts = loaded.model.facts
     options = loaded.model.sidecar.options if loaded.model.sidecar else {}
     template = loaded.memo.get("template")
@@ -214,7 +227,7 @@ def plan(loaded: Loaded, req: ChatCompletionRequest) -> Plan:
             loaded.name,
         )
     tools = [t.model_dump() for t in req.tools] if req.tools and req.tool_choice != "none" else None
-    grammar: LlamaGrammar | None = None
+    grammar: str | None = None
     if tools:
         grammar = _tool_grammar(tools, req.tool_choice or "auto")
     fmt = req.response_format
@@ -224,7 +237,7 @@ def plan(loaded: Loaded, req: ChatCompletionRequest) -> Plan:
                 "response_format cannot be combined with a forced tool call", param="response_format"
             )
         if fmt.type == "json_object":
-            grammar = LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+            grammar = JSON_GBNF
         else:
             schema = (fmt.json_schema or {}).get("schema")
             if not isinstance(schema, dict):
@@ -232,6 +245,10 @@ def plan(loaded: Loaded, req: ChatCompletionRequest) -> Plan:
                     "response_format.json_schema.schema must be a JSON schema object", param="response_format"
                 )
             grammar = _schema_grammar(schema, "response_format")
+    if grammar is not None:
+        _check_grammar(loaded, grammar, "response_format" if fmt is not None else "tools")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     tool_prompt = _tool_prompt(tools) if tools and not template.supports_tools else None
     messages = _messages(req, template, tool_prompt)
     try:
@@ -247,31 +264,40 @@ def plan(loaded: Loaded, req: ChatCompletionRequest) -> Plan:
         )
     wanted = req.max_completion_tokens or req.max_tokens
     if wanted is None:
-        wanted = n_ctx - len(prompt)
+        # As much as the context allows, shared by the n choices within the whole cache.
+        wanted = min(n_ctx - len(prompt), (scheduler.capacity - len(prompt)) // req.n)
     elif len(prompt) + wanted > n_ctx:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {n_ctx} tokens; you asked for "
             f"{len(prompt) + wanted} ({len(prompt)} in the messages, {wanted} for the completion)",
             param="max_tokens",
         )
+    if wanted < 1 or len(prompt) + req.n * wanted > scheduler.capacity:
+        raise ContextLengthExceeded(
+            f"n={req.n} completions of {wanted} tokens after a {len(prompt)}-token prompt need "
+            f"{len(prompt) + req.n * wanted} KV cells; this model's cache has {scheduler.capacity} "
+            "(lower n or max_tokens, or raise PENDRA_PARALLEL)",
+            param="n",
+        )
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise InvalidRequest(f"stop takes at most {MAX_STOP} non-empty strings", param="stop")
-    return Plan(
-        prompt,
-        GenerationParams(
-            max_tokens=wanted,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            stop=stops + list(template.stop),
-            seed=req.seed,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            logit_bias=_logit_bias(req.logit_bias, engine.n_vocab),
-            grammar=grammar,
-        ),
-        tools,
+    bias = _logit_bias(req.logit_bias, engine.n_vocab)
+    sampling = SamplingParams(
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        logit_bias=tuple(sorted(bias.items())) if bias else (),
+        seed=req.seed,
+        grammar=grammar,
+        top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
     )
+    stops_all = tuple(stops) + tuple(template.stop)
+    completion = Completion(prompt, wanted, sampling, stops_all, req.n, req.cache_prompt)
+    return Plan(completion, tools)
 
 
 def _logit_bias(bias: dict[str, float] | None, n_vocab: int) -> dict[int, float] | None:
@@ -290,16 +316,35 @@ def _logit_bias(bias: dict[str, float] | None, n_vocab: int) -> dict[int, float]
     return out
 
 
-def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None) -> str:
-    body = {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": FINGERPRINT,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-    }
-    return f"data: {json.dumps(body)}\n\n"
+def _logprobs_json(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+    return [
+        {
+            "token": e.token,
+            "logprob": e.logprob,
+            "bytes": e.bytes,
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, lp, b in e.top],
+        }
+        for e in entries
+    ]
+
+
+def _usage(result: Result) -> Usage:
+    completion = sum(result.completion_tokens)
+    return Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=result.prompt_tokens + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens),
+    )
+
+
+@dataclass
+class _Answer:
+    """One choice as it is assembled from deltas."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish: str = "stop"
 
 
 class ChatService:
@@ -308,102 +353,111 @@ class ChatService:
         self.metrics = metrics or InferenceMetrics()
         self._background: set[asyncio.Task[None]] = set()
 
+    async def _submit(
+        self, loaded: Loaded, p: Plan, is_disconnected: Callable[[], Awaitable[bool]]
+    ) -> tuple[Ticket, asyncio.Task[None]]:
+        """Queue the completion and wait until the scheduler admits it. A full queue or a wait
+        past the queue timeout raise here, before any byte is sent (a 503 with Retry-After)."""
+        scheduler = cast(Scheduler, loaded.runner)
+        ticket = scheduler.submit(p.completion)
+        watch = asyncio.create_task(_watch_disconnect(is_disconnected, ticket, scheduler))
+        try:
+            await ticket.admitted
+        except BaseException:
+            ticket.cancel()
+            scheduler.wake()
+            watch.cancel()
+            raise
+        return ticket, watch
+
     async def complete(
         self, req: ChatCompletionRequest, is_disconnected: Callable[[], Awaitable[bool]]
     ) -> ChatCompletion:
         async with self.registry.use(req.model, "chat", req.keep_alive) as loaded:
             p = await asyncio.to_thread(plan, loaded, req)
-            stop = threading.Event()
-            watch = asyncio.create_task(_watch_disconnect(is_disconnected, stop))
-            text, finish, used = [], "stop", 0
+            ticket, watch = await self._submit(loaded, p, is_disconnected)
+            answers = [_Answer() for _ in range(req.n)]
             try:
-                async for item in generate(loaded, p.prompt, p.params, stop):
-                    if isinstance(item, Finished):
-                        used = item.completion_tokens
-                    else:
-                        text.append(item.text)
-                        finish = item.finish_reason or finish
+                async for item in ticket.deltas():
+                    answer = answers[item.index]
+                    answer.text.append(item.text)
+                    if item.logprobs:
+                        answer.logprobs.extend(item.logprobs)
+                    if item.finish_reason:
+                        answer.finish = item.finish_reason
             finally:
                 watch.cancel()
-        self.metrics.chat_done(req.model, len(p.prompt), used)
-        content: str | None = "".join(text)
-        calls = parse_tool_calls(content or "", p.tools) if p.tools else []
-        if calls:
-            content, finish = None, "tool_calls"
+                ticket.cancel()  # a no-op when the request is done; frees it when we were cancelled
+        result = cast(Result, ticket.result)
+        self.metrics.chat_done(req.model, result)
+        choices = []
+        for index, answer in enumerate(answers):
+            content: str | None = "".join(answer.text)
+            finish = "stop" if answer.finish == "abort" else answer.finish
+            calls = parse_tool_calls(content or "", p.tools) if p.tools else []
+            if calls:
+                content, finish = None, "tool_calls"
+            logprobs = None
+            if req.logprobs:
+                logprobs = ChoiceLogprobs.model_validate({"content": _logprobs_json(answer.logprobs)})
+            choices.append(
+                Choice(
+                    index=index,
+                    message=ChoiceMessage(content=content, tool_calls=calls or None),
+                    logprobs=logprobs,
+                    finish_reason=cast(FinishReason, finish),
+                )
+            )
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             model=req.model,
             system_fingerprint=FINGERPRINT,
-            choices=[
-                Choice(
-                    index=0,
-                    message=ChoiceMessage(content=content, tool_calls=calls or None),
-                    finish_reason=cast(FinishReason, finish),
-                )
-            ],
-            usage=Usage(
-                prompt_tokens=len(p.prompt), completion_tokens=used, total_tokens=len(p.prompt) + used
-            ),
+            choices=choices,
+            usage=_usage(result),
         )
 
     async def stream(
         self, req: ChatCompletionRequest, is_disconnected: Callable[[], Awaitable[bool]]
     ) -> AsyncIterator[str]:
-        """Check and prepare now (errors raise before any byte is sent), then the SSE stream."""
+        """Check, prepare and queue now (errors raise before any byte is sent), then the SSE stream."""
         stack = contextlib.AsyncExitStack()
         loaded = await stack.enter_async_context(self.registry.use(req.model, "chat", req.keep_alive))
         try:
             p = await asyncio.to_thread(plan, loaded, req)
+            ticket, watch = await self._submit(loaded, p, is_disconnected)
         except BaseException:
             await stack.aclose()
             raise
-        return self._events(req, loaded, p, stack, is_disconnected)
+        stack.callback(watch.cancel)
+        stack.callback(ticket.cancel)
+        return self._events(req, p, ticket, stack)
 
     async def _events(
-        self,
-        req: ChatCompletionRequest,
-        loaded: Loaded,
-        p: Plan,
-        stack: contextlib.AsyncExitStack,
-        is_disconnected: Callable[[], Awaitable[bool]],
+        self, req: ChatCompletionRequest, p: Plan, ticket: Ticket, stack: contextlib.AsyncExitStack
     ) -> AsyncIterator[str]:
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        stop = threading.Event()
-        pieces = generate(loaded, p.prompt, p.params, stop)
-        # Servers that do not fail writes to a closed connection still tell us through receive.
-        watch = asyncio.create_task(_watch_disconnect(is_disconnected, stop))
-        buffered: list[str] = []
-        finish, used = "stop", 0
+
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
+            body = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": req.model,
+                "system_fingerprint": FINGERPRINT,
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+            }
+            return f"data: {json.dumps(body)}\n\n"
+
+        buffered: list[list[str]] = [[] for _ in range(req.n)]
         try:
-            yield _chunk(cid, created, req.model, {"role": "assistant", "content": ""}, None)
-            async for item in pieces:
-                if isinstance(item, Finished):
-                    used = item.completion_tokens
-                    continue
-                finish = item.finish_reason or finish
-                if p.tools:
-                    buffered.append(item.text)  # a tool call is sent whole, once parsed
-                elif item.text:
-                    yield _chunk(cid, created, req.model, {"content": item.text}, None)
-            if p.tools:
-                text = "".join(buffered)
-                calls = parse_tool_calls(text, p.tools)
-                if calls:
-                    finish = "tool_calls"
-                    delta: dict[str, Any] = {
-                        "tool_calls": [{"index": i, **c.model_dump()} for i, c in enumerate(calls)]
-                    }
-                else:
-                    delta = {"content": text}
-                yield _chunk(cid, created, req.model, delta, None)
-            yield _chunk(cid, created, req.model, {}, finish)
-            self.metrics.chat_done(req.model, len(p.prompt), used)
+            for index in range(req.n):
+                yield chunk(index, {"role": "assistant", "content": ""})
+            async for item in ticket.deltas():
+                for event in self._deltas(item, p, buffered, chunk, req.logprobs):
+                    yield event
+            result = cast(Result, ticket.result)
+            self.metrics.chat_done(req.model, result)
             if req.stream_options and req.stream_options.include_usage:
-                usage = {
-                    "prompt_tokens": len(p.prompt),
-                    "completion_tokens": used,
-                    "total_tokens": len(p.prompt) + used,
-                }
                 body = {
                     "id": cid,
                     "object": "chat.completion.chunk",
@@ -411,7 +465,7 @@ class ChatService:
                     "model": req.model,
                     "system_fingerprint": FINGERPRINT,
                     "choices": [],
-                    "usage": usage,
+                    "usage": _usage(result).model_dump(),
                 }
                 yield f"data: {json.dumps(body)}\n\n"
         except APIError as exc:
@@ -424,26 +478,57 @@ class ChatService:
                 + "\n\n"
             )
         finally:
-            stop.set()
-            watch.cancel()
-            # Closing the generator waits for the worker thread; never let a cancelled stream
-            # release the model while llama.cpp still runs.
-            cleanup = asyncio.ensure_future(_close(pieces, stack))
+            # Cancels the ticket (the scheduler drops it within one step) and releases the model.
+            cleanup = asyncio.ensure_future(stack.aclose())
             self._background.add(cleanup)
             cleanup.add_done_callback(self._background.discard)
         yield "data: [DONE]\n\n"
 
+    @staticmethod
+    def _deltas(
+        item: Delta,
+        p: Plan,
+        buffered: list[list[str]],
+        chunk: Callable[..., str],
+        with_logprobs: bool | None,
+    ) -> list[str]:
+        out = []
+        logprobs = (
+            {"content": _logprobs_json(item.logprobs), "refusal": None}
+            if with_logprobs and item.logprobs
+            else None
+        )
+        finish = item.finish_reason
+        if p.tools:
+            buffered[item.index].append(item.text)  # a tool call is sent whole, once parsed
+            if logprobs is not None:
+                out.append(chunk(item.index, {}, None, logprobs))
+            if finish is None:
+                return out
+            text = "".join(buffered[item.index])
+            calls = parse_tool_calls(text, p.tools)
+            if calls:
+                finish = "tool_calls"
+                delta: dict[str, Any] = {
+                    "tool_calls": [{"index": i, **c.model_dump()} for i, c in enumerate(calls)]
+                }
+            else:
+                delta = {"content": text}
+            out.append(chunk(item.index, delta))
+        elif item.text or logprobs is not None:
+            out.append(chunk(item.index, {"content": item.text}, None, logprobs))
+        if finish is not None:
+            out.append(chunk(item.index, {}, "stop" if finish == "abort" else finish))
+        return out
 
-async def _close(pieces: AsyncIterator[Any], stack: contextlib.AsyncExitStack) -> None:
-    try:
-        await pieces.aclose()  # type: ignore[attr-defined]
-    finally:
-        await stack.aclose()
 
-
-async def _watch_disconnect(is_disconnected: Callable[[], Awaitable[bool]], stop: threading.Event) -> None:
-    while not stop.is_set():
+async def _watch_disconnect(
+    is_disconnected: Callable[[], Awaitable[bool]], ticket: Ticket, scheduler: Scheduler
+) -> None:
+    """Servers that do not fail writes to a closed connection still tell us through receive."""
+    while not ticket.cancelled.is_set():
         if await is_disconnected():
-            stop.set()
+            ticket.cancel()
+            scheduler.wake()
             return
         await asyncio.sleep(0.25)

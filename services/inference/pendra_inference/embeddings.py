@@ -1,20 +1,23 @@
-"""`/v1/embeddings` without the HTTP glue: normalize inputs, check them, embed in batches, shape.
+"""`/v1/embeddings` without the HTTP glue: normalize inputs, check them, embed, shape, render.
 
 Inputs are tokenized first and checked against the model (empty inputs, token ids outside the
 vocabulary, sequences longer than the context) so llama.cpp never sees anything it would abort on.
+The model's `EmbedBatcher` (`embed_batcher.py`) embeds them, sharing decodes with other requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from typing import Any
 
 import numpy as np
-from pendra_shared.api_errors import ContextLengthExceeded, InvalidRequest
+from pendra_shared.api_errors import APIError, ContextLengthExceeded, InvalidRequest
 
+from pendra_inference.embed_batcher import EmbedBatcher
 from pendra_inference.metrics import InferenceMetrics
-from pendra_inference.protocol import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from pendra_inference.protocol import EmbeddingRequest
 from pendra_inference.registry import Loaded, ModelRegistry
 
 
@@ -64,16 +67,37 @@ def tokenize_inputs(loaded: Loaded, req: EmbeddingRequest, max_inputs: int) -> l
     return out
 
 
-def _shape(vector: list[float], dimensions: int | None, encoding: str) -> list[float] | str:
-    array = np.asarray(vector, dtype=np.float32)
-    if dimensions is not None:
-        array = array[:dimensions]
-        norm = float(np.linalg.norm(array))
-        if norm > 0:
-            array = array / norm
+def shape(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
+    """OpenAI's `dimensions`: the first `dimensions` numbers of each vector, renormalized."""
+    if dimensions is None:
+        return vectors
+    cut = vectors[:, :dimensions].astype(np.float64)
+    norms = np.linalg.norm(cut, axis=1, keepdims=True)
+    np.divide(cut, norms, out=cut, where=norms > 0)
+    return cut.astype(np.float32)
+
+
+def render(vectors: np.ndarray, encoding: str, model: str, tokens: int) -> bytes:
+    """The response body, OpenAI's `CreateEmbeddingResponse`, written directly: a pydantic object
+    per vector and a float per number cost more than the decode of short inputs. `float` numbers
+    get 9 significant digits, which give back each float32 exactly; `base64` is little-endian
+    float32, as the openai client expects."""
     if encoding == "base64":
-        return base64.b64encode(array.astype("<f4").tobytes()).decode("ascii")
-    return [float(x) for x in array]
+        items = [f'"{base64.b64encode(row.tobytes()).decode("ascii")}"' for row in vectors.astype("<f4")]
+    else:
+        if not np.isfinite(vectors).all():
+            raise APIError(f"'{model}' produced an embedding that is not a finite number")
+        row_format = "[" + ",".join(["%.9g"] * vectors.shape[1]) + "]"
+        items = [row_format % tuple(row) for row in vectors.tolist()]
+    data = ",".join(
+        f'{{"object":"embedding","embedding":{item},"index":{i}}}' for i, item in enumerate(items)
+    )
+    usage = f'{{"prompt_tokens":{tokens},"total_tokens":{tokens}}}'
+    return f'{{"object":"list","data":[{data}],"model":{json.dumps(model)},"usage":{usage}}}'.encode()
+
+
+# Bodies of up to this many numbers are written on the event loop; bigger ones in a thread.
+_INLINE_NUMBERS = 16_384
 
 
 class EmbeddingService:
@@ -84,7 +108,9 @@ class EmbeddingService:
         self.max_inputs = max_inputs
         self.metrics = metrics or InferenceMetrics()
 
-    async def embed(self, req: EmbeddingRequest) -> EmbeddingList:
+    async def embed(self, req: EmbeddingRequest) -> bytes:
+        """The JSON response body for `req`. The model's `EmbedBatcher` packs these inputs into
+        decodes together with those of other requests."""
         async with self.registry.use(req.model, "embedding", req.keep_alive) as loaded:
             n_embd = loaded.engine.n_embd
             if req.dimensions is not None and req.dimensions > n_embd:
@@ -92,19 +118,11 @@ class EmbeddingService:
                     f"dimensions must be at most {n_embd} for this model", param="dimensions"
                 )
             tokens = await asyncio.to_thread(tokenize_inputs, loaded, req, self.max_inputs)
-
-            def run() -> list[list[float]]:
-                with loaded.lock:
-                    return loaded.engine.embed(tokens)
-
-            vectors = await asyncio.to_thread(run)
+            batcher: EmbedBatcher = loaded.runner
+            vectors = await batcher.embed(tokens)
         used = sum(len(t) for t in tokens)
         self.metrics.embeddings_done(req.model, used)
-        return EmbeddingList(
-            data=[
-                Embedding(embedding=_shape(v, req.dimensions, req.encoding_format), index=i)
-                for i, v in enumerate(vectors)
-            ],
-            model=req.model,
-            usage=EmbeddingUsage(prompt_tokens=used, total_tokens=used),
-        )
+        vectors = shape(vectors, req.dimensions)
+        if vectors.size <= _INLINE_NUMBERS:
+            return render(vectors, req.encoding_format, req.model, used)
+        return await asyncio.to_thread(render, vectors, req.encoding_format, req.model, used)

@@ -77,8 +77,15 @@ class ChatCompletionRequest(_Request):
     top_p: float = Field(default=1.0, ge=0.0, le=1.0)
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
-    # -- Pendra extensions (Ollama style) --
+    # -- Pendra extensions (llama.cpp and Ollama style) --
+    top_k: int = Field(default=0, ge=0, description="Sample from the k likeliest tokens; 0: off.")
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    cache_prompt: bool = Field(
+        default=True,
+        description="Start from a cached prompt prefix when one exists (false: decode the whole prompt).",
+    )
     keep_alive: str | int | float | None = None
 
 
@@ -92,17 +99,37 @@ class ChoiceMessage(BaseModel):
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
 class Choice(BaseModel):
     index: int
     message: ChoiceMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class ChatCompletion(BaseModel):

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,9 @@ from pendra_shared.gguf_header import read_header
 from pendra_shared.store import ModelStore, ScanResult, StoredModel
 
 from pendra_inference.backends import activate
+from pendra_inference.embed_batcher import EmbedBatcher
 from pendra_inference.engine import POOLING, EngineConfig, LlamaEngine, gpu_offload_supported
+from pendra_inference.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class Loaded:
     identity: Identity
     memory_bytes: int
     keep_alive_s: float | None
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
+    runner: Any = None  # the chat model's Scheduler or the embedding model's EmbedBatcher
     in_flight: int = 0
     last_used: float = field(default_factory=time.monotonic)
     retired: bool = False
@@ -199,13 +200,56 @@ class ModelRegistry:
             )
             identity = identity_of(model.path)
             try:
-                engine = await asyncio.to_thread(self.engine_factory, model.path, config)
+                engine, runner = await asyncio.to_thread(self._load, model, config)
             except (ValueError, RuntimeError, OSError) as exc:
                 logger.exception("loading %s failed", model.name)
                 raise Unavailable(f"'{model.name}' could not be loaded: {exc}") from None
-            loaded = Loaded(model, engine, identity, memory, self.default_keep_alive)
+            loaded = Loaded(model, engine, identity, memory, self.default_keep_alive, runner)
             self._loaded[model.name] = loaded
             return loaded
+
+    def _load(self, model: StoredModel, config: EngineConfig) -> tuple[LlamaEngine, Any]:
+        engine = self.engine_factory(model.path, config)
+        try:
+            if config.embedding:
+                budget = int(self._options(model).get("embed_batch_tokens", self.settings.embed_batch_tokens))
+                return engine, EmbedBatcher(engine, token_budget=budget, name=model.name)
+            return engine, Scheduler(
+                engine.model, engine.vocab, self.scheduler_config(model, config), model.name
+            )
+        except BaseException:
+            engine.close()
+            raise
+
+    @staticmethod
+    def _options(model: StoredModel) -> dict[str, Any]:
+        return dict(model.sidecar.options) if model.sidecar else {}
+
+    def scheduler_config(self, model: StoredModel, config: EngineConfig) -> SchedulerConfig:
+        s = self.settings
+        options = self._options(model)
+        return SchedulerConfig(
+            n_ctx=config.n_ctx,
+            parallel=config.parallel,
+            n_batch=config.n_batch,
+            n_ubatch=config.n_ubatch,
+            prefill_budget=int(options.get("prefill_budget", s.prefill_budget)),
+            max_queue=s.max_queue,
+            queue_timeout_s=s.queue_timeout_s,
+            n_threads=config.n_threads or usable_cores(),
+            prefix_cache=bool(options.get("prefix_cache", s.prefix_cache)),
+            flash_attention=flash_attention(str(options.get("flash_attention", s.flash_attention)), config),
+        )
+
+    def parallel_for(self, model: StoredModel, n_ctx: int, gpu: bool) -> int:
+        """Sequences of `n_ctx` tokens the model's cache holds: the setting or sidecar option, else as
+        many as a fair share of the memory budget allows (8 at most on a CPU, 32 on a GPU)."""
+        chosen = int(self._options(model).get("parallel", self.settings.parallel))
+        if chosen > 0:
+            return chosen
+        share = self.budget // max(1, self.settings.max_loaded_models) - model.size_bytes
+        per_sequence = max(1, kv_cache_bytes(model.path, n_ctx))
+        return max(1, min(32 if gpu else 8, share // per_sequence))
 
     def engine_config(self, model: StoredModel) -> tuple[EngineConfig, int]:
         """How to load `model` (settings, overridden by its sidecar's options) and its memory."""
@@ -229,6 +273,7 @@ class ModelRegistry:
         gpu_layers = options.get("n_gpu_layers", s.n_gpu_layers)
         if gpu_layers is None:
             gpu_layers = -1 if self.gpu else 0
+        parallel = 1 if embedding else self.parallel_for(model, n_ctx, self.gpu and int(gpu_layers) != 0)
         config = EngineConfig(
             n_ctx=n_ctx,
             n_batch=min(n_batch, n_ctx),
@@ -237,8 +282,9 @@ class ModelRegistry:
             n_gpu_layers=int(gpu_layers),
             embedding=embedding,
             pooling=pooling,
+            parallel=parallel,
         )
-        return config, model.size_bytes + kv_cache_bytes(model.path, n_ctx)
+        return config, model.size_bytes + kv_cache_bytes(model.path, n_ctx * parallel)
 
     async def _make_room(self, name: str, needed: int) -> None:
         def used() -> int:
@@ -269,7 +315,13 @@ class ModelRegistry:
     async def _unload(self, loaded: Loaded) -> None:
         if self._loaded.get(loaded.name) is loaded:
             del self._loaded[loaded.name]
-        await asyncio.to_thread(loaded.engine.close)
+
+        def close() -> None:
+            if loaded.runner is not None:
+                loaded.runner.close()
+            loaded.engine.close()
+
+        await asyncio.to_thread(close)
         logger.info("unloaded %s", loaded.name)
 
     async def reap_idle(self) -> None:
@@ -293,6 +345,18 @@ class ModelRegistry:
 
     def loaded_names(self) -> list[str]:
         return sorted(self._loaded)
+
+    def loaded_models(self) -> list[Loaded]:
+        return list(self._loaded.values())
+
+
+def flash_attention(setting: str, config: EngineConfig) -> bool | None:
+    """auto: llama.cpp's choice with a GPU; off on a CPU (batch-invariant results, see the README)."""
+    if setting == "on":
+        return True
+    if setting == "off":
+        return False
+    return None if config.n_gpu_layers != 0 else False
 
 
 def kv_cache_bytes(path: Path, n_ctx: int) -> int:

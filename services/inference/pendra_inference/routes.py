@@ -16,6 +16,7 @@ from pendra_inference.protocol import (
     ModelCard,
     ModelList,
 )
+from pendra_inference.scheduler import Scheduler
 from pendra_inference.state import AppState
 
 router = APIRouter()
@@ -65,7 +66,11 @@ def _card(state: AppState, m: StoredModel) -> ModelCard:
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     state = _state(request)
-    body = state.metrics.render(len(state.registry.loaded_names()))
+    loaded = [
+        (m.name, m.runner.stats() if isinstance(m.runner, Scheduler) else None)
+        for m in state.registry.loaded_models()
+    ]
+    body = state.metrics.render(loaded)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -96,9 +101,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 
 @router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
-    result = await _state(request).embeddings.embed(body)
-    return JSONResponse(result.model_dump(mode="json"))
+async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    return Response(await _state(request).embeddings.embed(body), media_type="application/json")
 
 
 UNSUPPORTED = {

@@ -1,0 +1,617 @@
+"""Continuous batching for one chat model: one thread, one llama.cpp context, many sequences.
+
+The scheduler owns a context with a unified KV cache of `n_ctx × parallel` cells shared by up to
+llama.cpp's 256 sequences. Requests wait in a bounded queue (`max_queue`, `queue_timeout_s`) and
+are admitted, oldest first, as soon as their prompt and `max_tokens` fit in the cells not promised
+to others; there is no fixed slot count. Its thread repeats one step:
+
+1. drop requests whose client left, and fail those that waited too long;
+2. admit waiting requests: reuse the longest prefix any sequence holds, running or finished
+   (`llama_memory_seq_cp` shares cells, it copies nothing), and evict finished sequences, least
+   recently used first, only when their cells are needed;
+3. build one batch: the pending token of every generating sequence, then prompt chunks of newly
+   admitted ones, at most `prefill_budget` tokens while others generate (chunked prefill);
+4. `llama_decode` it once (the GIL is released meanwhile);
+5. sample every sequence whose row has logits with its own sampler chain, detokenize, check stop
+   strings and limits; an `n` > 1 request forks its prompt's cells to its other choices here;
+6. hand the step's deltas to the event loop in one `call_soon_threadsafe`.
+
+Nothing else touches the context. The event loop only submits tickets and reads their queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp
+import numpy as np
+from pendra_shared.api_errors import APIError, InvalidRequest, Overloaded, Unavailable
+
+from pendra_inference.detokenize import TextStream
+from pendra_inference.sampling import Candidates, Sampler, logprobs_of
+from pendra_inference.sequence import Completion, Delta, Result, Sequence, Ticket, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    n_ctx: int  # per sequence: a request's prompt plus max_tokens
+    parallel: int  # the cache holds n_ctx × parallel cells
+    n_batch: int  # tokens in one llama_decode
+    n_ubatch: int
+    prefill_budget: int  # prompt tokens per step while other sequences generate
+    max_queue: int
+    queue_timeout_s: float
+    n_threads: int
+    prefix_cache: bool = True
+    # With a unified cache, attention without flash attention spans every used cell, every
+    # sequence's (measured here, 16 sequences beside 3,000 cached cells: 118 ms a step against 78
+    # with it); but llama.cpp's CPU flash attention takes different paths for different batch
+    # shapes, so a sequence's logits then depend on its batch-mates. None: llama.cpp decides.
+    flash_attention: bool | None = None  # None: llama.cpp decides
+
+
+@dataclass
+class _Request:
+    ticket: Ticket
+    seqs: list[Sequence]
+    admitted_at: float
+    cached_tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return all(s.finish is not None for s in self.seqs)
+
+
+@dataclass
+class SchedulerStats:
+    waiting: int = 0
+    running: int = 0
+    kv_cells: int = 0  # cells of the unified cache
+    kv_cells_used: int = 0  # held by running and cached sequences (shared prefixes counted once each)
+    kv_cells_reserved: int = 0  # promised to running requests (prompt + max_tokens)
+    cached_sequences: int = 0
+    steps: int = 0
+    prefix_hit_tokens: int = 0
+    prompt_tokens: int = 0  # prompt tokens offered (cached or not)
+    decode_seconds: float = 0.0  # in llama_decode
+    sample_seconds: float = 0.0  # choosing tokens, detokenizing, handing them out
+
+
+class Scheduler:
+    def __init__(self, model: Any, vocab: Any, config: SchedulerConfig, name: str = "") -> None:
+        self.config = config
+        self.name = name
+        self.vocab = vocab
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
+        self.n_swa = int(llama_cpp.llama_model_n_swa(model))
+        self.n_seq_max = int(llama_cpp.llama_max_parallel_sequences())
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = config.n_ctx * config.parallel
+        params.n_batch = max(config.n_batch, self.n_seq_max)
+        params.n_ubatch = min(config.n_ubatch, params.n_batch)
+        params.n_seq_max = self.n_seq_max
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = config.n_threads
+        params.no_perf = True
+        params.flash_attn_type = {None: -1, False: 0, True: 1}[config.flash_attention]
+        self.ctx = llama_cpp.llama_init_from_model(model, params)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {params.n_ctx} cells")
+        self.capacity = int(llama_cpp.llama_n_ctx(self.ctx))
+        self.batch_size = int(params.n_batch)
+        self.batch = llama_cpp.llama_batch_init(self.batch_size, 0, 1)
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.candidates = Candidates(self.n_vocab)
+        self._piece = ctypes.create_string_buffer(256)
+
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._closing = False
+        self._running: list[_Request] = []
+        self._cached: collections.OrderedDict[int, list[int]] = collections.OrderedDict()  # LRU first
+        self._free_ids = list(range(self.n_seq_max))
+        self._stats = SchedulerStats(kv_cells=self.capacity)
+        self._thread = threading.Thread(target=self._run, name=f"pendra-scheduler-{name}", daemon=True)
+        self._thread.start()
+
+    # -- the event loop's side ---------------------------------------------------------------
+
+    def submit(self, completion: Completion) -> Ticket:
+        """Queue a completion; raises Overloaded when the queue is full. Call on the event loop."""
+        if completion.cells > self.capacity:
+            raise Unavailable(f"the request needs {completion.cells} KV cells; the cache has {self.capacity}")
+        ticket = Ticket(completion)
+        with self._cond:
+            if self._closing:
+                raise Unavailable(f"'{self.name}' is being unloaded; retry")
+            if len(self._waiting) >= self.config.max_queue:
+                raise Overloaded(
+                    f"'{self.name}' has {len(self._waiting)} requests waiting (PENDRA_MAX_QUEUE); "
+                    "retry shortly"
+                )
+            self._waiting.append(ticket)
+            self._cond.notify()
+        return ticket
+
+    def wake(self) -> None:
+        """Look at the queue now (a ticket was cancelled)."""
+        with self._cond:
+            self._cond.notify()
+
+    def stats(self) -> SchedulerStats:
+        with self._cond:
+            self._stats.waiting = len(self._waiting)
+        return self._stats
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+        gone = Unavailable(f"'{self.name}' was unloaded")
+        for ticket in self._waiting:
+            self._post(ticket, gone)
+        for req in self._running:
+            self._post(req.ticket, gone)
+            for seq in req.seqs:
+                seq.sampler.close()
+        self._waiting.clear()
+        self._running.clear()
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+        self.ctx = None
+
+    # -- the thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._closing:
+                    return
+            try:
+                self._step()
+            except Exception as exc:  # noqa: BLE001 - every request in flight gets the error
+                logger.exception("%s: scheduler step failed", self.name)
+                self._fail_running(exc)
+            if not self._running:
+                with self._cond:
+                    if self._waiting and not self._closing:
+                        # Waiting but not admitted (no room): look again soon, for timeouts.
+                        self._cond.wait(0.05)
+
+    def _step(self) -> None:
+        self._drop_gone()
+        self._admit()
+        if not self._running:
+            return
+        self._resolve_waits()
+        sequences = self._fill_batch()
+        if not sequences:
+            return
+        started = time.perf_counter()
+        self._decode()
+        decoded = time.perf_counter()
+        self._sample(sequences)
+        stats = self._stats
+        stats.steps += 1
+        stats.decode_seconds += decoded - started
+        stats.sample_seconds += time.perf_counter() - decoded
+
+    def _drop_gone(self) -> None:
+        now = time.monotonic()
+        with self._cond:
+            keep: collections.deque[Ticket] = collections.deque()
+            for ticket in self._waiting:
+                if ticket.cancelled.is_set():
+                    continue
+                if now - ticket.submitted_at > self.config.queue_timeout_s:
+                    self._post(
+                        ticket,
+                        Overloaded(
+                            f"'{self.name}' is busy: the request waited {self.config.queue_timeout_s:g}s "
+                            "in the queue (PENDRA_QUEUE_TIMEOUT_S); retry shortly"
+                        ),
+                    )
+                    continue
+                keep.append(ticket)
+            self._waiting = keep
+        for req in list(self._running):
+            if req.ticket.cancelled.is_set():
+                generated = sum(s.generated for s in req.seqs)
+                logger.info("%s: client went away; stopped after %d tokens", self.name, generated)
+                for seq in req.seqs:
+                    if seq.finish is None:
+                        seq.finish = "abort"
+                self._finish(req, now)
+
+    # -- admission -----------------------------------------------------------------------------
+
+    def _reserved(self) -> int:
+        return sum(r.ticket.completion.cells for r in self._running)
+
+    def _admit(self) -> None:
+        while True:
+            with self._cond:
+                if not self._waiting:
+                    return
+                ticket = self._waiting[0]
+                need = ticket.completion.cells
+                n = ticket.completion.n
+                if self._reserved() + need > self.capacity:
+                    return  # wait for running requests to finish (oldest first, no overtaking)
+                self._waiting.popleft()
+            try:
+                self._start(ticket, need, n)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                logger.exception("%s: could not start a request", self.name)
+                self._post(ticket, APIError(f"generation failed: {exc}"))
+
+    def _start(self, ticket: Ticket, need: int, n: int) -> None:
+        completion = ticket.completion
+        prompt = completion.prompt
+        try:
+            samplers = [Sampler(self.vocab, self.n_vocab, completion.sampling, i) for i in range(n)]
+        except ValueError as exc:  # checked before submitting; only this request fails
+            self._post(ticket, InvalidRequest(str(exc)))
+            return
+        reuse = self.config.prefix_cache and completion.cache_prompt
+        source, shared, in_flight = self._longest_prefix(prompt) if reuse else (None, 0, None)
+        if in_flight is not None:
+            source = None  # shared later, when `in_flight` has decoded it (see _resolve_waits)
+        ids: list[int] = []
+        if (
+            source is not None
+            and source in self._cached
+            and (shared >= len(self._cached[source]) or len(self._free_ids) < n)
+        ):
+            # A finished sequence holds the prefix and nothing more worth keeping (or there is no
+            # free sequence id): take it over. Otherwise it stays cached and its cells are shared.
+            tokens = self._cached.pop(source)
+            if llama_cpp.llama_memory_seq_rm(self.memory, source, shared, -1):
+                ids.append(source)
+            else:
+                llama_cpp.llama_memory_seq_rm(self.memory, source, -1, -1)
+                self._free_ids.append(source)
+                shared = 0
+            del tokens
+        # Ids first (never evicting the prefix's holder before its cells are shared) ...
+        if source is not None and source in self._cached:
+            self._cached.move_to_end(source)  # recently useful: evicted last
+        while len(self._free_ids) < n - len(ids) and self._evict(keep=source):
+            pass
+        if len(self._free_ids) < n - len(ids):
+            for sampler in samplers:
+                sampler.close()
+            for seq_id in ids:
+                llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+                self._free_ids.append(seq_id)
+            self._post(ticket, Overloaded(f"'{self.name}' has no free sequence; retry shortly"))
+            return
+        self._free_ids.sort()
+        while len(ids) < n:
+            ids.append(self._free_ids.pop(0))
+        first = ids[0]
+        if shared and source is not None and source != first:
+            llama_cpp.llama_memory_seq_rm(self.memory, first, -1, -1)
+            llama_cpp.llama_memory_seq_cp(self.memory, source, first, 0, shared)
+        elif not shared or in_flight is not None:
+            llama_cpp.llama_memory_seq_rm(self.memory, first, -1, -1)
+        # ... then cells: finished sequences go, least recently used first, when theirs are needed.
+        while self._reserved() + need + self._cached_cells() > self.capacity and self._evict():
+            pass
+        seqs = []
+        for index, (seq_id, sampler) in enumerate(zip(ids, samplers, strict=True)):
+            seq = Sequence(ticket, index, seq_id, sampler, TextStream(completion.stops), tokens=[])
+            if index == 0:
+                seq.tokens = list(prompt[:shared])
+                seq.prefill = list(prompt[shared:])
+                if in_flight is not None:
+                    seq.tokens = []
+                    seq.extra["wait"] = (in_flight, shared)
+                    in_flight.extra.setdefault("cuts", set()).add(shared)
+            seqs.append(seq)
+        now = time.monotonic()
+        req = _Request(ticket, seqs, admitted_at=now, cached_tokens=shared)
+        self._running.append(req)
+        self._stats.prefix_hit_tokens += shared
+        self._stats.prompt_tokens += len(prompt)
+        self._post(ticket, None)
+
+    def _longest_prefix(self, prompt: list[int]) -> tuple[int | None, int, Sequence | None]:
+        """The sequence holding the longest prefix of `prompt` that may be shared, its length, and
+        the running sequence still decoding it (None when the cells are there already). At least
+        one prompt token is always left to decode (its logits start the answer)."""
+        best: tuple[int | None, int, Sequence | None] = (None, 0, None)
+        limit = len(prompt) - 1
+        holders: list[tuple[int, list[int], Sequence | None]] = [
+            (s, t, None) for s, t in self._cached.items()
+        ]
+        for req in self._running:
+            for seq in req.seqs:
+                if "wait" in seq.extra:
+                    continue
+                holders.append((seq.seq_id, seq.tokens + seq.prefill, seq if seq.prefill else None))
+        for seq_id, tokens, source in holders:
+            if not tokens or tokens[0] != prompt[0]:
+                continue
+            size = _common_prefix(tokens, prompt, limit)
+            in_flight = source is not None and size > source.n_past
+            # With sliding-window attention, cells a sequence no longer sees may be overwritten;
+            # a strict prefix of a sequence longer than the window may have lost some of them.
+            # (A prefix still being decoded is shared the moment its last token is.)
+            held = source.n_past if source is not None else len(tokens)
+            if not in_flight and self.n_swa and size < held and held > self.n_swa:
+                continue
+            if size > best[1]:
+                best = (seq_id, size, source if in_flight else None)
+        return best
+
+    def _cached_cells(self) -> int:
+        return sum(len(t) for t in self._cached.values())
+
+    def _evict(self, keep: int | None = None) -> bool:
+        """Drop the least recently used finished sequence (other than `keep`); False if none."""
+        victim = next((seq_id for seq_id in self._cached if seq_id != keep), None)
+        if victim is None:
+            return False
+        del self._cached[victim]
+        llama_cpp.llama_memory_seq_rm(self.memory, victim, -1, -1)
+        self._free_ids.append(victim)
+        return True
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def _resolve_waits(self) -> None:
+        """Requests waiting for a running sequence to decode their common prefix: share its cells
+        once it has (its chunks end exactly there), or decode the prompt alone if it went away."""
+        for req in self._running:
+            seq = req.seqs[0]
+            wait = seq.extra.get("wait")
+            if wait is None:
+                continue
+            source, size = wait
+            prompt = req.ticket.completion.prompt
+            if source.finish is None and source.n_past >= size and source.tokens[:size] == prompt[:size]:
+                llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
+                llama_cpp.llama_memory_seq_cp(self.memory, source.seq_id, seq.seq_id, 0, size)
+                seq.tokens = list(prompt[:size])
+                del seq.extra["wait"]
+            elif source.finish is not None or source not in (s for r in self._running for s in r.seqs):
+                seq.tokens, seq.prefill = [], list(prompt)
+                self._stats.prefix_hit_tokens -= req.cached_tokens
+                req.cached_tokens = 0
+                del seq.extra["wait"]
+
+    def _fill_batch(self) -> list[Sequence]:
+        batch = self.batch
+        count = 0
+        out: list[Sequence] = []
+        generating = sorted(
+            (s for r in self._running for s in r.seqs if s.pending is not None), key=lambda s: s.seq_id
+        )
+        for seq in generating:
+            self._add(count, seq.pending or 0, seq.n_past, seq.seq_id, True)
+            seq.row = count
+            seq.extra["chunk"] = 0
+            count += 1
+            out.append(seq)
+        budget = self.batch_size - count
+        if generating:
+            budget = min(budget, self.config.prefill_budget)
+        for req in self._running:
+            seq = req.seqs[0]
+            if not seq.prefill or budget <= 0 or "wait" in seq.extra:
+                continue
+            # End a chunk where a waiting request's shared prefix ends, so it can share from there.
+            cuts = [c - seq.n_past for c in seq.extra.get("cuts", ()) if c > seq.n_past]
+            chunk = seq.prefill[: min([budget, *cuts])]
+            last = len(chunk) == len(seq.prefill)
+            for j, token in enumerate(chunk):
+                self._add(count, token, seq.n_past + j, seq.seq_id, last and j == len(chunk) - 1)
+                count += 1
+            seq.row = count - 1 if last else -1
+            seq.extra["chunk"] = len(chunk)
+            budget -= len(chunk)
+            out.append(seq)
+        batch.n_tokens = count
+        return out
+
+    def _add(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        batch = self.batch
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq_id
+        batch.logits[i] = logits
+
+    def _decode(self) -> None:
+        while True:
+            rc = int(llama_cpp.llama_decode(self.ctx, self.batch))
+            if rc == 0:
+                return
+            if rc == 1 and self._cached:
+                self._evict()  # no room in the cache: a finished sequence gives its cells
+                continue
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def _sample(self, sequences: list[Sequence]) -> None:
+        now = time.monotonic()
+        events: list[tuple[Ticket, Delta | Result | BaseException | None]] = []
+        for seq in sequences:
+            chunk = seq.extra.get("chunk", 0)
+            if chunk:
+                seq.tokens.extend(seq.prefill[:chunk])
+                del seq.prefill[:chunk]
+            elif seq.pending is not None:
+                seq.tokens.append(seq.pending)
+                seq.pending = None
+        for req in list(self._running):
+            first = req.seqs[0]
+            if first.row < 0 or first.prefill:
+                rows = [s for s in req.seqs if s.row >= 0 and s.finish is None and s is not first]
+            else:
+                rows = [first]
+                if len(req.seqs) > 1 and not req.seqs[1].tokens and req.seqs[1].finish is None:
+                    for child in req.seqs[1:]:  # n > 1: the prompt's cells become every choice's
+                        llama_cpp.llama_memory_seq_rm(self.memory, child.seq_id, -1, -1)
+                        llama_cpp.llama_memory_seq_cp(self.memory, first.seq_id, child.seq_id, 0, -1)
+                        child.tokens = list(first.tokens)
+                        child.row = first.row
+                        rows.append(child)
+                else:
+                    rows += [s for s in req.seqs[1:] if s.row >= 0 and s.finish is None]
+            for seq in rows:
+                delta = self._next_token(req, seq, now)
+                if delta is not None:
+                    events.append((req.ticket, delta))
+            for seq in req.seqs:
+                seq.row = -1
+            if req.done:
+                events.extend(self._finish(req, now, post=False))
+        self._post_many(events)
+
+    def _next_token(self, req: _Request, seq: Sequence, now: float) -> Delta | None:
+        completion = req.ticket.completion
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self.ctx, seq.row), shape=(self.n_vocab,)
+        )
+        token = seq.sampler.sample(logits, self.candidates)
+        seq.generated += 1
+        if req.first_token_at is None:
+            req.first_token_at = now
+        req.last_token_at = now
+        logprobs = None
+        top = completion.sampling.top_logprobs
+        eog = bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        piece = b"" if eog else self._token_piece(token)
+        if top is not None:
+            value, alternatives = logprobs_of(logits, token, top)
+            logprobs = [
+                TokenLogprob(
+                    piece.decode("utf-8", errors="replace"),
+                    value,
+                    list(piece),
+                    [self._alternative(t, lp) for t, lp in alternatives],
+                )
+            ]
+        text = seq.text.push(piece) if not eog else ""
+        if eog or seq.text.stopped:
+            seq.finish = "stop"
+        elif seq.generated >= completion.max_tokens:
+            seq.finish = "length"
+        else:
+            seq.pending = token
+        if seq.finish is not None:
+            text += seq.text.flush()
+        if not text and logprobs is None and seq.finish is None:
+            return None
+        return Delta(seq.index, text, logprobs, seq.finish)
+
+    def _alternative(self, token: int, logprob: float) -> tuple[str, float, list[int]]:
+        piece = self._token_piece(token)
+        return piece.decode("utf-8", errors="replace"), logprob, list(piece)
+
+    def _token_piece(self, token: int) -> bytes:
+        size = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        if size < 0:
+            buf = ctypes.create_string_buffer(-size)
+            size = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -size, 0, False)
+            return buf.raw[:size]
+        return self._piece.raw[:size]
+
+    def _finish(
+        self, req: _Request, now: float, post: bool = True
+    ) -> list[tuple[Ticket, Delta | Result | BaseException | None]]:
+        """Release a request's sequences; their cells stay cached for later prefixes."""
+        self._running.remove(req)
+        for seq in req.seqs:
+            seq.sampler.close()
+            if seq.tokens and self.config.prefix_cache:
+                self._cached[seq.seq_id] = seq.tokens
+            else:
+                llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
+                self._free_ids.append(seq.seq_id)
+        ticket = req.ticket
+        result = Result(
+            prompt_tokens=len(ticket.completion.prompt),
+            cached_tokens=req.cached_tokens,
+            completion_tokens=[s.generated for s in req.seqs],
+            queue_s=req.admitted_at - ticket.submitted_at,
+            first_token_s=None if req.first_token_at is None else req.first_token_at - ticket.submitted_at,
+            decode_s=0.0
+            if req.first_token_at is None or req.last_token_at is None
+            else req.last_token_at - req.first_token_at,
+        )
+        events: list[tuple[Ticket, Delta | Result | BaseException | None]] = [(ticket, result)]
+        self._update_usage()
+        if post:
+            self._post_many(events)
+            return []
+        return events
+
+    def _update_usage(self) -> None:
+        stats = self._stats
+        stats.running = len(self._running)
+        stats.cached_sequences = len(self._cached)
+        stats.kv_cells_reserved = self._reserved()
+        held = sum(s.n_past for r in self._running for s in r.seqs) + self._cached_cells()
+        stats.kv_cells_used = min(held, self.capacity)
+
+    def _fail_running(self, exc: Exception) -> None:
+        error = exc if isinstance(exc, APIError) else APIError(f"generation failed: {exc}")
+        for req in list(self._running):
+            self._running.remove(req)
+            for seq in req.seqs:
+                seq.sampler.close()
+                llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
+                self._free_ids.append(seq.seq_id)
+            self._post(req.ticket, error)
+        self._update_usage()
+
+    # -- to the event loop ---------------------------------------------------------------------
+
+    def _post(self, ticket: Ticket, item: BaseException | None) -> None:
+        """Admission (None) or a failure, for one ticket."""
+        self._post_many([(ticket, item)])
+
+    def _post_many(self, events: list[tuple[Ticket, Delta | Result | BaseException | None]]) -> None:
+        if not events:
+            return
+        self._update_usage()
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Ticket, Any]]] = {}
+        for ticket, item in events:
+            by_loop.setdefault(ticket.loop, []).append((ticket, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+
+def _deliver(items: list[tuple[Ticket, Any]]) -> None:
+    for ticket, item in items:
+        if item is None or isinstance(item, BaseException):
+            ticket._admit(item)
+        else:
+            ticket.events.put_nowait(item)
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    size = min(len(a), len(b), limit)
+    for i in range(size):
+        if a[i] != b[i]:
+            return i
+    return size

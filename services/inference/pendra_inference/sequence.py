@@ -1,0 +1,124 @@
+"""What one request carries through the scheduler, and how its results reach the event loop.
+
+A `Completion` is what a caller submits: prompt tokens, how many choices (`n`), the sampling
+parameters, the token limit and the stop strings. The scheduler turns each choice into a `Sequence`
+(one llama.cpp sequence id, its sampler, its text stream). A `Ticket` is the caller's side: an
+asyncio queue of `Delta`s and one final `Result` (or an exception), `admitted` to learn when the
+request has left the queue, and `cancel()` for a client that went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pendra_inference.detokenize import TextStream
+from pendra_inference.sampling import Sampler, SamplingParams
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stops: tuple[str, ...] = ()
+    n: int = 1
+    cache_prompt: bool = True  # may start from a cached prefix (llama-server's name)
+
+    @property
+    def cells(self) -> int:
+        """KV cells the request may need at most (shared prefixes counted as if they were not)."""
+        return len(self.prompt) + self.n * self.max_tokens
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, float, list[int]]]
+
+
+@dataclass
+class Delta:
+    index: int  # the choice
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # set on the choice's last delta: stop, length or abort
+
+
+@dataclass
+class Result:
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: list[int]  # per choice
+    queue_s: float  # submitted to admitted
+    first_token_s: float | None  # submitted to the first sampled token; None if none was
+    decode_s: float  # first to last sampled token
+
+
+class Ticket:
+    """The caller's handle on a submitted completion. Created on the event loop."""
+
+    def __init__(self, completion: Completion) -> None:
+        self.completion = completion
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[Delta | Result | BaseException] = asyncio.Queue()
+        self.admitted: asyncio.Future[None] = self.loop.create_future()
+        self.submitted_at = time.monotonic()
+        self.cancelled = threading.Event()
+        self.result: Result | None = None  # set when `deltas` has ended
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """The deltas as the scheduler hands them out, then `result` is set; a failure raises."""
+        while True:
+            item = await self.events.get()
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, Result):
+                self.result = item
+                return
+            yield item
+
+    def cancel(self) -> None:
+        """The client went away: the scheduler drops the request (queued or running) within one step."""
+        self.cancelled.set()
+
+    # -- called on the event loop by the scheduler's thread, through call_soon_threadsafe -------
+
+    def _admit(self, error: BaseException | None = None) -> None:
+        if not self.admitted.done():
+            if error is None:
+                self.admitted.set_result(None)
+            else:
+                self.admitted.set_exception(error)
+                self.admitted.exception()  # retrieved: a caller that left must not log it
+        if error is not None:
+            self.events.put_nowait(error)
+
+
+@dataclass
+class Sequence:
+    """One choice of a running completion, bound to one llama.cpp sequence id."""
+
+    ticket: Ticket
+    index: int
+    seq_id: int
+    sampler: Sampler
+    text: TextStream
+    tokens: list[int]  # the tokens whose KV is in the cache for seq_id, in order
+    prefill: list[int] = field(default_factory=list)  # prompt tokens still to decode
+    generated: int = 0
+    pending: int | None = None  # the last sampled token, decoded in the next step
+    finish: str | None = None
+    row: int = -1  # this step's row of logits in the batch, or -1
+    first_token_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_past(self) -> int:
+        return len(self.tokens)

@@ -1,0 +1,243 @@
+"""The scheduler in-process, on a small llama GGUF whose llama.cpp kernels are batch-invariant
+(Q8_0 weights: a sequence's logits are bit-identical alone and in any batch), so that every
+difference in output is the scheduler's own: per-sequence samplers and seeds, chunked prefill,
+prefix sharing, n > 1, cancellation, the queue's limits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pendra_inference.engine import EngineConfig, LlamaEngine
+from pendra_inference.sampling import SamplingParams
+from pendra_inference.scheduler import Scheduler, SchedulerConfig
+from pendra_inference.selfcheck import write_llama_gguf
+from pendra_inference.sequence import Completion, Delta, Result, Ticket
+from pendra_shared.api_errors import InvalidRequest, Overloaded, Unavailable
+
+from tests.inference.conftest import TINY_SHAPE
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaEngine]:
+    path = write_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", TINY_SHAPE, name="tiny")
+    engine = LlamaEngine(path, EngineConfig(512, 512, 512, 2, 0, False))
+    yield engine
+    engine.close()
+
+
+def make(engine: LlamaEngine, **overrides: object) -> Scheduler:
+    values: dict[str, object] = {
+        "n_ctx": 512,
+        "parallel": 16,
+        "n_batch": 512,
+        "n_ubatch": 512,
+        "prefill_budget": 16,  # small: prompts span several steps beside generating sequences
+        "max_queue": 64,
+        "queue_timeout_s": 60.0,
+        "n_threads": 2,
+        "flash_attention": False,  # what PENDRA_FLASH_ATTENTION=auto gives on a CPU
+    }
+    values.update(overrides)
+    return Scheduler(engine.model, engine.vocab, SchedulerConfig(**values), "tiny")  # type: ignore[arg-type]
+
+
+def prompt(i: int, length: int = 20) -> list[int]:
+    return [1] + [(300 + 7 * i + j) % 1900 + 50 for j in range(length)]
+
+
+Outcome = tuple[list[str], list[str | None], Result, list[Delta]]
+
+
+async def collect(ticket: Ticket) -> Outcome:
+    await ticket.admitted
+    n = ticket.completion.n
+    texts, finishes, deltas = [""] * n, [None] * n, []
+    while True:
+        item = await ticket.events.get()
+        if isinstance(item, BaseException):
+            raise item
+        if isinstance(item, Result):
+            return texts, finishes, item, deltas
+        deltas.append(item)
+        texts[item.index] += item.text
+        finishes[item.index] = item.finish_reason or finishes[item.index]
+
+
+async def complete(
+    scheduler: Scheduler, tokens: list[int], max_tokens: int = 24, n: int = 1, **sampling: Any
+) -> Outcome:
+    return await collect(scheduler.submit(Completion(tokens, max_tokens, SamplingParams(**sampling), (), n)))
+
+
+def test_same_text_alone_and_among_fifteen_others(engine: LlamaEngine) -> None:
+    scheduler = make(engine)
+
+    async def scenario() -> None:
+        seeded = await complete(scheduler, prompt(99, 40), temperature=1.0, seed=7)
+        greedy = await complete(scheduler, prompt(98, 30), temperature=0)
+        others = [
+            complete(scheduler, prompt(i, 10 + 5 * i), temperature=0.9, top_k=50, seed=i) for i in range(14)
+        ]
+        crowd = await asyncio.gather(
+            *others,
+            complete(scheduler, prompt(99, 40), temperature=1.0, seed=7),
+            complete(scheduler, prompt(98, 30), temperature=0),
+        )
+        assert crowd[-2][0] == seeded[0] and crowd[-1][0] == greedy[0]
+        assert len({c[0][0] for c in crowd[:14]}) > 1
+        for texts, finishes, result, _ in crowd:
+            assert result.completion_tokens == [24] and finishes == ["length"] and texts[0]
+
+    try:
+        asyncio.run(scenario())
+        assert scheduler.stats().steps > 24  # prefill chunks and decode shared steps
+    finally:
+        scheduler.close()
+
+
+def test_prefix_sharing_keeps_the_text_and_counts_cached_tokens(engine: LlamaEngine) -> None:
+    scheduler = make(engine)
+
+    async def scenario() -> None:
+        system = prompt(5, 120)
+        first = await complete(scheduler, system + [60, 61, 62], temperature=1.0, seed=3)
+        assert first[2].cached_tokens == 0
+        again = await complete(scheduler, system + [60, 61, 62], temperature=1.0, seed=3)
+        assert again[2].cached_tokens == len(system) + 2  # all but the last prompt token
+        assert again[0] == first[0]
+        # A running sequence shares its prefix too: two clients with one system prompt at once.
+        a, b = await asyncio.gather(
+            complete(scheduler, system + [70, 71], max_tokens=40, temperature=0),
+            complete(scheduler, system + [80, 81], max_tokens=40, temperature=0),
+        )
+        assert a[2].cached_tokens >= len(system) and b[2].cached_tokens >= len(system)
+        no_cache = make(engine, prefix_cache=False)
+        try:
+            cold = await complete(no_cache, system + [80, 81], max_tokens=40, temperature=0)
+        finally:
+            no_cache.close()
+        assert cold[2].cached_tokens == 0 and cold[0] == b[0]
+
+    try:
+        asyncio.run(scenario())
+        assert scheduler.stats().prefix_hit_tokens > 3 * 120
+    finally:
+        scheduler.close()
+
+
+def test_n_choices_fork_the_prompt(engine: LlamaEngine) -> None:
+    scheduler = make(engine)
+
+    async def scenario() -> None:
+        single = await complete(scheduler, prompt(1), temperature=1.0, seed=42)
+        texts, finishes, result, _ = await complete(scheduler, prompt(1), n=3, temperature=1.0, seed=42)
+        assert texts[0] == single[0][0]  # choice 0 is what the same seed gives alone
+        assert len(set(texts)) == 3 and finishes == ["length"] * 3
+        assert result.completion_tokens == [24, 24, 24]
+        greedy = await complete(scheduler, prompt(2), n=2, temperature=0)
+        assert greedy[0][0] == greedy[0][1]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.close()
+
+
+def test_logprobs_are_sorted_and_greedy_picks_the_top(engine: LlamaEngine) -> None:
+    scheduler = make(engine)
+    try:
+        _, _, _, deltas = asyncio.run(
+            complete(scheduler, prompt(3), max_tokens=8, temperature=0, top_logprobs=4)
+        )
+    finally:
+        scheduler.close()
+    entries = [e for d in deltas for e in (d.logprobs or [])]
+    assert len(entries) == 8
+    for entry in entries:
+        values = [lp for _, lp, _ in entry.top]
+        assert len(values) == 4 and values == sorted(values, reverse=True)
+        assert entry.logprob == pytest.approx(values[0]) and entry.logprob <= 0
+        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
+
+
+def test_a_cancelled_request_leaves_within_a_step(engine: LlamaEngine) -> None:
+    scheduler = make(engine)
+
+    async def scenario() -> None:
+        ticket = scheduler.submit(Completion(prompt(4), 400, SamplingParams(temperature=1.0)))
+        await ticket.admitted
+        await ticket.events.get()
+        assert scheduler.stats().running == 1
+        steps = scheduler.stats().steps
+        ticket.cancel()
+        deadline = time.monotonic() + 5
+        while scheduler.stats().running:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        assert scheduler.stats().steps - steps <= 2
+        result = None
+        while not isinstance(result, Result):
+            result = await ticket.events.get()
+        assert 0 < result.completion_tokens[0] < 400
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.close()
+
+
+def test_queue_limit_and_timeout(engine: LlamaEngine) -> None:
+    # One sequence of 512 tokens: a request for 480 tokens holds the whole cache.
+    scheduler = make(engine, parallel=1, max_queue=1, queue_timeout_s=0.05)
+
+    async def scenario() -> None:
+        long = scheduler.submit(Completion(prompt(6), 480, SamplingParams(temperature=1.0)))
+        await long.admitted
+        waiting = scheduler.submit(Completion(prompt(7), 8))
+        with pytest.raises(Overloaded, match="PENDRA_MAX_QUEUE"):
+            scheduler.submit(Completion(prompt(8), 8))
+        with pytest.raises(Overloaded, match="PENDRA_QUEUE_TIMEOUT_S"):
+            await waiting.admitted
+        texts, _, result, _ = await collect(long)
+        assert result.completion_tokens == [480] or texts[0]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.close()
+
+
+def test_a_bad_grammar_fails_only_its_request_and_close_fails_the_rest(engine: LlamaEngine) -> None:
+    scheduler = make(engine)
+
+    async def scenario() -> None:
+        bad = scheduler.submit(Completion(prompt(9), 8, SamplingParams(grammar="root ::= (")))
+        good = scheduler.submit(Completion(prompt(10), 8, SamplingParams(temperature=0)))
+        with pytest.raises(InvalidRequest):
+            await bad.admitted
+        assert (await collect(good))[2].completion_tokens == [8]
+        pending = scheduler.submit(Completion(prompt(11), 400, SamplingParams(temperature=1.0)))
+        await pending.admitted
+        await asyncio.to_thread(scheduler.close)
+        with pytest.raises(Unavailable, match="unloaded"):
+            await collect(pending)
+
+    asyncio.run(scenario())
+
+
+def test_the_scheduler_refuses_what_can_never_fit(engine: LlamaEngine, tmp_path: Path) -> None:
+    scheduler = make(engine, parallel=1)
+
+    async def scenario() -> None:
+        with pytest.raises(Unavailable, match="KV cells"):
+            scheduler.submit(Completion(prompt(1), 500, n=2))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.close()
