@@ -257,6 +257,9 @@ def test_a_client_that_goes_away_stops_generation(client: openai.OpenAI, server:
             "not in the vocabulary",
         ),
         ({"model": CHAT, "messages": HELLO, "logit_bias": {"abc": 5}}, 400, "invalid_request", "logit_bias"),
+        # Unicode digits pass str.isdigit() but not int() (F1 in the hardening notes): a 400, not a 500.
+        ({"model": CHAT, "messages": HELLO, "logit_bias": {"²": 5}}, 400, "invalid_request", "logit_bias"),
+        ({"model": CHAT, "messages": HELLO, "logit_bias": {"①": 5}}, 400, "invalid_request", "logit_bias"),
         ({"model": CHAT, "messages": []}, 400, "invalid_request", "messages"),
         ({"model": CHAT}, 400, "invalid_request", "messages"),
         ({"model": CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_request", "role"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,17 @@ from tests.conftest import run_cli
 from tests.support import api
 from tests.support.server import free_port, start_server
 from tests.topology.conftest import Stack
+
+
+def raw_get(base: str, target: str, key: str) -> bytes:
+    """A GET sent as written (HTTP clients resolve dot segments before sending)."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            f"GET {target} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        return sock.recv(65536)
 
 
 @pytest.mark.parametrize("kind", ["compose", "embedded"])
@@ -35,6 +47,12 @@ def test_api_keys_guard_everything_but_health_ready_and_metrics(
     assert wrong.status_code == 401 and "invalid API key" in wrong.json()["error"]["message"]
     prefix = httpx.get(f"{base}/api/models", headers={"Authorization": "Bearer key-on"}, timeout=10)
     assert prefix.status_code == 401
+
+    longer = httpx.get(f"{base}/api/models", headers={"Authorization": "Bearer key-one-more"}, timeout=10)
+    assert longer.status_code == 401  # keys are compared as SHA-256 digests, whatever their length
+    # Dot segments never leave /v1 (F12 in the hardening notes): httpx would resolve them upstream.
+    for raw in ("/v1/../metrics", "/v1/%2e%2e/metrics", "/v1/models/../../ready"):
+        assert raw_get(base, raw, "key-one").startswith(b"HTTP/1.1 404"), raw
 
     with openai.OpenAI(base_url=f"{base}/v1", api_key="key-two", max_retries=0) as client:
         assert client.models.list().data == []

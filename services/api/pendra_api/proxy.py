@@ -13,7 +13,7 @@ import logging
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pendra_shared.api_errors import UpstreamUnavailable
+from pendra_shared.api_errors import NotFound, UpstreamUnavailable
 from prometheus_client import Counter
 from starlette.background import BackgroundTask
 
@@ -52,6 +52,9 @@ def proxy_metrics(registry: object) -> Counter:
 async def forward(path: str, request: Request) -> StreamingResponse:
     client: httpx.AsyncClient = request.app.state.upstream
     counter: Counter = request.app.state.upstream_requests
+    if any(part in (".", "..") for part in path.split("/")):
+        # httpx would resolve them and reach a path outside /v1 on the inference service.
+        raise NotFound(f"no route for /v1/{path}")
     headers = {k: v for k in FORWARD_REQUEST if (v := request.headers.get(k)) is not None}
     upstream = client.build_request(
         request.method,

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 MAX_STOP = 4
 # Names the backend, so a client comparing seeds can tell when it changed.
 FINGERPRINT = f"fp_pendra_llama_cpp_{llama_cpp.__version__}"
+_TOKEN_ID_RE = re.compile(r"-?[0-9]+")
 _TOOL_TAG_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
@@ -305,7 +306,8 @@ def _logit_bias(bias: dict[str, float] | None, n_vocab: int) -> dict[int, float]
         return None
     out = {}
     for key, value in bias.items():
-        if not key.lstrip("-").isdigit() or not 0 <= int(key) < n_vocab:
+        # ASCII digits only: "²".isdigit() is true, but int("²") raises.
+        if not _TOKEN_ID_RE.fullmatch(key) or not 0 <= int(key) < n_vocab:
             raise InvalidRequest(
                 f"logit_bias: token id {key!r} is not in the vocabulary (0..{n_vocab - 1})",
                 param="logit_bias",
