@@ -230,6 +230,128 @@ class Settings(BaseSettings):
     )
     preload: str = Field(default="", description="Models to load at start, comma-separated.")
 
+    # -- limits on what clients and files may ask of Pendra (hardening) ----------------------------
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body any route accepts, in bytes; past it: 413 before buffering.",
+    )
+    receive_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Time a client has to send a request's headers and body once it connects (or starts the "
+            "next request on a kept-alive connection); past it the connection is closed."
+        ),
+    )
+    max_messages: int = Field(default=4096, ge=1, description="Most messages one chat request may carry.")
+    max_tools: int = Field(default=128, ge=0, description="Most tools one chat request may declare.")
+    max_stop: int = Field(default=4, ge=0, le=64, description="Most stop strings one request may give.")
+    max_stop_chars: int = Field(default=256, ge=1, description="Longest stop string, in characters.")
+    max_schema_bytes: int = Field(
+        default=64 * 1024,
+        ge=64,
+        description="Largest JSON schema (response_format or a tool's parameters), as compact JSON bytes.",
+    )
+    max_schema_depth: int = Field(
+        default=32, ge=2, description="Deepest nesting of objects and arrays in a JSON schema."
+    )
+    gguf_max_string_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Longest metadata string read from a GGUF header (a chat template, say); a file with a "
+            "longer one is invalid."
+        ),
+    )
+    gguf_max_array_len: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="Most elements of one GGUF metadata array (a vocabulary, its merges); more: invalid.",
+    )
+    template_max_chars: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="Most characters a chat template may render for one request; past it: 400.",
+    )
+    template_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=600,
+        description="Longest a chat template may take to render one request; past it: 400.",
+    )
+    download_size_slack_bytes: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Bytes a download may run past the size its catalogue entry pins before it is aborted "
+            "(0: abort at the pinned size + 1 byte)."
+        ),
+    )
+    download_max_bytes: int = Field(
+        default=1024**4,
+        ge=1,
+        description="Largest download for a catalogue entry that pins no size, in bytes (1 TiB).",
+    )
+    download_stall_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=86400,
+        description=(
+            "A download that receives less than PENDRA_DOWNLOAD_STALL_BYTES in this many seconds is "
+            "stalled: it is dropped and retried (resuming)."
+        ),
+    )
+    download_stall_bytes: int = Field(
+        default=64 * 1024,
+        ge=1,
+        description="Bytes a download must receive in each PENDRA_DOWNLOAD_STALL_S window.",
+    )
+    allow_private_sources: bool = Field(
+        default=False,
+        description=(
+            "Let installs (and their redirects) reach loopback, link-local, private and cloud-metadata "
+            "addresses; off, only public addresses (a catalogue entry's allow_private opts one in)."
+        ),
+    )
+    untrusted_probe: bool = Field(
+        default=True,
+        description=(
+            "Load a GGUF that no pinned install verified (hand-dropped, imported) in a child process "
+            "first, so a file that crashes llama.cpp marks the model invalid instead of killing the server."
+        ),
+    )
+    probe_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Longest the child-process probe of an untrusted GGUF may take.",
+    )
+    shutdown_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description=(
+            "On SIGTERM: new requests get 503 at once, running streams get this long to finish, then "
+            "end with an error event; the process then exits 0."
+        ),
+    )
+    allow_open: bool = Field(
+        default=False,
+        description=(
+            "Let a server bound to a non-loopback address start without PENDRA_API_KEYS (anyone who "
+            "reaches the port can then use and manage it)."
+        ),
+    )
+    allowed_hosts: str = Field(
+        default="",
+        description=(
+            "Extra Host header names accepted when bound to loopback without keys, comma-separated "
+            "(localhost, loopback and private addresses, *.local, *.internal and this machine's name "
+            "are always accepted); guards against DNS rebinding."
+        ),
+    )
+
     # -- the service set (compose) and the API in front of it ------------------------------------
     api_keys: str = Field(
         default="",
@@ -288,6 +410,10 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+
+    @property
+    def allowed_host_list(self) -> list[str]:
+        return [host.strip().lower() for host in self.allowed_hosts.split(",") if host.strip()]
 
     @property
     def cors_origin_list(self) -> list[str]:
