@@ -66,7 +66,10 @@ def minilm_path() -> Path:
 
 
 @pytest.fixture
-def file_server(tmp_path: Path) -> Iterator[FileServer]:
+def file_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FileServer]:
+    """A file server on loopback. Installs refuse loopback sources unless allowed, so this also
+    allows them for every Pendra process the test starts (CLI, `pendra serve`, the fetcher)."""
+    monkeypatch.setenv("PENDRA_ALLOW_PRIVATE_SOURCES", "true")
     root = tmp_path / "served"
     root.mkdir()
     server = FileServer(root).start()

@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
@@ -15,7 +16,12 @@ import pytest
 from tests.support.stack import ROOT, interpolate, load_compose
 
 SCHEMA = json.loads((ROOT / "tests" / "data" / "compose-spec.json").read_text())
-ENV = {"PENDRA_MIRROR_SECRET_KEY": "a-secret-of-length"}
+ENV = {"PENDRA_MIRROR_SECRET_KEY": "a-secret-of-length", "PENDRA_REDIS_PASSWORD": "0123abcdef"}
+COMBINATIONS = [
+    ("compose.yaml",),
+    ("compose.yaml", "compose.cpu.yaml"),
+    ("compose.yaml", "compose.vulkan.yaml"),
+]
 
 
 def _strings(node: Any) -> list[str]:
@@ -28,10 +34,7 @@ def _strings(node: Any) -> list[str]:
     return []
 
 
-@pytest.mark.parametrize(
-    "files",
-    [("compose.yaml",), ("compose.yaml", "compose.cpu.yaml"), ("compose.yaml", "compose.vulkan.yaml")],
-)
+@pytest.mark.parametrize("files", COMBINATIONS)
 def test_compose_files_follow_the_compose_spec(files: tuple[str, ...]) -> None:
     # The schema names draft 2019-09 by an address jsonschema does not know; say it plainly.
     jsonschema.Draft201909Validator(SCHEMA).validate(load_compose(*files))
@@ -61,13 +64,55 @@ def test_the_stack_has_the_designed_shape() -> None:
     assert services["fetcher"]["depends_on"]["minio-init"] == {"condition": "service_completed_successfully"}
 
 
-def test_unset_secrets_stop_compose_before_anything_starts() -> None:
+@pytest.mark.parametrize("secret", sorted(ENV))
+def test_unset_secrets_stop_compose_before_anything_starts(secret: str) -> None:
     strings = _strings(load_compose())
     for value in strings:
         interpolate(value, ENV)  # all set: fine
-    with pytest.raises(ValueError, match="PENDRA_MIRROR_SECRET_KEY"):
-        for value in strings:
-            interpolate(value, {})
+    others = {name: value for name, value in ENV.items() if name != secret}
+    for variables in (others, {**others, secret: ""}):  # unset, or set to nothing
+        with pytest.raises(ValueError, match=secret):
+            for value in strings:
+                interpolate(value, variables)
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    return {key: interpolate(str(value), ENV) for key, value in service.get("environment", {}).items()}
+
+
+@pytest.mark.parametrize("files", COMBINATIONS)
+def test_only_the_api_publishes_a_port(files: tuple[str, ...]) -> None:
+    services = load_compose(*files)["services"]
+    assert [name for name, s in services.items() if "ports" in s] == ["api"]
+    assert all(s.get("network_mode") != "host" for s in services.values())
+    assert "ports" not in services["redis"] and "expose" not in services["redis"]
+
+
+@pytest.mark.parametrize("files", COMBINATIONS)
+def test_redis_requires_the_password_from_env(files: tuple[str, ...]) -> None:
+    redis = load_compose(*files)["services"]["redis"]
+    command = [str(part) for part in redis["command"]]
+    assert command[0] == "redis-server"  # the image's entrypoint drops root for redis-server only
+    password = command[command.index("--requirepass") + 1]
+    assert password.startswith("${PENDRA_REDIS_PASSWORD:?")  # required: compose refuses without it
+    assert interpolate(password, ENV) == ENV["PENDRA_REDIS_PASSWORD"]
+    # The healthcheck authenticates through redis-cli's variable, not `-a` on its command line, and
+    # fails on a NOAUTH answer (redis-cli exits 0 on an error reply).
+    assert _environment(redis)["REDISCLI_AUTH"] == ENV["PENDRA_REDIS_PASSWORD"]
+    test = " ".join(redis["healthcheck"]["test"])
+    assert "redis-cli" in test and "PONG" in test and " -a " not in test and "--pass" not in test
+
+
+@pytest.mark.parametrize("files", COMBINATIONS)
+def test_every_service_that_talks_to_redis_has_the_password(files: tuple[str, ...]) -> None:
+    services = load_compose(*files)["services"]
+    talking = {name for name, s in services.items() if "redis" in s.get("depends_on", {})}
+    with_url = {name for name, s in services.items() if "PENDRA_REDIS_URL" in s.get("environment", {})}
+    assert talking == with_url == {"api", "fetcher"}
+    for name in with_url:
+        url = urlsplit(_environment(services[name])["PENDRA_REDIS_URL"])
+        assert (url.scheme, url.hostname, url.port, url.path) == ("redis", "redis", 6379, "/0"), name
+        assert url.password == ENV["PENDRA_REDIS_PASSWORD"], name
 
 
 def test_the_cpu_override_drops_the_gpu_and_builds_the_cpu_image() -> None:
@@ -175,3 +220,56 @@ def test_the_build_context_leaves_out_what_images_do_not_need() -> None:
         build = load_compose()["services"][service]["build"]
         assert build["dockerfile"] == "docker/service.Dockerfile"
         assert build["args"]["PACKAGE"] == f"pendra-{service}"
+
+
+@pytest.mark.parametrize(
+    ("publish", "keys", "starts"),
+    [
+        ("127.0.0.1:8080", "", True),
+        ("0.0.0.0:8080", "", False),
+        ("8080", "", False),
+        ("0.0.0.0:8080", "k", True),
+    ],
+)
+def test_the_api_judges_exposure_by_where_compose_publishes_it(
+    tmp_path: Any, publish: str, keys: str, starts: bool
+) -> None:
+    """The api listens on the container's 0.0.0.0 whatever happens; published beyond loopback
+    without keys, it refuses to start, saying how to proceed."""
+    import os
+    import sys
+
+    from tests.support.server import free_port
+    from tests.support.stack import service_process
+
+    variables = {
+        "PENDRA_REDIS_PASSWORD": "x",
+        "PENDRA_MIRROR_SECRET_KEY": "x",
+        "PENDRA_PUBLISH": publish,
+        "PENDRA_API_KEYS": keys,
+    }
+    _command, env = service_process("api", variables, {})
+    env.update(PENDRA_PORT=str(free_port()), PENDRA_MODELS_DIR=str(tmp_path), PENDRA_HOST="127.0.0.1")
+    probe = (
+        "from pendra_shared.config import load_settings\n"
+        "from pendra_shared.http_guard import check_exposure\n"
+        "s = load_settings()\n"
+        "check_exposure(s, authenticated=bool(s.api_key_list))\n"
+        "print('would start')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode == 0) is starts, done.stderr
+    if not starts:
+        assert "refusing to listen" in done.stderr and "PENDRA_API_KEYS" in done.stderr
+
+
+def test_inference_is_open_only_on_the_compose_network_and_services_get_time_to_drain() -> None:
+    services = load_compose()["services"]
+    assert _environment(services["inference"])["PENDRA_ALLOW_OPEN"] == "1"
+    assert "ports" not in services["inference"]
+    for name in ("api", "inference"):
+        grace = int(str(services[name]["stop_grace_period"]).removesuffix("s"))
+        timeout = interpolate(_environment(services[name])["PENDRA_SHUTDOWN_TIMEOUT_S"], {})
+        assert grace > float(timeout) + 5, name

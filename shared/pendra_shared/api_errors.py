@@ -124,6 +124,20 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":  # the body did not parse; loc holds a position
+            ctx = first.get("ctx")
+            reason = (ctx.get("error") if isinstance(ctx, dict) else None) or "syntax error"
+            position = first.get("loc", ("body", 0))[-1]
+            where = f" (at character {position})" if position else ""
+            return JSONResponse(
+                error_body(
+                    f"The request body is not valid JSON: {reason}{where}",
+                    "invalid_request_error",
+                    None,
+                    "invalid_request",
+                ),
+                status_code=400,
+            )
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
         param = ".".join(loc) or None
         message = f"{param}: {first['msg']}" if param else str(first["msg"])

@@ -25,7 +25,14 @@ from pendra_shared.names import ModelRef, parse_name
 
 SOURCE_SCHEMES = ("https", "http", "file", "s3")
 BUNDLED = "bundled"
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(value: object) -> bool:
+    """`value` is a SHA-256 as Pendra writes one: exactly 64 lowercase hex digits, nothing else.
+    Checked where a digest enters (catalogue entries, jobs, mirror keys), because it becomes part
+    of file names and object keys."""
+    return isinstance(value, str) and _SHA256_RE.fullmatch(value) is not None
 
 
 class CatalogueEntry(BaseModel):
@@ -36,11 +43,18 @@ class CatalogueEntry(BaseModel):
     name: str = Field(description="family:tag, Ollama style.")
     purpose: Literal["chat", "embedding", "image", "transcription"]
     gguf_url: str = Field(description="https://, http://, file:// or s3:// location of the GGUF.")
-    gguf_sha256: str = Field(description="SHA-256 of the GGUF, 64 hex digits.")
+    gguf_sha256: str = Field(description="SHA-256 of the GGUF, 64 lowercase hex digits.")
     size_bytes: int | None = Field(
         gt=0, description="Exact size of the GGUF in bytes; null where no public record gives it."
     )
     default: bool = Field(default=False, description="This is the family's default tag.")
+    allow_private: bool = Field(
+        default=False,
+        description=(
+            "The download (and its redirects) may reach loopback, private, link-local and metadata "
+            "addresses, as PENDRA_ALLOW_PRIVATE_SOURCES allows for every entry: a LAN mirror."
+        ),
+    )
     parameters: str | None = None
     quantization: str | None = None
     context_length: int | None = Field(default=None, gt=0)
@@ -59,9 +73,10 @@ class CatalogueEntry(BaseModel):
     @field_validator("gguf_sha256", mode="before")
     @classmethod
     def _sha(cls, value: Any) -> Any:
-        if not isinstance(value, str) or not _SHA256_RE.match(value.strip().lower()):
-            raise ValueError("must be a SHA-256: 64 hexadecimal digits")
-        return value.strip().lower()
+        # Exactly as written: no trimming or case folding, so what is checked is what is used.
+        if not is_sha256(value):
+            raise ValueError("must be a SHA-256: 64 hexadecimal digits, lowercase, nothing else")
+        return value
 
     @field_validator("gguf_url")
     @classmethod

@@ -276,7 +276,7 @@ class Settings(BaseSettings):
         description="Most characters a chat template may render for one request; past it: 400.",
     )
     template_timeout_s: float = Field(
-        default=2.0,
+        default=1.0,
         gt=0,
         le=600,
         description="Longest a chat template may take to render one request; past it: 400.",
@@ -341,6 +341,14 @@ class Settings(BaseSettings):
         description=(
             "Let a server bound to a non-loopback address start without PENDRA_API_KEYS (anyone who "
             "reaches the port can then use and manage it)."
+        ),
+    )
+    published: str = Field(
+        default="",
+        description=(
+            "Where clients reach this server when it differs from PENDRA_HOST: compose sets it to "
+            "PENDRA_PUBLISH (host:port), since the container itself listens on 0.0.0.0. The "
+            "open-address check and the Host allow-list judge exposure by it."
         ),
     )
     allowed_hosts: str = Field(
@@ -442,6 +450,19 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(f"invalid settings: {problems}") from None
 
 
+SECRET_SETTINGS = frozenset({"api_keys", "api_key", "mirror_secret_key"})
+_URL_PASSWORD_RE = re.compile(r"(://[^/@:]*:)[^/@]+@")
+
+
+def shown(name: str, value: Any) -> Any:
+    """A setting's value as `pendra config` may print it: keys as ***, passwords in URLs too."""
+    if name in SECRET_SETTINGS and value:
+        return "***"
+    if isinstance(value, str):
+        return _URL_PASSWORD_RE.sub(r"\1***@", value)
+    return value
+
+
 @dataclass(frozen=True)
 class SettingReport:
     name: str
@@ -464,5 +485,7 @@ def describe_settings(settings: Settings, environ: Mapping[str, str] | None = No
             source = f"file {path}"
         else:
             source = "default"
-        reports.append(SettingReport(name, getattr(settings, name), source, field.description or ""))
+        reports.append(
+            SettingReport(name, shown(name, getattr(settings, name)), source, field.description or "")
+        )
     return reports

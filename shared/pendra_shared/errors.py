@@ -9,10 +9,13 @@ PendraError
 └── InstallError                an install failed
     ├── ChecksumMismatch        the bytes did not hash to the pinned SHA-256 (permanent)
     ├── InsufficientSpace       not enough free disk for the download
+    │   └── DiskFull            the disk filled up during the download; the partial file is gone
     ├── UnsupportedSource       a `gguf_url` scheme this process cannot fetch
+    ├── SourceRefused           the source did what no install accepts (permanent; partial gone)
     ├── InstallCancelled        the install was cancelled; its partial file is gone
     ├── DownloadInterrupted     retries ran out on network trouble; the partial file is kept
     └── TransientDownloadError  network trouble that a retry may cure
+        └── DownloadStalled     too few bytes arrived in the stall window
 """
 
 from __future__ import annotations
@@ -76,3 +79,19 @@ class DownloadInterrupted(InstallError):
 
 class TransientDownloadError(InstallError):
     """A network failure or server error that a later attempt may get past."""
+
+
+class DiskFull(InsufficientSpace):
+    """The store's disk filled up while the download was written; the partial file was removed to
+    give the space back."""
+
+
+class SourceRefused(InstallError):
+    """The source did something an install never accepts: a redirect off http(s), to plain http
+    from https or round in a loop; an address that is not public; a compressed body; more bytes
+    than the catalogue pins; a file:// path that is not a regular file. Permanent: no retry."""
+
+
+class DownloadStalled(TransientDownloadError):
+    """Fewer than PENDRA_DOWNLOAD_STALL_BYTES arrived in PENDRA_DOWNLOAD_STALL_S: dropped and
+    retried (resuming); a stall counts against the retries even when some bytes came."""

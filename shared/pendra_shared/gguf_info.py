@@ -1,9 +1,11 @@
 """Facts read from a GGUF file's header with the `gguf` package, and the purpose they imply.
 
-`read_gguf_facts()` never trusts the file: a bad magic number, a truncated header or tensor data
-that runs past the end of the file all raise `InvalidGGUF` with a reason a user can act on.
-A model's purpose is read from its metadata (encoder architectures and pooling mean embedding),
-never from its file name.
+`read_gguf_facts()` never trusts the file: a bad magic number, a truncated header, tensor data
+that runs past the end of the file, or anything else `gguf_header` refuses raise `InvalidGGUF` with
+a reason a user can act on. On top of the file format it checks what llama.cpp's model loader reads
+as raw arrays or fixed-width numbers: the tokenizer arrays' element types and lengths and the sizes
+every architecture declares. A model's purpose is read from its metadata (encoder architectures and
+pooling mean embedding), never from its file name.
 """
 
 from __future__ import annotations
@@ -14,9 +16,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gguf.constants import LlamaFileType
+from gguf.constants import GGUFValueType, LlamaFileType
 
-from pendra_shared.gguf_header import GGUFHeader, HeaderError, read_header
+from pendra_shared.gguf_header import (
+    DEFAULT_MAX_ARRAY_LEN,
+    DEFAULT_MAX_STRING_BYTES,
+    ArrayInfo,
+    GGUFHeader,
+    HeaderError,
+    read_header,
+    type_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +53,21 @@ NOT_A_MODEL = {
     "adapter": "a LoRA adapter, not a model on its own",
     "mmproj": "a multimodal projector (mmproj), not a model on its own",
 }
+# Tokenizer arrays and the element types allowed. Older llama.cpp builds cast the raw array to one
+# type (a u8 `scores` array read as float is a heap over-read); the vendored build checks, and so
+# does Pendra, whatever build sits behind it. Scores are f32 only, although the vendored build
+# also reads i32 ones: no converter writes them.
+TOKENIZER_ARRAYS = {
+    "tokenizer.ggml.tokens": (GGUFValueType.STRING,),
+    "tokenizer.ggml.scores": (GGUFValueType.FLOAT32,),
+    "tokenizer.ggml.token_type": (GGUFValueType.INT32,),
+    "tokenizer.ggml.merges": (GGUFValueType.STRING,),
+    "tokenizer.ggml.precompiled_charsmap": (GGUFValueType.UINT8, GGUFValueType.INT8),
+}
+# Arrays with one item per token.
+PER_TOKEN_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+# `{architecture}.X` keys every architecture reads as a u32; zero makes no sense for any of them.
+ARCHITECTURE_SIZES = ("block_count", "context_length", "embedding_length")
 
 
 class InvalidGGUF(Exception):
@@ -94,21 +119,50 @@ def _quantization(header: GGUFHeader) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def read_gguf_facts(path: Path) -> GGUFFacts:
-    """Read the header of `path`. Raises InvalidGGUF when it is not a complete GGUF model."""
+def check_model_metadata(header: GGUFHeader, architecture: str) -> None:
+    """Raise InvalidGGUF for metadata llama.cpp's model loader would misread (see the constants)."""
+    kinds = header.value_types
+    for key, item_types in TOKENIZER_ARRAYS.items():
+        kind = kinds.get(key)
+        if kind is not None and not (isinstance(kind, ArrayInfo) and kind.item_type in item_types):
+            wanted = " or ".join(t.name.lower() for t in item_types)
+            raise InvalidGGUF(f"{key} must be an array of {wanted}, not {type_name(kind)}")
+    lengths = {key: kind.length for key in PER_TOKEN_ARRAYS if isinstance(kind := kinds.get(key), ArrayInfo)}
+    if len(set(lengths.values())) > 1:
+        found = ", ".join(f"{key} has {n}" for key, n in lengths.items())
+        raise InvalidGGUF(f"the tokenizer arrays differ in length: {found}")
+    for name in ARCHITECTURE_SIZES:
+        key = f"{architecture}.{name}"
+        if key not in kinds:
+            continue
+        if kinds[key] != GGUFValueType.UINT32:
+            raise InvalidGGUF(f"{key} must be a u32, not {type_name(kinds[key])}")
+        if header.metadata[key] < 1:
+            raise InvalidGGUF(f"{key} is {header.metadata[key]}")
+
+
+def read_gguf_facts(
+    path: Path,
+    *,
+    max_string_bytes: int = DEFAULT_MAX_STRING_BYTES,
+    max_array_len: int = DEFAULT_MAX_ARRAY_LEN,
+) -> GGUFFacts:
+    """Read and check the header of `path`. Raises InvalidGGUF when it is not a usable GGUF model.
+
+    `max_string_bytes` and `max_array_len` are Settings.gguf_max_string_bytes and
+    Settings.gguf_max_array_len (the defaults are theirs).
+    """
     try:
-        header = read_header(path)
+        header = read_header(path, max_string_bytes=max_string_bytes, max_array_len=max_array_len)
     except HeaderError as exc:
         raise InvalidGGUF(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise InvalidGGUF(f"cannot read file: {exc}") from None
+    return gguf_facts(header)
 
-    for tensor in header.tensors:
-        end = tensor.data_offset + tensor.n_bytes
-        if end > header.file_size:
-            raise InvalidGGUF(
-                f"truncated: tensor {tensor.name!r} ends at byte {end} but the file has {header.file_size}"
-            )
+
+def gguf_facts(header: GGUFHeader) -> GGUFFacts:
+    """The facts of a parsed header; raises InvalidGGUF when it is not a usable model."""
     meta = header.metadata
     architecture = meta.get("general.architecture")
     if not isinstance(architecture, str) or not architecture:
@@ -116,6 +170,7 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
     reason = NOT_A_MODEL.get(architecture) or NOT_A_MODEL.get(str(meta.get("general.type")))
     if reason:
         raise InvalidGGUF(reason)
+    check_model_metadata(header, architecture)
     if not header.tensors:
         raise InvalidGGUF("the file holds no tensors")
 

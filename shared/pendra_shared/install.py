@@ -4,11 +4,18 @@ One install: take the per-file lock (a second install of the same variant waits,
 done), return at once if the verified file is already there, check free space, stream the bytes
 into `.partial/<file>.<sha256>.part` while hashing them (resuming with HTTP Range from the bytes already
 on disk, retrying transient failures with exponential backoff), verify size and SHA-256 (a mismatch
-deletes the partial file), `os.replace` it into place, and write the sidecar last.
+deletes the partial file), write the sidecar, and `os.replace` the GGUF into place last: a crash
+at any point leaves no GGUF at its final name without the sidecar that records its verified hash.
+
+While bytes arrive, `DownloadLimits` bound them: more than the pinned size (plus slack) or, for an
+entry that pins none, than `max_bytes` aborts the download at once; fewer than `stall_bytes` in
+`stall_s` is a stall, retried like a cut connection. A source that misbehaves (`SourceRefused`),
+a full disk (`DiskFull`) and a cancel each remove the partial file.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -24,24 +31,85 @@ from pendra_shared.catalogue import CatalogueEntry
 from pendra_shared.config import Settings
 from pendra_shared.errors import (
     ChecksumMismatch,
+    DiskFull,
     DownloadInterrupted,
+    DownloadStalled,
     InstallCancelled,
     InstallError,
     InsufficientSpace,
+    SourceRefused,
     StoreError,
     TransientDownloadError,
 )
 from pendra_shared.fsutil import CHUNK, atomic_write_bytes, exclusive_lock, fsync_dir, sha256_file
 from pendra_shared.gguf_info import InvalidGGUF, read_gguf_facts
 from pendra_shared.names import file_name_for
-from pendra_shared.sidecar import Sidecar, now_utc, read_sidecar, write_sidecar
-from pendra_shared.sources import Sources
+from pendra_shared.sidecar import Sidecar, now_utc, read_verified_sidecar, sidecar_path, write_sidecar
+from pendra_shared.sources import Guard, Sources
 from pendra_shared.store import ModelStore, StoredModel
 
 logger = logging.getLogger(__name__)
 
 # Room left on the disk beyond the download itself, so the store never fills it to the last byte.
 SPACE_MARGIN = 64 * 1024 * 1024
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@dataclass(frozen=True)
+class DownloadLimits:
+    """What a download may do; the PENDRA_DOWNLOAD_* settings and PENDRA_ALLOW_PRIVATE_SOURCES."""
+
+    size_slack_bytes: int = 0
+    max_bytes: int = 1024**4
+    stall_s: float = 120.0
+    stall_bytes: int = 64 * 1024
+    allow_private_sources: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DownloadLimits:
+        return cls(
+            size_slack_bytes=settings.download_size_slack_bytes,
+            max_bytes=settings.download_max_bytes,
+            stall_s=settings.download_stall_s,
+            stall_bytes=settings.download_stall_bytes,
+            allow_private_sources=settings.allow_private_sources,
+        )
+
+    def cap_for(self, entry: CatalogueEntry) -> int:
+        """The most bytes `entry`'s download may hold."""
+        if entry.size_bytes is None:
+            return self.max_bytes
+        return entry.size_bytes + self.size_slack_bytes
+
+    def guard_for(self, entry: CatalogueEntry) -> Guard:
+        return Guard(
+            allow_private=self.allow_private_sources or entry.allow_private, read_timeout_s=self.stall_s
+        )
+
+
+class StallWatch:
+    """Counts the bytes of one attempt in windows of `window_s`; a window that ends with fewer
+    than `min_bytes` is a stall. (A source that sends nothing at all hits the read timeout, which
+    `Guard.read_timeout_s` keeps at or under the window.)"""
+
+    def __init__(self, window_s: float, min_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self.min_bytes = min_bytes
+        self.clock = clock
+        self.started = clock()
+        self.bytes = 0
+
+    def add(self, count: int) -> None:
+        self.bytes += count
+        now = self.clock()
+        if now - self.started < self.window_s:
+            return
+        if self.bytes < self.min_bytes:
+            raise DownloadStalled(
+                f"stalled: {self.bytes:,} bytes in {now - self.started:.0f}s "
+                f"(less than {self.min_bytes:,} in {self.window_s:g}s)"
+            )
+        self.started, self.bytes = now, 0
 
 
 @dataclass(frozen=True)
@@ -77,23 +145,26 @@ class Installer:
         retries: int = 5,
         backoff_s: float = 1.0,
         sleep: Callable[[float], None] = time.sleep,
+        limits: DownloadLimits | None = None,
     ) -> None:
         self.store = store
         self.sources = sources or Sources()
         self.retries = retries
         self.backoff_s = backoff_s
         self.sleep = sleep
+        self.limits = limits or DownloadLimits()
 
     @classmethod
     def from_settings(
         cls, store: ModelStore, settings: Settings, sources: Sources | None = None
     ) -> Installer:
-        """The installer the settings describe (retries, backoff, network timeout)."""
+        """The installer the settings describe (retries, backoff, network timeout, limits)."""
         return cls(
             store,
             sources or Sources(settings.download_timeout_s),
             retries=settings.download_retries,
             backoff_s=settings.download_backoff_s,
+            limits=DownloadLimits.from_settings(settings),
         )
 
     def partial_path(self, entry: CatalogueEntry) -> Path:
@@ -157,8 +228,9 @@ class Installer:
         """The installed model when the verified file is in place; None when it must download."""
         if not target.exists():
             return None
-        size = target.stat().st_size
-        sidecar, _problem = read_sidecar(target, size)
+        before = target.stat()
+        size = before.st_size
+        sidecar, _problem = read_verified_sidecar(target)  # None if the file changed since
         if sidecar is not None and sidecar.sha256 == entry.gguf_sha256:
             return self.store.find(entry.name, include_invalid=True)
         if sidecar is not None:
@@ -174,7 +246,7 @@ class Installer:
                 f"{entry.name}: {target.name} already exists with other contents "
                 f"(sha256 {digest}); move it away or uninstall it first"
             )
-        self._write_sidecar(entry, target, digest)
+        self._write_sidecar(entry, target, digest, before)  # changed while hashed: not trusted
         return self.store.find(entry.name, include_invalid=True)
 
     def _check_space(self, entry: CatalogueEntry, needed: int) -> None:
@@ -195,42 +267,67 @@ class Installer:
     ) -> InstallResult:
         partial = self.partial_path(entry)
         info = partial.with_suffix(".json")
-        atomic_write_bytes(
-            info,
-            json.dumps(
-                {
-                    "name": entry.name,
-                    "file": target.name,
-                    "source_url": entry.gguf_url,
-                    "size_bytes": entry.size_bytes,
-                    "pid": os.getpid(),
-                }
-            ).encode(),
-        )
-        try:
-            resumed_from, downloaded, attempts = self._download(entry, partial, report, cancel, interrupt)
-        except InstallCancelled:
+
+        def discard() -> None:
             partial.unlink(missing_ok=True)
             info.unlink(missing_ok=True)
+
+        try:
+            atomic_write_bytes(
+                info,
+                json.dumps(
+                    {
+                        "name": entry.name,
+                        "file": target.name,
+                        "source_url": entry.gguf_url,
+                        "size_bytes": entry.size_bytes,
+                        "pid": os.getpid(),
+                    }
+                ).encode(),
+            )
+            resumed_from, downloaded, attempts = self._download(entry, partial, report, cancel, interrupt)
+            verified = partial.stat()
+            report(Progress("verifying", verified.st_size, verified.st_size))
+            try:
+                read_gguf_facts(partial)
+            except InvalidGGUF as exc:
+                discard()
+                raise InstallError(
+                    f"{entry.name}: the verified download is not a usable GGUF: {exc}"
+                ) from None
+            self._place(entry, partial, target, verified)
+        except (InstallCancelled, SourceRefused):
+            discard()
             raise
         except ChecksumMismatch:
             info.unlink(missing_ok=True)
             raise
-        report(Progress("verifying", partial.stat().st_size, partial.stat().st_size))
-        try:
-            read_gguf_facts(partial)
-        except InvalidGGUF as exc:
-            partial.unlink(missing_ok=True)
-            info.unlink(missing_ok=True)
-            raise InstallError(f"{entry.name}: the verified download is not a usable GGUF: {exc}") from None
-        os.replace(partial, target)
-        fsync_dir(self.store.root)
-        self._write_sidecar(entry, target, entry.gguf_sha256)
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            discard()
+            raise DiskFull(
+                f"{entry.name}: disk full: the store's disk filled up during the install; "
+                "the partial download was removed; free some space and install again"
+            ) from None
         info.unlink(missing_ok=True)
         model = self.store.find(entry.name, include_invalid=True)
         report(Progress("done", model.size_bytes, model.size_bytes, "installed"))
         logger.info("installed %s as %s (%d bytes)", entry.name, target.name, model.size_bytes)
         return InstallResult(model, False, downloaded, resumed_from, attempts)
+
+    def _place(self, entry: CatalogueEntry, partial: Path, target: Path, verified: os.stat_result) -> None:
+        """Sidecar first, then the GGUF: whatever the moment a crash hits, the GGUF never sits at
+        its final name without the record of its verified hash (a sidecar with no GGUF beside it
+        is reported as orphaned and ignored; the next install replaces it). The rename keeps the
+        inode and mtime that `verified` stamps into the sidecar."""
+        self._write_sidecar(entry, target, entry.gguf_sha256, verified)
+        try:
+            os.replace(partial, target)
+        except OSError:
+            sidecar_path(target).unlink(missing_ok=True)
+            raise
+        fsync_dir(self.store.root)
 
     def _download(
         self,
@@ -242,11 +339,13 @@ class Installer:
     ) -> tuple[int, int, int]:
         """Fill `partial` with the verified bytes. Returns (resumed_from, downloaded, attempts)."""
         source = self.sources.for_url(entry.gguf_url)
+        guard = self.limits.guard_for(entry)
+        cap = self.limits.cap_for(entry)
         digest = hashlib.sha256()
         have = 0
         if partial.exists():  # resume: hash what is there once, then only new bytes
             have = partial.stat().st_size
-            if entry.size_bytes is not None and have > entry.size_bytes:
+            if have > cap or (entry.size_bytes is not None and have > entry.size_bytes):
                 partial.unlink()
                 have = 0
             else:
@@ -255,6 +354,8 @@ class Installer:
                         digest.update(chunk)
         resumed_from = have
         if entry.size_bytes is not None:
+            if have == entry.size_bytes and digest.hexdigest() == entry.gguf_sha256:
+                return resumed_from, 0, 0  # verified and complete before a crash: just place it
             self._check_space(entry, entry.size_bytes - have)
         downloaded = 0
         attempts = 0
@@ -264,7 +365,7 @@ class Installer:
             attempts += 1
             progressed = restarted = False
             try:
-                with source.open(entry.gguf_url, have) as stream:
+                with source.open(entry.gguf_url, have, guard) as stream:
                     if stream.start != have:  # the source starts over; so do we
                         logger.info("%s: source restarted the download from 0", entry.name)
                         digest, have, restarted = hashlib.sha256(), 0, True
@@ -275,9 +376,12 @@ class Installer:
                                 f"{entry.name}: the source has {stream.total:,} bytes but the "
                                 f"catalogue pins {entry.size_bytes:,}; not downloading"
                             )
+                        if stream.total > cap:
+                            raise SourceRefused(self._too_big(entry, cap))
                         if total is None:
                             self._check_space(entry, stream.total - have)
                         total = stream.total
+                    stall = StallWatch(self.limits.stall_s, self.limits.stall_bytes)
                     with partial.open("ab") as out:
                         report(Progress("downloading", have, total))
                         for chunk in stream.chunks:
@@ -287,12 +391,15 @@ class Installer:
                                 raise DownloadInterrupted(
                                     f"{entry.name}: stopped at {have:,} bytes; the next try resumes there"
                                 )
+                            if have + len(chunk) > cap:  # checked before the write: disk never fills
+                                raise SourceRefused(self._too_big(entry, cap))
                             out.write(chunk)
                             digest.update(chunk)
                             have += len(chunk)
                             downloaded += len(chunk)
                             progressed = True
                             report(Progress("downloading", have, total))
+                            stall.add(len(chunk))
                         out.flush()
                         os.fsync(out.fileno())
                 if restarted and not progressed:
@@ -301,7 +408,10 @@ class Installer:
                     raise TransientDownloadError(f"connection closed at {have:,} of {total:,} bytes")
                 break
             except TransientDownloadError as exc:
-                failures = 0 if progressed else failures + 1
+                # Progress earns a fresh set of retries, but a stall does not: a source that
+                # trickles a few bytes per try must still run out of them.
+                stalled = isinstance(exc, DownloadStalled)
+                failures = 0 if progressed and not stalled else failures + 1
                 if failures > self.retries:
                     raise DownloadInterrupted(
                         f"{entry.name}: download failed after {self.retries} retries: {exc}; "
@@ -319,7 +429,20 @@ class Installer:
             raise ChecksumMismatch(entry.name, entry.gguf_sha256, actual)
         return resumed_from, downloaded, attempts
 
-    def _write_sidecar(self, entry: CatalogueEntry, target: Path, sha256: str) -> None:
+    def _too_big(self, entry: CatalogueEntry, cap: int) -> str:
+        if entry.size_bytes is None:
+            limit = f"{cap:,} bytes (PENDRA_DOWNLOAD_MAX_BYTES, for entries that pin no size)"
+        else:
+            limit = f"the {entry.size_bytes:,} bytes the catalogue pins"
+            if cap > entry.size_bytes:
+                limit += f" (+{cap - entry.size_bytes:,} slack)"
+        return f"{entry.name}: the source sends more than {limit}; download aborted and removed"
+
+    def _write_sidecar(
+        self, entry: CatalogueEntry, target: Path, sha256: str, verified: os.stat_result
+    ) -> None:
+        """The sidecar of `target`, for the file `verified` describes (which may not be at
+        `target` yet)."""
         write_sidecar(
             target,
             Sidecar(
@@ -327,8 +450,9 @@ class Installer:
                 purpose=entry.purpose,
                 sha256=sha256,
                 source_url=entry.gguf_url,
-                size_bytes=target.stat().st_size,
+                size_bytes=verified.st_size,
                 installed_at=now_utc(),
                 catalogue=entry.facts(),
             ),
+            verified=verified,
         )

@@ -25,11 +25,14 @@ from pydantic import BaseModel
 
 from pendra_shared.errors import (
     ChecksumMismatch,
+    DiskFull,
     DownloadInterrupted,
+    DownloadStalled,
     InstallCancelled,
     InsufficientSpace,
     ModelNotFound,
     PendraError,
+    SourceRefused,
     StoreError,
     UnsupportedSource,
 )
@@ -128,8 +131,11 @@ def queue_job_id(job: Job) -> str:
 # A failed job's `error_code`, for scripts and the console: the first class that matches.
 ERROR_CODES: tuple[tuple[type[BaseException], str], ...] = (
     (ChecksumMismatch, "checksum_mismatch"),
+    (DiskFull, "disk_full"),  # before its parent: the disk filled mid-download
     (InsufficientSpace, "insufficient_space"),
     (UnsupportedSource, "unsupported_source"),
+    (SourceRefused, "source_refused"),  # a private address, a bad redirect, an encoded body
+    (DownloadStalled, "download_stalled"),
     (StoreError, "store_conflict"),
     (DownloadInterrupted, "download_interrupted"),
     (PendraError, "install_failed"),

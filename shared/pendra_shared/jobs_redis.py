@@ -6,7 +6,8 @@
     pendra:job:<id>:cancel   present when a client asked to cancel
     pendra:job:<id>:lease    present while a live fetcher runs the job (expires when it dies)
 
-Only the API and the fetcher import this module; the CLI's store commands never load Redis.
+Only the API and the fetcher import this module; the CLI's store commands never load Redis. Their
+Redis URL carries Redis's password: anything logged or shown names it through `redacted`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
@@ -46,6 +48,25 @@ def cancel_key(job_id: str) -> str:
 
 def lease_key(job_id: str) -> str:
     return f"pendra:job:{job_id}:lease"
+
+
+def redacted(url: str) -> str:
+    """`url` fit for a log line or an error message: a password in it (`redis://:PASSWORD@host`
+    or `?password=`) shown as `***`."""
+    try:
+        parts = urlsplit(url)
+        if not parts.scheme:
+            return "(a Redis URL without a scheme)"
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
+        return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    except ValueError:
+        return "(a Redis URL that does not parse)"
 
 
 def retrying(retries: int) -> Retry:

@@ -23,9 +23,14 @@ def run_service(name: str, run: Callable[[Settings], None]) -> None:
         sys.exit(130)
 
 
-def serve_http(app: Any, settings: Settings) -> None:
-    """Serve an ASGI app on PENDRA_HOST:PENDRA_PORT until SIGINT or SIGTERM (uvicorn is imported
-    here, so the CLI's store commands never load it)."""
-    import uvicorn
+def serve_http(app: Any, settings: Settings, *, authenticated: bool) -> None:
+    """Serve an ASGI app on PENDRA_HOST:PENDRA_PORT until SIGINT or SIGTERM, behind Pendra's
+    network guards (`pendra_shared.http_guard`). `authenticated` says whether the app checks
+    PENDRA_API_KEYS; one that does not, or has no keys, refuses a non-loopback address unless
+    PENDRA_ALLOW_OPEN. uvicorn is imported here, so the CLI's store commands never load it."""
+    from pendra_shared.http_guard import check_exposure, guard
+    from pendra_shared.http_server import serve
 
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5)
+    check_exposure(settings, authenticated=authenticated)
+    guarded, draining = guard(app, settings, authenticated=authenticated)
+    serve(guarded, draining, settings)

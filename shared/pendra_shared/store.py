@@ -1,18 +1,29 @@
 """The modelstore: a directory of GGUF files, each optionally with its sidecar.
 
 `ModelStore.scan()` lists every `*.gguf` at the top of the directory with what it is: its name
-(from the sidecar, else the file's stem), its purpose (sidecar, else GGUF metadata) and the facts
-in its header. A file that is not a usable GGUF, or a link that points out of the store, is listed
-as invalid with the reason and is never offered as a model. Operations take names, never paths, and
-only ever touch direct children of the store directory.
+(from the sidecar, else the file's stem), its purpose (sidecar, else GGUF metadata), the facts
+in its header and whether it is still the file a pinned install verified (`trusted`). A file that
+is not a usable GGUF, a link that points out of the store or loops, an unreadable file, or one that
+llama.cpp could not load in a probe (`mark_invalid`) is listed as invalid with the reason and is
+never offered as a model; directories, FIFOs and device nodes named `*.gguf` are skipped with a
+store-level problem. Listing never opens anything but regular files, and those without blocking.
+Hard links are ordinary files here: their bytes are checked like any other's. Operations take
+names, never paths, and only ever touch direct children of the store directory.
+
+Replace a model file only by writing a new file and renaming it over the old one (as installs and
+imports do): llama.cpp maps a loaded model into memory, so rewriting or truncating it in place can
+kill the server (SIGBUS) before the change is noticed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import logging
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,15 +31,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pendra_shared.config import Settings
 from pendra_shared.errors import InvalidModelName, ModelNotFound, StoreError
-from pendra_shared.fsutil import CHUNK, exclusive_lock, fsync_dir, temp_path_for
+from pendra_shared.fsutil import CHUNK, atomic_write_bytes, exclusive_lock, fsync_dir, temp_path_for
+from pendra_shared.gguf_header import DEFAULT_MAX_ARRAY_LEN, DEFAULT_MAX_STRING_BYTES
 from pendra_shared.gguf_info import GGUFFacts, InvalidGGUF, read_gguf_facts
 from pendra_shared.names import GGUF_SUFFIX, file_name_for, name_for_file, parse_name
 from pendra_shared.sidecar import (
     SIDECAR_SUFFIX,
     Sidecar,
+    check_sidecar,
     now_utc,
-    read_sidecar,
+    read_small_file,
     sidecar_path,
     write_sidecar,
 )
@@ -36,6 +50,51 @@ from pendra_shared.sidecar import (
 logger = logging.getLogger(__name__)
 
 PARTIAL_DIR = ".partial"
+VERDICT_DIR = ".probe"  # why llama.cpp refused a file, per file identity (see `mark_invalid`)
+_PROC_FD = Path("/proc/self/fd")
+
+# (file name, size, mtime_ns, inode): a file as it is now; any change of content or a replacement
+# gives another identity.
+FileIdentity = tuple[str, int, int, int]
+
+
+def identity_of(name: str, st: os.stat_result) -> FileIdentity:
+    return (name, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def open_regular(path: Path) -> int:
+    """An fd for reading the regular file at `path` (links followed). Never blocks (a FIFO opens
+    at once and is refused), never becomes a controlling terminal. Raises OSError, or
+    IsADirectoryError naming what it is when it is not a regular file."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, _kind(st.st_mode))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def fd_path(fd: int, fallback: Path) -> Path:
+    """A path that opens exactly the file behind `fd` (Linux: /proc/self/fd/N), so what is read
+    is what was checked even if the name is replaced meanwhile; `fallback` elsewhere."""
+    proc = _PROC_FD / str(fd)
+    return proc if _PROC_FD.is_dir() else fallback
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device node"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
 
 
 @dataclass
@@ -51,6 +110,9 @@ class StoredModel:
     sidecar: Sidecar | None
     error: str | None = None  # why the file cannot be served; None when it can
     problems: list[str] = field(default_factory=list)  # things worth a warning
+    verified: bool = False  # the sidecar's sha256 still vouches for the file (its stamp matches)
+    trusted: bool = False  # verified, and from a pinned catalogue install
+    identity: FileIdentity | None = None  # the file as scanned
 
     @property
     def valid(self) -> bool:
@@ -81,12 +143,24 @@ class StoredModel:
             "modified": self.modified.isoformat(),
             "origin": self.origin,
             "sha256": self.sidecar.sha256 if self.sidecar else None,
+            "verified": self.verified,
+            "trusted": self.trusted,
             "source_url": self.sidecar.source_url if self.sidecar else None,
             "installed_at": self.sidecar.installed_at.isoformat() if self.sidecar else None,
             "facts": self.facts.as_dict() if self.facts else None,
             "error": self.error,
             "problems": list(self.problems),
         }
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What re-hashing a model's file found. `matches` is None when no sidecar records a sha256."""
+
+    model: StoredModel
+    sha256: str
+    matches: bool | None
+    message: str
 
 
 @dataclass(frozen=True)
@@ -99,16 +173,30 @@ class ScanResult:
         return [m for m in self.models if m.valid]
 
 
-_FactsKey = tuple[str, int, int, int]
-
-
 class ModelStore:
     """The store directory. Thread-safe; header facts are cached by file identity."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        gguf_max_string_bytes: int = DEFAULT_MAX_STRING_BYTES,
+        gguf_max_array_len: int = DEFAULT_MAX_ARRAY_LEN,
+    ) -> None:
         self.root = Path(os.path.abspath(root.expanduser()))
-        self._facts_cache: dict[_FactsKey, GGUFFacts | str] = {}
+        self.gguf_limits = {"max_string_bytes": gguf_max_string_bytes, "max_array_len": gguf_max_array_len}
+        self._facts_cache: dict[FileIdentity, GGUFFacts | str] = {}
+        self._verdicts: dict[str, tuple[FileIdentity, str]] = {}
         self._cache_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelStore:
+        """The store PENDRA_MODELS_DIR names, with the GGUF header limits the settings give."""
+        return cls(
+            settings.models_dir,
+            gguf_max_string_bytes=settings.gguf_max_string_bytes,
+            gguf_max_array_len=settings.gguf_max_array_len,
+        )
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -140,14 +228,14 @@ class ModelStore:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _facts(self, path: Path, st: os.stat_result) -> GGUFFacts | str:
-        key = (path.name, st.st_size, st.st_mtime_ns, st.st_ino)
+    def _facts(self, path: Path, fd: int, st: os.stat_result) -> GGUFFacts | str:
+        key = identity_of(path.name, st)
         with self._cache_lock:
             cached = self._facts_cache.get(key)
         if cached is not None:
             return cached
         try:
-            result: GGUFFacts | str = read_gguf_facts(path)
+            result: GGUFFacts | str = read_gguf_facts(fd_path(fd, path), **self.gguf_limits)
         except InvalidGGUF as exc:
             result = str(exc)
         with self._cache_lock:
@@ -155,54 +243,120 @@ class ModelStore:
             self._facts_cache[key] = result
         return result
 
-    def _entry(self, dirent: os.DirEntry[str]) -> StoredModel | None:
+    def _opened_inside(self, fd: int) -> bool:
+        """Whether the file behind `fd` is a direct child of the store (a link may have been
+        re-pointed since it was checked); True where that cannot be asked."""
+        proc = _PROC_FD / str(fd)
+        try:
+            target = os.readlink(proc)
+        except OSError:
+            return True
+        return Path(target).parent == Path(os.path.realpath(self.root))
+
+    def _entry(self, dirent: os.DirEntry[str], problems: list[str]) -> StoredModel | None:
         path = Path(dirent.path)
         fallback_name = name_for_file(dirent.name) or dirent.name
-        try:
-            st = path.stat()  # follows links
-        except OSError as exc:
-            lst = path.lstat()
-            return StoredModel(
-                fallback_name,
-                dirent.name,
-                path,
-                lst.st_size,
-                datetime.fromtimestamp(lst.st_mtime, UTC),
-                None,
-                None,
-                error=f"unreadable: {exc.strerror or exc}",
-            )
-        modified = datetime.fromtimestamp(st.st_mtime, UTC)
-        if not dirent.is_file():
-            return None
-        if dirent.is_symlink() and not self._inside(path):
+
+        def invalid(st: os.stat_result, error: str) -> StoredModel:
             return StoredModel(
                 fallback_name,
                 dirent.name,
                 path,
                 st.st_size,
-                modified,
+                datetime.fromtimestamp(st.st_mtime, UTC),
                 None,
                 None,
-                error="symbolic link points outside the store; not used",
+                error=error,
             )
-        sidecar, problem = read_sidecar(path, st.st_size)
-        facts = self._facts(path, st)
+
+        try:
+            st = os.stat(path)  # follows links; opens nothing
+        except OSError as exc:
+            try:
+                lst = os.lstat(path)
+            except OSError:
+                return None  # gone since the directory was read
+            if exc.errno == errno.ELOOP:
+                return invalid(lst, "symbolic link loops; not used")
+            if exc.errno == errno.ENOENT:
+                return invalid(lst, "symbolic link points at nothing; not used")
+            return invalid(lst, f"unreadable: {exc.strerror or exc}")
+        if not stat.S_ISREG(st.st_mode):
+            problems.append(f"{dirent.name} is {_kind(st.st_mode)}, not a model file; skipped")
+            return None
+        link = dirent.is_symlink()
+        if link and not self._inside(path):
+            return invalid(st, "symbolic link points outside the store; not used")
+        try:
+            fd = open_regular(path)
+        except IsADirectoryError as exc:  # replaced since the stat
+            problems.append(f"{dirent.name} is {exc.strerror}, not a model file; skipped")
+            return None
+        except OSError as exc:
+            return invalid(st, f"unreadable: {exc.strerror or exc}")
+        try:
+            st = os.fstat(fd)
+            if link and not self._opened_inside(fd):
+                return invalid(st, "symbolic link points outside the store; not used")
+            check = check_sidecar(path, st)
+            facts = self._facts(path, fd, st)
+        finally:
+            os.close(fd)
+        sidecar = check.sidecar
+        identity = identity_of(dirent.name, st)
         model = StoredModel(
             name=sidecar.name if sidecar else fallback_name,
             file_name=dirent.name,
             path=path,
             size_bytes=st.st_size,
-            modified=modified,
+            modified=datetime.fromtimestamp(st.st_mtime, UTC),
             facts=facts if isinstance(facts, GGUFFacts) else None,
             sidecar=sidecar,
             error=f"invalid GGUF: {facts}" if isinstance(facts, str) else None,
+            verified=check.verified,
+            trusted=check.pinned,
+            identity=identity,
         )
-        if problem:
-            model.problems.append(problem)
+        if check.problem:
+            model.problems.append(check.problem)
         if sidecar is None and name_for_file(dirent.name) is None:
             model.error = model.error or "the file name leaves no usable model name; rename it"
+        model.error = model.error or self.verdict(identity)
         return model
+
+    # -- probe verdicts ----------------------------------------------------------------------
+
+    def _verdict_path(self, file_name: str) -> Path:
+        return self.root / VERDICT_DIR / f"{file_name}.json"
+
+    def mark_invalid(self, identity: FileIdentity, reason: str, *, persist: bool = True) -> None:
+        """Record that the file with `identity` must not be served (llama.cpp crashed or failed
+        loading it), until it changes. Kept in memory and, with `persist` and where the store is
+        writable, on disk for other processes (`pendra models list`) and restarts."""
+        with self._cache_lock:
+            self._verdicts[identity[0]] = (identity, reason)
+        if not persist:
+            return
+        record = {"size_bytes": identity[1], "mtime_ns": identity[2], "inode": identity[3], "reason": reason}
+        try:
+            self._verdict_path(identity[0]).parent.mkdir(exist_ok=True)
+            atomic_write_bytes(self._verdict_path(identity[0]), json.dumps(record).encode())
+        except OSError as exc:
+            logger.debug("cannot record the verdict on %s on disk: %s", identity[0], exc)
+
+    def verdict(self, identity: FileIdentity) -> str | None:
+        """Why the file with `identity` was marked invalid, or None."""
+        with self._cache_lock:
+            remembered = self._verdicts.get(identity[0])
+        if remembered is not None and remembered[0] == identity:
+            return remembered[1]
+        try:
+            record = json.loads(read_small_file(self._verdict_path(identity[0]), 16 * 1024))
+            recorded = (identity[0], record["size_bytes"], record["mtime_ns"], record["inode"])
+            reason = record["reason"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return str(reason)[:1000] if recorded == identity else None
 
     def scan(self) -> ScanResult:
         """Everything in the store, valid models first-come by name."""
@@ -217,7 +371,7 @@ class ModelStore:
             if dirent.name.startswith("."):
                 continue
             if dirent.name.lower().endswith(GGUF_SUFFIX):
-                entry = self._entry(dirent)
+                entry = self._entry(dirent, problems)
                 if entry is not None:
                     models.append(entry)
             elif dirent.name.endswith(GGUF_SUFFIX + SIDECAR_SUFFIX):
@@ -259,6 +413,50 @@ class ModelStore:
                 raise ModelNotFound(f"{name!r} matches several installed models ({tags}); name one")
         raise ModelNotFound(f"model {name!r} is not in the store ({self.root})")
 
+    def verify(self, name: str, on_bytes: Callable[[int], None] | None = None) -> Verification:
+        """Re-hash the model's file and compare it with its sidecar's sha256. A match stamps the
+        file as verified again (a touched or copied file becomes trusted again); a mismatch is
+        recorded in the sidecar, so every listing flags it until the file is replaced."""
+        model = self.find(name, include_invalid=True)
+        with exclusive_lock(self.lock_for(model.file_name)):
+            path = self.child(model.file_name)
+            fd = open_regular(path)
+            try:
+                before = os.fstat(fd)
+                digest = hashlib.sha256()
+                while chunk := os.read(fd, CHUNK):
+                    digest.update(chunk)
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
+                after = os.fstat(fd)
+            finally:
+                os.close(fd)
+            try:
+                now = os.stat(path)
+            except OSError:
+                now = None
+            same = identity_of(path.name, before) == identity_of(path.name, after)
+            if not same or now is None or identity_of(path.name, now) != identity_of(path.name, before):
+                raise StoreError(f"{model.file_name} changed while it was being verified; try again")
+            sha = digest.hexdigest()
+            sidecar = check_sidecar(path, before).sidecar
+            if sidecar is None:
+                message = f"{model.file_name} has sha256 {sha}; no usable sidecar records what it should be"
+                return Verification(self.find(model.file_name, include_invalid=True), sha, None, message)
+            if sha == sidecar.sha256:
+                write_sidecar(path, sidecar, verified=before)
+                message = f"{model.file_name}: sha256 {sha} matches the sidecar; verified"
+            else:
+                write_sidecar(path, sidecar.model_copy(update={"sha256_found": sha}), stamp=False)
+                message = (
+                    f"{model.file_name}: sha256 mismatch: the file has {sha}, the sidecar records "
+                    f"{sidecar.sha256}; reinstall the model"
+                )
+        logger.info("%s", message)
+        return Verification(
+            self.find(model.file_name, include_invalid=True), sha, sha == sidecar.sha256, message
+        )
+
     # -- writing -----------------------------------------------------------------------------
 
     def uninstall(self, name: str) -> StoredModel:
@@ -268,6 +466,7 @@ class ModelStore:
             path = self.child(model.file_name)
             path.unlink(missing_ok=True)  # a link is removed, never what it points to
             sidecar_path(path).unlink(missing_ok=True)
+            self._verdict_path(model.file_name).unlink(missing_ok=True)
         fsync_dir(self.root)
         logger.info("uninstalled %s (%s)", model.name, model.file_name)
         return model
@@ -286,7 +485,7 @@ class ModelStore:
         if not source.is_file():
             raise StoreError(f"{source} is not a file")
         try:
-            facts = read_gguf_facts(source)
+            facts = read_gguf_facts(source, **self.gguf_limits)
         except InvalidGGUF as exc:
             raise StoreError(f"{source} is not a usable GGUF model: {exc}") from None
         raw_name = name if name is not None else name_for_file(source.name)

@@ -35,7 +35,7 @@ JSON_OPTION = typer.Option(False, "--json", help="Print JSON for scripts.")
 
 
 def _store(settings: Settings) -> ModelStore:
-    return ModelStore(settings.models_dir)
+    return ModelStore.from_settings(settings)
 
 
 def _catalogue(settings: Settings) -> Catalogue:
@@ -146,6 +146,15 @@ def show(name: str, as_json: bool = JSON_OPTION) -> None:
     out.print(table)
     for problem in problems:
         err.print(f"warning: {problem}", markup=False)
+
+
+@models_app.command("verify")
+def verify(name: str) -> None:
+    """Re-hash a model's file and compare it with the sha256 its sidecar records."""
+    result = _store(load_settings()).verify(name)
+    (out if result.matches else err).print(result.message, markup=False)
+    if result.matches is not True:
+        raise typer.Exit(1)
 
 
 @models_app.command("catalogue")

@@ -56,9 +56,11 @@ def serve(
         return
 
     from pendra_inference.doctor import preflight
+    from pendra_shared.http_guard import check_exposure
     from pendra_shared.service import serve_http
 
     from pendra.embedded import create_embedded_app
 
+    check_exposure(settings, authenticated=bool(settings.api_key_list))  # before the self-check's wait
     preflight(settings)
-    serve_http(create_embedded_app(settings), settings)
+    serve_http(create_embedded_app(settings), settings, authenticated=bool(settings.api_key_list))

@@ -22,7 +22,7 @@ from pendra_shared.store import ModelStore
 
 def create_embedded_app(settings: Settings) -> FastAPI:
     runtime = InferenceRuntime(settings)
-    store = ModelStore(settings.models_dir)
+    store = ModelStore.from_settings(settings)
     queue = LocalQueue(settings, store)
 
     @contextlib.asynccontextmanager

@@ -306,6 +306,27 @@ def test_a_client_that_goes_away_stops_generation(client: openai.OpenAI, server:
             "launch_rockets",
         ),
         ({"model": CHAT, "messages": HELLO, "keep_alive": "forever"}, 400, "invalid_request", "keep_alive"),
+        # Strict numbers and bounded extensions (checklist A4-A8, A15, A20).
+        ({"model": CHAT, "messages": HELLO, "max_tokens": "100"}, 400, "invalid_request", "max_tokens"),
+        ({"model": CHAT, "messages": HELLO, "max_tokens": 1.5}, 400, "invalid_request", "max_tokens"),
+        (
+            {"model": CHAT, "messages": HELLO, "max_tokens": 2**63},
+            400,
+            "context_length_exceeded",
+            "maximum context length",
+        ),
+        ({"model": CHAT, "messages": HELLO, "n": 129}, 400, "invalid_request", "n"),
+        ({"model": CHAT, "messages": HELLO, "top_k": -5}, 400, "invalid_request", "top_k"),
+        ({"model": CHAT, "messages": HELLO, "logit_bias": {"-1": 5}}, 400, "invalid_request", "logit_bias"),
+        ({"model": CHAT, "messages": HELLO, "stop": "x" * 257}, 400, "invalid_request", "stop"),
+        ({"model": CHAT, "messages": HELLO, "stop": [None]}, 400, "invalid_request", "stop"),
+        ({"model": CHAT, "messages": HELLO, "keep_alive": 10**400}, 400, "invalid_request", "keep_alive"),
+        (
+            {"model": CHAT, "messages": HELLO, "tools": [{**WEATHER, "function": {"name": "a b"}}]},
+            400,
+            "invalid_request",
+            "name",
+        ),
     ],
 )
 def test_bad_requests_get_clear_errors(

@@ -60,8 +60,26 @@ def test_the_gguf_template_wins_and_knows_tools() -> None:
         "{{ messages.append(1) }}",
         "{{ raise_exception('no system messages') }}",
         "{% for %}",
+        # CVE-2024-34359 ("Llama Drama"): the payload that ran commands through llama-cpp-python.
+        "{{ lipsum.__globals__['os'].popen('id').read() }}",
+        "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+        "{{ 1 / 0 }}",
+        "{{ 'a' * 10**9 }}",
     ],
 )
 def test_hostile_or_broken_templates_fail_safely(hostile: str) -> None:
     with pytest.raises(TemplateRenderError):
         choose_template("llama", hostile).render(MESSAGES, bos="", eos="")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "{{ ''|attr('__class__') }}",
+        "{{ '{0.__class__}'.format(1) }}",
+        "{{ ''|attr('__class__')|attr('__mro__') }}",
+    ],
+)
+def test_jinja_sandbox_escapes_render_nothing(payload: str) -> None:
+    """Jinja CVE-2025-27516 and CVE-2024-56326: |attr and str.format stay inside the sandbox."""
+    assert choose_template("llama", payload + "ok").render(MESSAGES, bos="", eos="") == "ok"

@@ -105,3 +105,20 @@ def test_every_setting_is_documented() -> None:
         assert f"# {variable}=" in example, variable
         assert f"| `{variable}` |" in readme, variable
         assert field.description, name
+
+
+def test_pendra_config_never_prints_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import run_cli
+
+    secrets = {
+        "PENDRA_API_KEYS": "key-aaa,key-bbb",
+        "PENDRA_API_KEY": "key-ccc",
+        "PENDRA_MIRROR_SECRET_KEY": "mirror-ddd",
+        "PENDRA_REDIS_URL": "redis://:pass-eee@redis:6379/0",
+    }
+    for flag in ([], ["--json"]):
+        result = run_cli("config", *flag, env=secrets)
+        assert result.returncode == 0, result.stderr
+        for secret in ("key-aaa", "key-bbb", "key-ccc", "mirror-ddd", "pass-eee"):
+            assert secret not in result.stdout
+        assert "redis://:***@redis:6379/0" in result.stdout

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
+from gguf.constants import GGUFValueType
+from pendra_shared.gguf_header import ArrayInfo, parse_header, read_header
 from pendra_shared.gguf_info import InvalidGGUF, read_gguf_facts
 
 from tests.support.ggufs import write_gguf
@@ -73,3 +77,41 @@ def test_truncated_files_are_invalid(tmp_path: Path, gemma_path: Path) -> None:
     cut_header.write_bytes(data[:50_000])
     with pytest.raises(InvalidGGUF, match="truncated header"):
         read_gguf_facts(cut_header)
+
+
+def test_real_files_pass_the_strict_checks_quickly(gemma_path: Path, minilm_path: Path) -> None:
+    # Gemma's 262k-token vocabulary is skipped, not decoded: the header reads in well under 1 s.
+    for path in (gemma_path, minilm_path):
+        start = time.perf_counter()
+        header = read_header(path)
+        assert time.perf_counter() - start < 1.0
+        assert header.alignment == 32
+        assert header.data_start <= header.tensors[0].data_offset
+        assert all(1 <= len(t.shape) <= 4 for t in header.tensors)
+        read_gguf_facts(path)
+    gemma = read_header(gemma_path)
+    assert gemma.value_types["tokenizer.ggml.tokens"] == ArrayInfo(GGUFValueType.STRING, 262144)
+    assert gemma.value_types["tokenizer.ggml.scores"] == ArrayInfo(GGUFValueType.FLOAT32, 262144)
+    assert gemma.value_types["gemma3.block_count"] == GGUFValueType.UINT32
+    assert isinstance(gemma.metadata["tokenizer.ggml.tokens"], ArrayInfo)
+
+
+def test_a_file_replaced_while_it_is_read_is_invalid_not_a_crash(tmp_path: Path) -> None:
+    # The reader uses plain reads, not mmap: a file that shrinks under it gives an error, not SIGBUS.
+    path = write_gguf(tmp_path / "shrinks.gguf", tensors=8)
+    size = path.stat().st_size
+    with path.open("r+b") as fh:
+        fh.truncate(size // 3)
+        with pytest.raises(ValueError, match="shrank|truncated"):
+            parse_header(fh, size)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_only_regular_files_are_read(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "odd.gguf"
+    if kind == "fifo":
+        os.mkfifo(path)  # opening it for reading must not wait for a writer
+    else:
+        path.mkdir()
+    with pytest.raises(InvalidGGUF):
+        read_gguf_facts(path)

@@ -17,7 +17,7 @@ from pendra_shared.errors import (
     UnsupportedSource,
 )
 from pendra_shared.fsutil import sha256_file
-from pendra_shared.install import Installer, Progress
+from pendra_shared.install import DownloadLimits, Installer, Progress
 from pendra_shared.sources import Sources
 from pendra_shared.store import ModelStore
 
@@ -36,7 +36,9 @@ def store(tmp_path: Path) -> ModelStore:
 
 
 def installer(store: ModelStore, retries: int = 3) -> Installer:
-    return Installer(store, Sources(timeout_s=10), retries=retries, backoff_s=0.01)
+    # The file server is on loopback, which installs reach only when allowed.
+    limits = DownloadLimits(allow_private_sources=True)
+    return Installer(store, Sources(timeout_s=10), retries=retries, backoff_s=0.01, limits=limits)
 
 
 def leftovers(store: ModelStore) -> list[str]:

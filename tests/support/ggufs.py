@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -40,3 +41,28 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def install_like(store: Any, source: Path, name: str = "model:v1", *, pinned: bool = True) -> Path:
+    """What a verified catalogue install leaves: the file, then a stamped sidecar (`pinned`: with
+    the catalogue facts only an install writes)."""
+    import shutil
+
+    from pendra_shared.fsutil import sha256_file
+    from pendra_shared.sidecar import Sidecar, now_utc, write_sidecar
+
+    target = Path(store.root) / (name.replace(":", "-") + ".gguf")
+    shutil.copyfile(source, target)
+    write_sidecar(
+        target,
+        Sidecar(
+            name=name,
+            purpose="chat",
+            sha256=sha256_file(target),
+            source_url="https://example.test/model.gguf",
+            size_bytes=target.stat().st_size,
+            installed_at=now_utc(),
+            catalogue={"name": name} if pinned else None,
+        ),
+    )
+    return target

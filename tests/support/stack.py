@@ -137,13 +137,15 @@ class ComposeStack:
         return {
             "PENDRA_MIRROR_ACCESS_KEY": "pendra-test",
             "PENDRA_MIRROR_SECRET_KEY": "pendra-test-secret",
+            "PENDRA_REDIS_PASSWORD": self.redis.password,
             "PENDRA_CATALOGUE": self.extra_env.get("PENDRA_CATALOGUE", ""),
             "PENDRA_API_KEYS": self.extra_env.get("PENDRA_API_KEYS", ""),
         }
 
     def mapping(self) -> dict[str, str]:
         mapping = {
-            "redis://redis:6379/0": self.redis.url,
+            # compose's URL, password included, to the test's Redis (which has the same password)
+            f"redis://:{self.redis.password}@redis:6379/0": self.redis.url,
             "http://inference:8081": self.inference_url,
             "0.0.0.0": "127.0.0.1",
         }

@@ -4,6 +4,7 @@ down behind the gateway."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -280,3 +281,33 @@ def test_a_job_nothing_will_finish_is_marked_lost_and_blocks_no_new_install(
     fresh = api.install(stack.api_url, "gemma3:270m")
     assert fresh["run"] != stuck.run
     assert api.wait_job(stack.api_url, fresh["id"])["state"] == "done"
+
+
+def test_inference_dying_mid_stream_ends_the_gateways_stream_with_an_error_event(
+    make_stack: MakeStack,
+) -> None:
+    stack = make_stack("compose")
+    assert isinstance(stack, ComposeStack)
+    job = api.install(stack.api_url, "gemma3:270m")
+    assert api.wait_job(stack.api_url, job["id"])["state"] == "done"
+    body = {
+        "model": "gemma3:270m",
+        "messages": [{"role": "user", "content": "Tell a very long story."}],
+        "max_tokens": 1500,
+        "logit_bias": {"1": -100, "106": -100},  # no end of turn: it runs until killed
+        "stream": True,
+    }
+    events = []
+    with httpx.stream("POST", f"{stack.api_url}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line.removeprefix("data: "))
+            if len(events) == 4:
+                stack.services["inference"].stop(signal.SIGKILL)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "service_unavailable" and "retry" in error["message"]
+    assert all("error" not in json.loads(event) for event in events[:4])
+    # The gateway serves on, and says inference is gone until it is back.
+    assert httpx.get(f"{stack.api_url}/ready", timeout=10).json()["inference"] == "unreachable"

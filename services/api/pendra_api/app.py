@@ -36,7 +36,7 @@ def create_app(settings: Settings, queue: InstallQueue | None = None) -> FastAPI
         install_queue = queue or ArqQueue(settings.redis_url)
         await install_queue.start()
         app.state.management = Management(
-            Catalogue.load(settings.catalogue_locations), ModelStore(settings.models_dir), install_queue
+            Catalogue.load(settings.catalogue_locations), ModelStore.from_settings(settings), install_queue
         )
         app.state.upstream = proxy.upstream_client(settings.inference_url)
         app.state.upstream_requests = upstream_requests
@@ -84,4 +84,4 @@ def create_app(settings: Settings, queue: InstallQueue | None = None) -> FastAPI
 
 def run(settings: Settings) -> None:
     """Run the gateway until SIGINT or SIGTERM."""
-    serve_http(create_app(settings), settings)
+    serve_http(create_app(settings), settings, authenticated=bool(settings.api_key_list))

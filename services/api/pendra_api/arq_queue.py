@@ -1,5 +1,7 @@
 """The service set's install queue: jobs go to the arq fetcher through Redis; their records (and
-progress) are read back from Redis. Redis trouble becomes a 503 for the caller, never a hang."""
+progress) are read back from Redis. Redis trouble becomes a 503 for the caller, never a hang.
+arq stores jobs and results as JSON (`pendra_shared.queue_codec`), never as pickle; Redis's URL
+appears in logs only with its password hidden."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix
+from arq.jobs import DeserializationError
 from pendra_shared.api_errors import UpstreamUnavailable
 from pendra_shared.catalogue import CatalogueEntry
 from pendra_shared.jobs import (
@@ -20,9 +23,10 @@ from pendra_shared.jobs import (
     JobState,
     queue_job_id,
 )
-from pendra_shared.jobs_redis import RedisJobs, connection_pool, lease_key
+from pendra_shared.jobs_redis import RedisJobs, connection_pool, lease_key, redacted
+from pendra_shared.queue_codec import dumps, loads
 from pendra_shared.sidecar import now_utc
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +39,14 @@ LOST_AFTER_S = 15.0
 
 class ArqQueue:
     def __init__(self, redis_url: str) -> None:
-        self.redis = ArqRedis(connection_pool(redis_url, retries=3), default_queue_name=QUEUE_NAME)
+        self.redis = ArqRedis(
+            connection_pool(redis_url, retries=3),
+            job_serializer=dumps,
+            job_deserializer=loads,
+            default_queue_name=QUEUE_NAME,
+        )
         self.records = RedisJobs(self.redis)
+        self.where = redacted(redis_url)
 
     async def start(self) -> None:
         return None  # connections open on first use, so the API starts even before Redis does
@@ -48,8 +58,20 @@ class ArqQueue:
     async def _redis(self) -> Any:
         try:
             yield
+        except AuthenticationError as exc:  # a wrong or missing password: no retry will cure it
+            logger.error(
+                "Redis at %s refused the password (%s): PENDRA_REDIS_URL must carry the password "
+                "Redis was started with (compose: PENDRA_REDIS_PASSWORD in .env)",
+                self.where,
+                exc,
+            )
+            raise UpstreamUnavailable(
+                "the install queue (Redis) refused the gateway's password; the operator must check "
+                "PENDRA_REDIS_PASSWORD",
+                code="queue_auth_failed",
+            ) from None
         except (RedisError, OSError) as exc:
-            logger.warning("redis: %s", exc)
+            logger.warning("Redis at %s: %s", self.where, exc)
             raise UpstreamUnavailable(
                 "the install queue (Redis) is not reachable; try again shortly"
             ) from None
@@ -130,7 +152,14 @@ class ArqQueue:
                 ) from None
             except (RedisError, OSError):
                 raise
-            except Exception as exc:  # the fetcher's run failed (stopped mid-way, say)
+            except DeserializationError:
+                # Not what a fetcher writes: something else wrote to Redis. Never unpickled.
+                logger.error("the result of %s in Redis is not Pendra's JSON; it was not read", job.job_id)
+                raise UpstreamUnavailable(
+                    f"the fetcher's answer for {name} could not be read; see the gateway's log",
+                    code="invalid_queue_result",
+                ) from None
+            except Exception as exc:  # the fetcher's run failed (stopped mid-way, say): `JobFailed`
                 logger.warning("uninstall of %s failed in the fetcher: %r", name, exc)
                 raise UpstreamUnavailable(f"the fetcher could not uninstall {name}: {exc}") from None
             return result

@@ -40,12 +40,14 @@ class BearerAuth:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        header = dict(scope["headers"]).get(b"authorization", b"")
+        sent = [value for name, value in scope["headers"] if name == b"authorization"]
+        header = sent[0] if len(sent) == 1 else b""
         scheme, _, token = header.partition(b" ")
         if scheme.lower() == b"bearer" and key_matches(token.strip(), self.keys):
             await self.app(scope, receive, send)
             return
-        problem = "missing bearer token" if not header else "invalid API key"
+        # More than one Authorization header is refused: proxies disagree on which one counts.
+        problem = "missing bearer token" if not sent else "invalid API key"
         error = Unauthorized(f"{problem}: send Authorization: Bearer <one of PENDRA_API_KEYS>")
         body = json.dumps(error.body()).encode()
         await send(

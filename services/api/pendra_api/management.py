@@ -30,6 +30,7 @@ router = APIRouter(prefix="/api")
 
 EVENT_POLL_S = 0.25
 KEEPALIVE_S = 15.0
+CANCEL_WAIT_S = 30.0  # an uninstall waits this long for the install it cancels to stop
 
 
 @dataclass
@@ -97,16 +98,28 @@ async def install(body: InstallRequest, request: Request) -> JSONResponse:
 
 @router.delete("/models/{name}")
 async def uninstall(name: str, request: Request) -> dict[str, Any]:
+    """Remove a model. One still being installed has its install cancelled first (the partial
+    download goes with it), so "Uninstall" means the same whatever state the model is in."""
     m = _m(request)
+    cancelled = None
     for job in await m.queue.jobs():
         if job.model == name and not job.final:
-            raise Conflict(f"{name} is being installed (job {job.id}); cancel the job first")
+            await m.queue.cancel(job.id)
+            deadline = asyncio.get_running_loop().time() + CANCEL_WAIT_S
+            while (current := await m.queue.get(job.id)) is not None and not current.final:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise Conflict(f"the install of {name} (job {job.id}) did not stop in time; retry")
+                await asyncio.sleep(0.2)
+            cancelled = job.id
     result = await m.queue.uninstall(name)
     if not result["ok"]:
+        if result["code"] == "model_not_found" and cancelled is not None:
+            return {"id": name, "object": "model", "deleted": True, "file": None, "cancelled_job": cancelled}
         if result["code"] == "model_not_found":
             raise ModelNotFoundError(result["message"])
         raise Conflict(result["message"])
-    return {"id": result["model"], "object": "model", "deleted": True, "file": result["file"]}
+    body = {"id": result["model"], "object": "model", "deleted": True, "file": result["file"]}
+    return {**body, "cancelled_job": cancelled} if cancelled else body
 
 
 @router.get("/jobs")

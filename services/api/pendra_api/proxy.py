@@ -3,17 +3,20 @@
 Bytes pass through as they come (no buffering, no re-encoding), so a streamed completion reaches
 the client token by token. When the client goes away, Starlette stops the stream and the
 response's background task closes the upstream request, which makes the inference service stop
-generating. An inference service that cannot be reached is a 503 with Retry-After.
+generating. An inference service that cannot be reached is a 503 with Retry-After; one that dies
+in the middle of an event stream ends it with an error event and `[DONE]`, not a silent cut.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pendra_shared.api_errors import NotFound, UpstreamUnavailable
+from pendra_shared.api_errors import NotFound, UpstreamUnavailable, error_body
 from prometheus_client import Counter
 from starlette.background import BackgroundTask
 
@@ -73,8 +76,22 @@ async def forward(path: str, request: Request) -> StreamingResponse:
         ) from None
     counter.labels(str(response.status_code)).inc()
     return StreamingResponse(
-        response.aiter_raw(),
+        relay(response),
         status_code=response.status_code,
         headers={k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP},
         background=BackgroundTask(response.aclose),
     )
+
+
+async def relay(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The upstream bytes as they come; if the inference service goes away mid-stream, an event
+    stream ends the way a client can read (an error event, then `[DONE]`)."""
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+    except httpx.TransportError as exc:
+        logger.warning("inference service went away mid-response: %s", type(exc).__name__)
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            message = "the inference service stopped before this response finished; retry it"
+            event = json.dumps(error_body(message, "server_error", None, "service_unavailable"))
+            yield f"\n\ndata: {event}\n\ndata: [DONE]\n\n".encode()

@@ -1,5 +1,9 @@
 """One verified install as the fetcher does it: the mirror first, then upstream, then the mirror
-is filled with what was verified upstream. The foundation's `Installer` does the real work."""
+is filled with what was verified upstream. The foundation's `Installer` does the real work.
+
+The mirror never stops an install: down, refusing the credentials, holding a corrupt copy or
+going away mid-download, it is logged as a warning and the install goes upstream (resuming from
+the bytes the mirror gave, which share the partial file and are verified with the rest)."""
 
 from __future__ import annotations
 
@@ -35,8 +39,12 @@ class Fetch:
             mirrored = entry.model_copy(update={"gguf_url": mirror.url_for(entry.gguf_sha256)})
             try:
                 return self.installer.install(mirrored, progress, cancel, interrupt)
-            except (InstallCancelled, DownloadInterrupted):
+            except InstallCancelled:
                 raise
+            except DownloadInterrupted as exc:
+                if cancel.is_set() or interrupt.is_set():
+                    raise  # stopped from outside, not by the mirror
+                logger.warning("%s: the mirror stopped answering (%s); going upstream", entry.name, exc)
             except ChecksumMismatch as exc:  # a bad copy: drop it, so the upstream bytes replace it
                 logger.warning("%s: the mirror's copy is corrupt (%s); going upstream", entry.name, exc)
                 self._drop(mirror, entry)

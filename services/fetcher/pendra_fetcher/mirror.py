@@ -1,8 +1,10 @@
 """The S3/MinIO mirror: GGUF blobs stored by their SHA-256, so a cluster installs once from the
 internet and every later install (or an air-gapped cluster) from the mirror.
 
-`PENDRA_MIRROR_URL` is `http(s)://host:port/bucket[/prefix]`; blobs live at `<prefix>/sha256/<hex>`.
-The mirror is also the `Source` for catalogue entries whose `gguf_url` is `s3://bucket/key`.
+`PENDRA_MIRROR_URL` is `http(s)://host:port/bucket[/prefix]`; blobs live at `<prefix>/sha256/<hex>`,
+a key built only from a checked digest (64 lowercase hex digits), so no entry can aim it elsewhere.
+The mirror is also the `Source` for catalogue entries whose `gguf_url` is `s3://bucket/key`. The
+operator configured it, so the address check of http(s) sources does not apply to it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from urllib.parse import urlparse
 import urllib3
 from minio import Minio
 from minio.error import S3Error
+from pendra_shared.catalogue import is_sha256
 from pendra_shared.errors import ConfigError, InstallError, TransientDownloadError
 from pendra_shared.fsutil import CHUNK
-from pendra_shared.sources import Stream
+from pendra_shared.sources import Guard, Stream
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,8 @@ class S3Mirror:
         return f"s3 mirror {self.endpoint}/{self.bucket}/{self.prefix}"
 
     def key_for(self, sha256: str) -> str:
+        if not is_sha256(sha256):
+            raise ValueError("a mirror key needs a SHA-256 of 64 lowercase hex digits")
         return f"{self.prefix}sha256/{sha256}"
 
     def url_for(self, sha256: str) -> str:
@@ -89,7 +94,7 @@ class S3Mirror:
     # -- Source for s3:// URLs ------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def open(self, url: str, offset: int) -> Iterator[Stream]:
+    def open(self, url: str, offset: int, guard: Guard) -> Iterator[Stream]:
         parsed = urlparse(url)
         bucket, key = parsed.netloc, parsed.path.lstrip("/")
         try:
@@ -99,7 +104,7 @@ class S3Mirror:
             start = offset if offset < total else 0
             response = self.client.get_object(bucket, key, offset=start) if start < total else None
         except S3Error as exc:
-            raise InstallError(f"{url}: {exc.code}: {exc.message}") from None
+            raise InstallError(f"{url}: the mirror answered {exc.code}") from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise TransientDownloadError(f"mirror {self.endpoint}: {exc}") from exc
         if response is None:

@@ -6,6 +6,11 @@ the installer (resuming from the bytes on disk) and then by arq (`Retry` with a 
 checksum mismatch fails at once. A running job holds a lease in Redis that it renews; when a
 fetcher dies (killed, host lost), its lease runs out and any fetcher, the restarted one included,
 takes the job over and resumes the download where it stopped.
+
+arq reads jobs and writes results as JSON (`pendra_shared.queue_codec`), never as pickle: a job
+that is not Pendra's JSON is logged and failed without running anything. A Redis that refuses the
+password in PENDRA_REDIS_URL stops the fetcher at once with a message saying so; the URL is only
+ever logged with its password hidden.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import socket
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
+from urllib.parse import unquote
 
 from arq import Retry, func
 from arq.connections import RedisSettings
@@ -26,6 +32,7 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Worker, get_kwargs
 from pendra_shared.catalogue import CatalogueEntry
 from pendra_shared.config import Settings
+from pendra_shared.errors import ConfigError
 from pendra_shared.install import Installer
 from pendra_shared.jobs import (
     INSTALL_FUNCTION,
@@ -37,9 +44,11 @@ from pendra_shared.jobs import (
     run_install_job,
     uninstall_outcome,
 )
-from pendra_shared.jobs_redis import RedisJobs, connect, retrying
+from pendra_shared.jobs_redis import RedisJobs, connect, redacted, retrying
+from pendra_shared.queue_codec import dumps, loads
 from pendra_shared.sources import Sources
 from pendra_shared.store import ModelStore
+from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -207,7 +216,12 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
     await take_over_orphans(jobs, settings.job_lease_s)
     ctx["orphan_watch"] = asyncio.create_task(_watch_orphans(jobs, settings.job_lease_s, ctx["running"]))
-    logger.info("fetcher ready: store %s, %d install(s) at once", store.root, settings.install_concurrency)
+    logger.info(
+        "fetcher ready: store %s, queue at %s, %d install(s) at once",
+        store.root,
+        redacted(settings.redis_url),
+        settings.install_concurrency,
+    )
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
@@ -238,6 +252,9 @@ class WorkerSettings:
         func(uninstall_model, name=UNINSTALL_FUNCTION, timeout=120, keep_result=300, max_tries=1),
     ]
     queue_name = QUEUE_NAME
+    # JSON, never arq's default pickle: whoever can write to Redis must not run code here.
+    job_serializer = dumps
+    job_deserializer = loads
     on_startup = startup
     on_shutdown = shutdown
     max_tries = 1
@@ -247,9 +264,13 @@ class WorkerSettings:
 
 
 def redis_settings(url: str) -> RedisSettings:
-    """arq's connection settings, riding out a Redis restart instead of dying on it."""
+    """arq's connection settings, riding out a Redis restart instead of dying on it. The user name
+    and password are percent-decoded, as redis-py decodes them for Pendra's own connections."""
+    parsed = RedisSettings.from_dsn(url)
     return dataclasses.replace(
-        RedisSettings.from_dsn(url),
+        parsed,
+        username=unquote(parsed.username) if parsed.username else None,
+        password=unquote(parsed.password) if parsed.password else None,
         conn_retries=30,
         conn_retry_delay=1,
         retry=retrying(60),
@@ -259,7 +280,20 @@ def redis_settings(url: str) -> RedisSettings:
 
 class ResilientWorker(Worker):
     """arq's worker, riding out Redis outages: a failed poll is logged and tried again rather than
-    ending the process (running downloads carry on meanwhile)."""
+    ending the process (running downloads carry on meanwhile). A wrong password is no outage: it
+    ends the start at once, in words (`ConfigError`)."""
+
+    def __init__(self, *, redis_url: str, **kwargs: Any) -> None:
+        super().__init__(redis_settings=redis_settings(redis_url), **kwargs)
+        self.redis_url = redis_url
+
+    async def main(self) -> None:
+        if self._pool is None:
+            await check_password(self.redis_url)
+        try:
+            await super().main()
+        except AuthenticationError as exc:  # Redis came up after the check, with another password
+            raise refused(self.redis_url, exc) from None
 
     async def _poll_iteration(self) -> None:
         try:
@@ -279,12 +313,33 @@ class ResilientWorker(Worker):
             raise
 
 
+async def check_password(url: str) -> None:
+    """Raise `ConfigError` when Redis refuses the password in `url` (wrong, missing, or given to a
+    Redis that has none). Anything else, such as Redis not being up yet, is left to arq's retries."""
+    client = connect(url, retries=0)
+    try:
+        await client.ping()
+    except AuthenticationError as exc:
+        raise refused(url, exc) from None
+    except (RedisError, OSError):
+        pass
+    finally:
+        await client.aclose()
+
+
+def refused(url: str, exc: AuthenticationError) -> ConfigError:
+    return ConfigError(
+        f"Redis at {redacted(url)} refused the password ({exc}); PENDRA_REDIS_URL must carry the "
+        "password Redis was started with (compose: PENDRA_REDIS_PASSWORD in .env)"
+    )
+
+
 def create_worker(settings: Settings) -> Worker:
     # The class's settings, read the way arq's own create_worker reads them.
     kwargs: dict[str, Any] = dict(get_kwargs(dict(vars(WorkerSettings))))
     return ResilientWorker(
         **kwargs,
-        redis_settings=redis_settings(settings.redis_url),
+        redis_url=settings.redis_url,
         max_jobs=settings.install_concurrency + 4,  # room for uninstalls beside running downloads
         ctx={"settings": settings},
     )

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from pendra_shared.api_errors import install_error_handlers
 from pendra_shared.config import Settings
+from pendra_shared.http_guard import check_exposure
 from pendra_shared.service import serve_http
 from pendra_shared.store import ModelStore
 
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 class InferenceRuntime:
     def __init__(self, settings: Settings, engine_factory: EngineFactory | None = None) -> None:
         self.settings = settings
-        store = ModelStore(settings.models_dir)
+        store = ModelStore.from_settings(settings)
         self.registry = ModelRegistry(settings, store, *(() if engine_factory is None else (engine_factory,)))
         metrics = InferenceMetrics()
         self.state = AppState(
@@ -87,5 +88,6 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
 def run(settings: Settings) -> None:
     """Check that llama.cpp runs on this host, then run the inference service until SIGINT or
     SIGTERM."""
+    check_exposure(settings, authenticated=False)  # before the self-check's wait
     preflight(settings)
-    serve_http(create_app(settings), settings)
+    serve_http(create_app(settings), settings, authenticated=False)

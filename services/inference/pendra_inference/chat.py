@@ -1,7 +1,8 @@
 """`/v1/chat/completions` without the HTTP glue: validate, build the prompt, generate, shape.
 
-Every check that protects llama.cpp happens here, before any llama.cpp call: the prompt must fit
-the context with room for `max_tokens`, logit-bias token ids must exist, grammars must compile.
+Every check that protects llama.cpp happens here, before any llama.cpp call: the request's own
+limits first (`limits.py`, before a model is even loaded), then the prompt must fit the context
+with room for `max_tokens`, logit-bias token ids must exist, grammars must be small and compile.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import llama_cpp
-from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from pendra_shared.api_errors import APIError, ContextLengthExceeded, InvalidRequest, error_body
 
+from pendra_inference import jsonbody
+from pendra_inference.limits import RequestLimits, check_chat, check_grammar, surely_longer
 from pendra_inference.metrics import InferenceMetrics
 from pendra_inference.protocol import (
     ChatCompletion,
@@ -42,11 +45,13 @@ from pendra_inference.templates import ChatTemplate, TemplateRenderError, choose
 
 logger = logging.getLogger(__name__)
 
-MAX_STOP = 4
 # Names the backend, so a client comparing seeds can tell when it changed.
 FINGERPRINT = f"fp_pendra_llama_cpp_{llama_cpp.__version__}"
-_TOKEN_ID_RE = re.compile(r"-?[0-9]+")
-_TOOL_TAG_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+_TOKEN_ID_RE = re.compile(r"[0-9]{1,10}")
+# No \s* around the group: with it, a long run of spaces after <tool_call> backtracks quadratically.
+_TOOL_TAG_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+# Deepest JSON taken from a tool call's arguments or a model's tool-call output.
+_TOOL_JSON_DEPTH = 64
 
 
 @dataclass
@@ -119,7 +124,7 @@ def _messages(
 def _loads(value: Any) -> Any:
     if isinstance(value, str):
         try:
-            return json.loads(value)
+            return jsonbody.loads(value.encode(), _TOOL_JSON_DEPTH)
         except ValueError:
             return value
     return value
@@ -154,11 +159,16 @@ def _tool_grammar(tools: list[dict[str, Any]], choice: Any) -> str | None:
 
 
 def _schema_grammar(schema: Any, param: str) -> str:
-    """GBNF for a JSON schema."""
+    """GBNF for a JSON schema (already bounded by `limits.check_schema`), checked before llama.cpp
+    parses it."""
     try:
-        return str(LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)._grammar)
+        grammar = str(json_schema_to_gbnf(json.dumps(schema)))
+    except RecursionError:
+        raise InvalidRequest(f"{param}: the JSON schema nests too deeply", param=param) from None
     except Exception as exc:  # the converter raises many types for unsupported schemas
-        raise InvalidRequest(f"{param}: unsupported JSON schema: {exc}", param=param) from None
+        raise InvalidRequest(f"{param}: unsupported JSON schema: {str(exc)[:200]}", param=param) from None
+    check_grammar(grammar, param)
+    return grammar
 
 
 def _check_grammar(loaded: Loaded, grammar: str, param: str) -> None:
@@ -191,12 +201,12 @@ def _tool_prompt(tools: list[dict[str, Any]]) -> str:
 def parse_tool_calls(text: str, tools: list[dict[str, Any]]) -> list[ToolCall]:
     """Tool calls in a model's output: <tool_call> blocks (Hermes/Qwen) or a bare JSON object."""
     names = {t["function"]["name"] for t in tools}
-    candidates = _TOOL_TAG_RE.findall(text) or [text.strip()]
+    candidates = _TOOL_TAG_RE.findall(text) or [text]
     calls = []
     for raw in candidates:
         try:
-            data = json.loads(raw)
-        except ValueError:
+            data = jsonbody.loads(raw.strip().encode(), _TOOL_JSON_DEPTH)
+        except ValueError:  # not JSON, or nested past _TOOL_JSON_DEPTH
             continue
         for item in data if isinstance(data, list) else [data]:
             if not isinstance(item, dict) or item.get("name") not in names:
@@ -213,8 +223,10 @@ def parse_tool_calls(text: str, tools: list[dict[str, Any]]) -> list[ToolCall]:
     return calls
 
 
-def plan(loaded: Loaded, req: ChatCompletionRequest) -> Plan:
-    """Everything before generation; runs in a thread (tokenizing and grammars take time)."""
+def plan(loaded: Loaded, req: ChatCompletionRequest, limits: RequestLimits | None = None) -> Plan:
+    """Everything before generation; runs in a thread (tokenizing and grammars take time).
+    `check_chat` has passed."""
+    limits = limits or RequestLimits()
     engine = loaded.engine
     scheduler = cast(Scheduler, loaded.runner)
     facts = loaded.model.facts
@@ -253,11 +265,23 @@ def plan(loaded: Loaded, req: ChatCompletionRequest) -> Plan:
     tool_prompt = _tool_prompt(tools) if tools and not template.supports_tools else None
     messages = _messages(req, template, tool_prompt)
     try:
-        text = template.render(messages, bos=engine.bos_text, eos=engine.eos_text, tools=tools)
+        text = template.render(
+            messages,
+            bos=engine.bos_text,
+            eos=engine.eos_text,
+            tools=tools,
+            max_chars=limits.template_max_chars,
+            timeout_s=limits.template_timeout_s,
+        )
     except TemplateRenderError as exc:
         raise InvalidRequest(str(exc), param="messages") from None
-    prompt = engine.tokenize_prompt(text)
     n_ctx = engine.n_ctx
+    if surely_longer(loaded, text, n_ctx):
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {n_ctx} tokens; the messages use more than that",
+            param="messages",
+        )
+    prompt = engine.tokenize_prompt(text)
     if len(prompt) >= n_ctx:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {n_ctx} tokens; the messages use {len(prompt)}",
@@ -281,8 +305,6 @@ def plan(loaded: Loaded, req: ChatCompletionRequest) -> Plan:
             param="n",
         )
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stops) > MAX_STOP or any(not s for s in stops):
-        raise InvalidRequest(f"stop takes at most {MAX_STOP} non-empty strings", param="stop")
     bias = _logit_bias(req.logit_bias, engine.n_vocab)
     sampling = SamplingParams(
         temperature=req.temperature,
@@ -292,7 +314,7 @@ def plan(loaded: Loaded, req: ChatCompletionRequest) -> Plan:
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         logit_bias=tuple(sorted(bias.items())) if bias else (),
-        seed=req.seed,
+        seed=None if req.seed is None else req.seed % 2**64,  # OpenAI's seeds may be negative
         grammar=grammar,
         top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
     )
@@ -306,7 +328,7 @@ def _logit_bias(bias: dict[str, float] | None, n_vocab: int) -> dict[int, float]
         return None
     out = {}
     for key, value in bias.items():
-        # ASCII digits only: "²".isdigit() is true, but int("²") raises.
+        # ASCII digits only: "²".isdigit() is true, but int("²") raises (and "-1" is no token).
         if not _TOKEN_ID_RE.fullmatch(key) or not 0 <= int(key) < n_vocab:
             raise InvalidRequest(
                 f"logit_bias: token id {key!r} is not in the vocabulary (0..{n_vocab - 1})",
@@ -353,6 +375,7 @@ class ChatService:
     def __init__(self, registry: ModelRegistry, metrics: InferenceMetrics | None = None) -> None:
         self.registry = registry
         self.metrics = metrics or InferenceMetrics()
+        self.limits = RequestLimits.from_settings(registry.settings)
         self._background: set[asyncio.Task[None]] = set()
 
     async def _submit(
@@ -375,8 +398,9 @@ class ChatService:
     async def complete(
         self, req: ChatCompletionRequest, is_disconnected: Callable[[], Awaitable[bool]]
     ) -> ChatCompletion:
+        check_chat(req, self.limits)
         async with self.registry.use(req.model, "chat", req.keep_alive) as loaded:
-            p = await asyncio.to_thread(plan, loaded, req)
+            p = await asyncio.to_thread(plan, loaded, req, self.limits)
             ticket, watch = await self._submit(loaded, p, is_disconnected)
             answers = [_Answer() for _ in range(req.n)]
             try:
@@ -422,10 +446,11 @@ class ChatService:
         self, req: ChatCompletionRequest, is_disconnected: Callable[[], Awaitable[bool]]
     ) -> AsyncIterator[str]:
         """Check, prepare and queue now (errors raise before any byte is sent), then the SSE stream."""
+        check_chat(req, self.limits)
         stack = contextlib.AsyncExitStack()
         loaded = await stack.enter_async_context(self.registry.use(req.model, "chat", req.keep_alive))
         try:
-            p = await asyncio.to_thread(plan, loaded, req)
+            p = await asyncio.to_thread(plan, loaded, req, self.limits)
             ticket, watch = await self._submit(loaded, p, is_disconnected)
         except BaseException:
             await stack.aclose()

@@ -16,23 +16,47 @@ import numpy as np
 from pendra_shared.api_errors import APIError, ContextLengthExceeded, InvalidRequest
 
 from pendra_inference.embed_batcher import EmbedBatcher
+from pendra_inference.limits import surely_longer
 from pendra_inference.metrics import InferenceMetrics
 from pendra_inference.protocol import EmbeddingRequest
 from pendra_inference.registry import Loaded, ModelRegistry
 
 
+def _is_token(x: Any) -> bool:
+    return type(x) is int  # not bool, not float
+
+
 def _inputs(raw: Any, max_inputs: int) -> list[str | list[int]]:
+    """The request's inputs as strings and token lists, each of the right type (else a 400 naming
+    input[i]), and not too many."""
     if isinstance(raw, str):
-        items: list[str | list[int]] = [raw]
-    elif raw and all(isinstance(x, int) for x in raw):
-        items = [list(raw)]
-    else:
-        items = list(raw)
-    if not items:
+        return [raw]
+    if not raw:
         raise InvalidRequest("input must not be empty", param="input")
-    if len(items) > max_inputs:
-        raise InvalidRequest(f"input has {len(items)} items; at most {max_inputs} per request", param="input")
+    if all(_is_token(x) for x in raw):
+        return [list(raw)]
+    if isinstance(raw[0], int | float):  # meant as one list of token ids
+        i, bad = next((i, x) for i, x in enumerate(raw) if not _is_token(x))
+        raise InvalidRequest(f"input[{i}] is {_shown(bad)}, not an integer token id", param=f"input[{i}]")
+    if len(raw) > max_inputs:
+        raise InvalidRequest(f"input has {len(raw)} items; at most {max_inputs} per request", param="input")
+    items: list[str | list[int]] = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str) or (isinstance(item, list) and all(_is_token(t) for t in item)):
+            items.append(item)
+            continue
+        what = _shown(item)
+        if isinstance(item, list):
+            what = f"a list holding {_shown(next(t for t in item if not _is_token(t)))}"
+        raise InvalidRequest(
+            f"input[{i}] must be a string or a list of integer token ids, not {what}", param=f"input[{i}]"
+        )
     return items
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 def tokenize_inputs(loaded: Loaded, req: EmbeddingRequest, max_inputs: int) -> list[list[int]]:
@@ -44,6 +68,12 @@ def tokenize_inputs(loaded: Loaded, req: EmbeddingRequest, max_inputs: int) -> l
         if isinstance(item, str):
             if not item:
                 raise InvalidRequest(f"input[{i}] is an empty string", param=f"input[{i}]")
+            if not req.truncate and surely_longer(loaded, item, limit):
+                raise ContextLengthExceeded(
+                    f"input[{i}] has more than {limit} tokens, the most this model takes "
+                    '(send "truncate": true to cut longer inputs)',
+                    param=f"input[{i}]",
+                )
             tokens = engine.tokenize(item)
         else:
             if not item:
@@ -111,6 +141,7 @@ class EmbeddingService:
     async def embed(self, req: EmbeddingRequest) -> bytes:
         """The JSON response body for `req`. The model's `EmbedBatcher` packs these inputs into
         decodes together with those of other requests."""
+        _inputs(req.input, self.max_inputs)  # a malformed request loads no model
         async with self.registry.use(req.model, "embedding", req.keep_alive) as loaded:
             n_embd = loaded.engine.n_embd
             if req.dimensions is not None and req.dimensions > n_embd:

@@ -46,6 +46,9 @@ class EngineConfig:
     embedding: bool
     pooling: int | None = None  # llama.cpp pooling type for embedding models
     parallel: int = 1  # chat: sequences of n_ctx tokens in the scheduler's KV cache
+    # Memory-map the weights. Off for files no pinned install verified: a mapped file truncated
+    # in place kills the process with SIGBUS on the next page it touches.
+    use_mmap: bool = True
 
 
 class LlamaEngine:
@@ -64,6 +67,7 @@ class LlamaEngine:
             "n_gpu_layers": config.n_gpu_layers,
             "embedding": config.embedding,
             "verbose": False,
+            "use_mmap": config.use_mmap,
             # Embeddings: many inputs share a decode, each its own sequence; flash attention skips
             # the cells of the others (MiniLM, 256 inputs: 2.8x faster here) where plain attention
             # computes every token against every other in the decode.

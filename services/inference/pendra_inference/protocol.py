@@ -1,19 +1,44 @@
 """The OpenAI request and response shapes the inference service speaks, as pydantic models.
 
 Fields follow the order of OpenAI's reference. Requests allow extra fields (clients send more
-than we read); Pendra's own extensions are fenced and commented.
+than we read, and nothing reads the rest); Pendra's own extensions are fenced and commented.
+Numbers are strict (`"100"` and `1.5` are no token counts, NaN and Infinity no temperatures), and
+every field that reaches llama.cpp as a C integer is bounded here. Limits that are settings
+(messages, tools, stop strings, schemas) are checked in `limits.py`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# OpenAI documents no limit on logit_bias entries (its API refused more than 300 in 2023); a map
+# is checked entry by entry against the vocabulary, so it is bounded here.
+MAX_LOGIT_BIAS = 1024
+MAX_MODEL_NAME = 256  # names are at most 129 characters (names.py): anything longer is not one
+INT32_MAX = 2**31 - 1
+
+
+# JSON integers only (no "100", 1.5 or true).
+StrictInt = Annotated[int, Field(strict=True)]
+# A finite number: JSON integers are taken, strings and NaN/Infinity are not.
+Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Bias = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-100, le=100)]
+
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+# Ollama-style keep_alive: "5m", seconds, or negative for ever.
+KeepAlive = (
+    Annotated[str, Field(max_length=32)]
+    | Annotated[int, Field(strict=True, ge=-(2**53), le=2**53)]
+    | Annotated[float, Field(strict=True, allow_inf_nan=False)]
+    | None
+)
 
 
 # -- chat ------------------------------------------------------------------------------------
@@ -39,7 +64,7 @@ class ChatMessage(_Request):
 
 
 class FunctionDef(_Request):
-    name: str = Field(min_length=1, max_length=64)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
@@ -60,33 +85,35 @@ class ResponseFormat(_Request):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    model: str = Field(max_length=MAX_MODEL_NAME)
+    frequency_penalty: Finite = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Bias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     logprobs: bool | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1, le=128)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    n: StrictInt = Field(default=1, ge=1, le=128)
+    presence_penalty: Finite = Field(default=0.0, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = None
-    seed: int | None = None
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
+    temperature: Finite = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: Finite = Field(default=1.0, ge=0.0, le=1.0)
     tools: list[Tool] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     user: str | None = None
     # -- Pendra extensions (llama.cpp and Ollama style) --
-    top_k: int = Field(default=0, ge=0, description="Sample from the k likeliest tokens; 0: off.")
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    top_k: StrictInt = Field(
+        default=0, ge=0, le=INT32_MAX, description="Sample from the k likeliest tokens; 0: off."
+    )
+    min_p: Finite = Field(default=0.0, ge=0.0, le=1.0)
     cache_prompt: bool = Field(
         default=True,
         description="Start from a cached prompt prefix when one exists (false: decode the whole prompt).",
     )
-    keep_alive: str | int | float | None = None
+    keep_alive: KeepAlive = None
 
 
 class ChoiceMessage(BaseModel):
@@ -154,14 +181,18 @@ class ChatCompletion(BaseModel):
 
 
 class EmbeddingRequest(_Request):
-    input: str | list[str] | list[int] | list[list[int]]
-    model: str
+    # A string, a list of strings, a list of token ids or a list of token-id lists; each item is
+    # checked in embeddings.py, so that an error can name input[i].
+    input: str | list[Any] = Field(
+        description="A string, a list of strings, a list of token ids, or a list of token-id lists."
+    )
+    model: str = Field(max_length=MAX_MODEL_NAME)
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1)
+    dimensions: StrictInt | None = Field(default=None, ge=1)
     user: str | None = None
     # -- Pendra extensions --
     truncate: bool = Field(default=False, description="Cut inputs longer than the context.")
-    keep_alive: str | int | float | None = None
+    keep_alive: KeepAlive = None
 
 
 class Embedding(BaseModel):

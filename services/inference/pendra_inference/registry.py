@@ -2,10 +2,23 @@
 
 Models load on their first request (or at start with `preload`). Several stay loaded within
 `max_loaded_models` and the memory budget; when a new one needs room the least recently used idle
-model goes. Each model unloads after its keep-alive once idle. When the store changes, a model
-whose file was removed or replaced is retired: it finishes its in-flight requests and then unloads,
-and the next request loads the new file. All decisions run on the event loop; loading, unloading
-and inference run in worker threads.
+model goes. Each model unloads after its keep-alive once idle. When the store changes, or the
+watcher's frequent check sees a loaded model's file with another size, mtime or inode, the model
+is retired: it finishes its in-flight requests and then unloads, and the next request judges and
+loads the new file. All decisions run on the event loop; loading, unloading and inference run in
+worker threads.
+
+Loading one model, in `_acquire`:
+
+1. open the file (never blocking) and take its identity from the open descriptor; a file that
+   changed since the last scan is scanned again first (it may be invalid now);
+2. a file that is not a verified, pinned catalogue install is probed in a child process
+   (`probe.py`) unless `untrusted_probe` is off, once per file identity: a crash or load error
+   marks the model invalid (`ModelStore.mark_invalid`) and the request gets a 400 `model_invalid`;
+3. llama.cpp loads the descriptor's file (`/proc/self/fd/N`), the very one that was judged.
+
+A request for a model the store lists as invalid (truncated, not a GGUF, crashed the probe) gets
+a 400 `model_invalid` with the reason, never a load.
 """
 
 from __future__ import annotations
@@ -24,17 +37,20 @@ from typing import Any
 from pendra_shared.api_errors import InvalidRequest, ModelNotFoundError, Unavailable, WrongPurpose
 from pendra_shared.config import Settings
 from pendra_shared.gguf_header import read_header
-from pendra_shared.store import ModelStore, ScanResult, StoredModel
+from pendra_shared.store import FileIdentity, ModelStore, ScanResult, StoredModel, fd_path, open_regular
+from pendra_shared.store import identity_of as stat_identity
 
 from pendra_inference.backends import activate
 from pendra_inference.embed_batcher import EmbedBatcher
 from pendra_inference.engine import POOLING, EngineConfig, LlamaEngine, gpu_offload_supported
+from pendra_inference.probe import ProbeResult, probe
 from pendra_inference.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
-Identity = tuple[str, int, int, int]
+Identity = FileIdentity
 EngineFactory = Callable[[Path, EngineConfig], LlamaEngine]
+Prober = Callable[..., ProbeResult]
 ENDPOINT_FOR = {"chat": "/v1/chat/completions", "embedding": "/v1/embeddings"}
 _DURATION_RE = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)?$")
 
@@ -69,8 +85,11 @@ def usable_cores() -> int:
 
 
 def identity_of(path: Path) -> Identity:
-    st = path.stat()
-    return (path.name, st.st_size, st.st_mtime_ns, st.st_ino)
+    return stat_identity(path.name, path.stat())
+
+
+def model_invalid(name: str, reason: str) -> InvalidRequest:
+    return InvalidRequest(f"The model '{name}' is invalid: {reason}", param="model", code="model_invalid")
 
 
 @dataclass
@@ -93,11 +112,16 @@ class Loaded:
 
 class ModelRegistry:
     def __init__(
-        self, settings: Settings, store: ModelStore, engine_factory: EngineFactory = LlamaEngine
+        self,
+        settings: Settings,
+        store: ModelStore,
+        engine_factory: EngineFactory = LlamaEngine,
+        prober: Prober = probe,
     ) -> None:
         self.settings = settings
         self.store = store
         self.engine_factory = engine_factory
+        self.prober = prober
         self.default_keep_alive = parse_keep_alive(settings.keep_alive, 300.0)
         self.budget = settings.memory_budget_bytes or int(physical_memory() * 0.75)
         self.backends = activate(settings.cpu_variant)
@@ -106,6 +130,7 @@ class ModelRegistry:
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._scan: ScanResult | None = None
         self._scan_lock = asyncio.Lock()
+        self._probed: dict[str, Identity] = {}  # file name: the identity that passed the probe
 
     # -- the store ---------------------------------------------------------------------------
 
@@ -117,15 +142,30 @@ class ModelRegistry:
         valid = {m.name: m for m in scan.valid}
         for name, loaded in list(self._loaded.items()):
             current = valid.get(name)
+            if current is None or current.identity != loaded.identity:
+                await self._retire(loaded, "changed or was removed")
+        return scan
+
+    async def _retire(self, loaded: Loaded, why: str) -> None:
+        if not loaded.retired:
+            logger.info("%s %s; unloading once idle", loaded.name, why)
+        loaded.retired = True
+        await self._unload_if_idle(loaded)
+
+    async def check_loaded_files(self) -> None:
+        """Retire every loaded model whose file is no longer the one loaded (in place rewrites and
+        truncations included), without waiting for the watcher: llama.cpp maps the file, so it
+        must stop using it before the next request touches a page that is gone."""
+        for loaded in list(self._loaded.values()):
+            if loaded.retired:
+                continue
             try:
-                same = current is not None and identity_of(current.path) == loaded.identity
+                same = await asyncio.to_thread(identity_of, loaded.model.path) == loaded.identity
             except OSError:
                 same = False
             if not same:
-                logger.info("%s changed or was removed; unloading once idle", name)
-                loaded.retired = True
-                await self._unload_if_idle(loaded)
-        return scan
+                self._scan = None  # the listing is stale too
+                await self._retire(loaded, "changed on disk")
 
     async def scan(self) -> ScanResult:
         if self._scan is None:
@@ -140,9 +180,16 @@ class ModelRegistry:
             if model.name == name and model.path.exists():
                 return model
         # The watcher may not have told us yet (a model just installed or removed): look again.
-        for model in (await self.refresh()).valid:
+        return self._lookup(await self.refresh(), name)
+
+    @staticmethod
+    def _lookup(scan: ScanResult, name: str) -> StoredModel:
+        for model in scan.valid:
             if model.name == name:
                 return model
+        for model in scan.models:
+            if name in (model.name, model.file_name) and model.error:
+                raise model_invalid(name, model.error)
         raise ModelNotFoundError(f"The model '{name}' does not exist", param="model")
 
     def is_loaded(self, name: str) -> bool:
@@ -187,29 +234,82 @@ class ModelRegistry:
                         return loaded
                 except OSError:
                     pass
-                loaded.retired = True
-                await self._unload_if_idle(loaded)
-            config, memory = self.engine_config(model)
-            await self._make_room(model.name, memory)
-            logger.info(
-                "loading %s (%s, n_ctx=%d, gpu_layers=%d)",
-                model.name,
-                model.file_name,
-                config.n_ctx,
-                config.n_gpu_layers,
-            )
-            identity = identity_of(model.path)
+                await self._retire(loaded, "changed on disk")
+            fd, model = await self._open_current(model)
             try:
-                engine, runner = await asyncio.to_thread(self._load, model, config)
-            except (ValueError, RuntimeError, OSError) as exc:
-                logger.exception("loading %s failed", model.name)
-                raise Unavailable(f"'{model.name}' could not be loaded: {exc}") from None
+                identity = stat_identity(model.file_name, os.fstat(fd))
+                config, memory = self.engine_config(model)
+                await self._make_room(model.name, memory)
+                path = fd_path(fd, model.path)
+                await self._probe_if_untrusted(model, identity, config, path, fd)
+                logger.info(
+                    "loading %s (%s, n_ctx=%d, gpu_layers=%d)",
+                    model.name,
+                    model.file_name,
+                    config.n_ctx,
+                    config.n_gpu_layers,
+                )
+                try:
+                    engine, runner = await asyncio.to_thread(self._load, model, config, path)
+                except (ValueError, RuntimeError, OSError) as exc:
+                    logger.exception("loading %s failed", model.name)
+                    raise Unavailable(f"'{model.name}' could not be loaded: {exc}") from None
+            finally:
+                os.close(fd)
             loaded = Loaded(model, engine, identity, memory, self.default_keep_alive, runner)
             self._loaded[model.name] = loaded
             return loaded
 
-    def _load(self, model: StoredModel, config: EngineConfig) -> tuple[LlamaEngine, Any]:
-        engine = self.engine_factory(model.path, config)
+    async def _open_current(self, model: StoredModel) -> tuple[int, StoredModel]:
+        """An open descriptor of the model's file and the model as scanned with that very file:
+        when the file changed since the last scan, the store is scanned again (the file may be
+        invalid now, or no longer a verified install)."""
+        for _attempt in range(3):
+            try:
+                fd = await asyncio.to_thread(open_regular, model.path)
+            except OSError:
+                fd = -1
+            if fd >= 0:
+                if stat_identity(model.file_name, os.fstat(fd)) == model.identity:
+                    return fd, model
+                os.close(fd)
+            model = self._lookup(await self.refresh(), model.name)
+        raise Unavailable(f"'{model.name}' is being changed on disk; retry when it is in place")
+
+    async def _probe_if_untrusted(
+        self, model: StoredModel, identity: Identity, config: EngineConfig, path: Path, fd: int
+    ) -> None:
+        """Load a file that no pinned install verified in a child process first (see probe.py);
+        a failure marks the model invalid until its file changes."""
+        if model.trusted or not self.settings.untrusted_probe:
+            return
+        if self._probed.get(model.file_name) == identity:
+            return
+        if model.sidecar is None:
+            why = "hand-dropped"
+        elif not model.verified:
+            why = "changed since it was verified"
+        else:
+            why = "imported, not a pinned catalogue install"
+        logger.info("probing %s in a child process first (%s)", model.name, why)
+        result = await asyncio.to_thread(
+            self.prober,
+            path,
+            config,
+            timeout_s=self.settings.probe_timeout_s,
+            pass_fds=(fd,) if path != model.path else (),
+        )
+        if result.reason is None:
+            logger.info("%s passed the load probe in %.1fs", model.name, result.seconds)
+            self._probed[model.file_name] = identity
+            return
+        logger.warning("%s refused: %s", model.name, result.reason)
+        await asyncio.to_thread(self.store.mark_invalid, identity, result.reason, persist=result.lasting)
+        await self.refresh()
+        raise model_invalid(model.name, result.reason)
+
+    def _load(self, model: StoredModel, config: EngineConfig, path: Path) -> tuple[LlamaEngine, Any]:
+        engine = self.engine_factory(path, config)
         try:
             if config.embedding:
                 budget = int(self._options(model).get("embed_batch_tokens", self.settings.embed_batch_tokens))
@@ -248,7 +348,7 @@ class ModelRegistry:
         if chosen > 0:
             return chosen
         share = self.budget // max(1, self.settings.max_loaded_models) - model.size_bytes
-        per_sequence = max(1, kv_cache_bytes(model.path, n_ctx))
+        per_sequence = max(1, kv_cache_bytes(model.path, n_ctx, **self.store.gguf_limits))
         return max(1, min(32 if gpu else 8, share // per_sequence))
 
     def engine_config(self, model: StoredModel) -> tuple[EngineConfig, int]:
@@ -283,8 +383,10 @@ class ModelRegistry:
             embedding=embedding,
             pooling=pooling,
             parallel=parallel,
+            use_mmap=model.trusted,
         )
-        return config, model.size_bytes + kv_cache_bytes(model.path, n_ctx * parallel)
+        kv_bytes = kv_cache_bytes(model.path, n_ctx * parallel, **self.store.gguf_limits)
+        return config, model.size_bytes + kv_bytes
 
     async def _make_room(self, name: str, needed: int) -> None:
         def used() -> int:
@@ -359,10 +461,11 @@ def flash_attention(setting: str, config: EngineConfig) -> bool | None:
     return None if config.n_gpu_layers != 0 else False
 
 
-def kv_cache_bytes(path: Path, n_ctx: int) -> int:
-    """An estimate of the F16 KV cache for `n_ctx` tokens, from the GGUF header."""
+def kv_cache_bytes(path: Path, n_ctx: int, **limits: int) -> int:
+    """An estimate of the F16 KV cache for `n_ctx` tokens, from the GGUF header (read with the
+    store's `limits`, so a file the store accepts is measured, not taken as 0)."""
     try:
-        meta = read_header(path).metadata
+        meta = read_header(path, **limits).metadata
     except (OSError, ValueError):
         return 0
     arch = meta.get("general.architecture", "")

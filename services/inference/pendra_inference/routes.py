@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from pendra_shared.api_errors import NotSupported, Unavailable
 from pendra_shared.store import StoredModel
 
+from pendra_inference import jsonbody
+from pendra_inference.limits import RequestLimits
 from pendra_inference.protocol import (
     ChatCompletionRequest,
     EmbeddingRequest,
@@ -20,11 +23,42 @@ from pendra_inference.scheduler import Scheduler
 from pendra_inference.state import AppState
 
 router = APIRouter()
+# The nesting a body may have beyond a JSON schema's own (tools[i].function.parameters sits 5 deep).
+_BODY_DEPTH_BEYOND_SCHEMA = 16
 
 
 def _state(request: Request) -> AppState:
     state: AppState = request.app.state.pendra
     return state
+
+
+class _StrictJSONRequest(Request):
+    """A request whose JSON body is parsed by `jsonbody.loads` (strict UTF-8 JSON, bounded depth)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_strict_json"):
+            state: AppState | None = getattr(self.app.state, "pendra", None)
+            limits = state.chat.limits if state else RequestLimits()
+            self._strict_json = jsonbody.loads(
+                await self.body(), limits.max_schema_depth + _BODY_DEPTH_BEYOND_SCHEMA
+            )
+        return self._strict_json
+
+
+class StrictJSONRoute(APIRoute):
+    """A route that reads its body with `_StrictJSONRequest` (FastAPI's custom request pattern)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(_StrictJSONRequest(request.scope, request.receive))
+
+        return strict
+
+
+# The routes that take a JSON body; included into `router` below, after their definitions.
+strict_json = APIRouter(route_class=StrictJSONRoute)
 
 
 @router.get("/health")
@@ -86,7 +120,7 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
     return _card(state, await state.registry.find(model_id))
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@strict_json.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     service = _state(request).chat
     if body.stream:
@@ -100,10 +134,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return JSONResponse(result.to_json())
 
 
-@router.post("/v1/embeddings")
+@strict_json.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     return Response(await _state(request).embeddings.embed(body), media_type="application/json")
 
+
+router.include_router(strict_json)
 
 UNSUPPORTED = {
     "/v1/images/generations": "Image generation",

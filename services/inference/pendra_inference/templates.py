@@ -1,22 +1,35 @@
 """Chat prompts: the GGUF's own `tokenizer.chat_template`, or a known template for its architecture.
 
-Templates are Jinja rendered in an immutable sandbox, so a hostile template in a downloaded GGUF
-cannot reach Python internals. With no template in the file, the architecture picks one (gemma3,
-llama, qwen2/qwen3, phi3, mistral, ...) and the choice is logged; anything else gets ChatML.
+Templates are Jinja rendered in an immutable sandbox with a budget (`template_sandbox.py`), so a
+hostile template in a downloaded GGUF can neither reach Python internals nor render without end:
+each render stops at `template_max_chars` characters and `template_timeout_s` seconds. With no
+template in the file, the architecture picks one (gemma3, llama, qwen2/qwen3, phi3, mistral, ...)
+and the choice is logged; anything else gets ChatML.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2 import Template
+from pendra_shared.config import Settings
+
+from pendra_inference.template_budget import Budget, TemplateBudgetExceeded
+from pendra_inference.template_sandbox import BudgetedEnvironment, render_within
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_CHARS: int = Settings.model_fields["template_max_chars"].default
+DEFAULT_TIMEOUT_S: float = Settings.model_fields["template_timeout_s"].default
+# An error message quotes at most this much of what the template said or did.
+_MESSAGE_CHARS = 300
+_ADDRESS_RE = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{6,}")
 
 GEMMA = (
     "{{ bos_token }}"
@@ -70,16 +83,42 @@ class TemplateRenderError(ValueError):
     """The chat template could not render these messages."""
 
 
-def _raise(message: str) -> None:
-    raise TemplateRenderError(message)
+def _raise(message: Any) -> None:
+    raise TemplateRenderError(f"the chat template refused these messages: {_clean(message)}")
 
 
-def _env() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+def _tojson(value: Any, indent: int | str | None = None) -> str:
+    width = len(indent) if isinstance(indent, str) else indent or 0
+    if not 0 <= width <= 16:
+        raise TemplateRenderError("the chat template asked tojson for an indent above 16")
+    return json.dumps(value, indent=indent, ensure_ascii=False)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(str(fmt)[:100])
+
+
+def _env() -> BudgetedEnvironment:
+    env = BudgetedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.filters["tojson"] = lambda v, indent=None: json.dumps(v, indent=indent, ensure_ascii=False)
+    env.globals["strftime_now"] = _strftime_now
+    env.filters["tojson"] = env.guard_filter("tojson", _tojson)
     return env
+
+
+_ENV = _env()
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(source: str) -> Template:
+    """Compiled once per template source (a model's template is used for each of its requests)."""
+    return _ENV.from_string(_ENV.parse_guarded(source))
+
+
+def _clean(detail: Any) -> str:
+    """What a template said or did, short and without memory addresses."""
+    text = _ADDRESS_RE.sub("", str(detail))
+    return text if len(text) <= _MESSAGE_CHARS else text[:_MESSAGE_CHARS] + "..."
 
 
 @dataclass(frozen=True)
@@ -94,21 +133,36 @@ class ChatTemplate:
         return self.native and "tools" in self.source
 
     def render(
-        self, messages: list[dict[str, Any]], *, bos: str, eos: str, tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        bos: str,
+        eos: str,
+        tools: list[dict[str, Any]] | None = None,
+        max_chars: int = DEFAULT_MAX_CHARS,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> str:
+        """The prompt for `messages`, or TemplateRenderError; at most `max_chars` characters and
+        `timeout_s` seconds (see `template_sandbox` for what is checked, and when)."""
+        context = {
+            "messages": messages,
+            "bos_token": bos,
+            "eos_token": eos,
+            "add_generation_prompt": True,
+            "tools": tools if self.supports_tools else None,
+        }
         try:
-            template = _env().from_string(self.source)
-            return template.render(
-                messages=messages,
-                bos_token=bos,
-                eos_token=eos,
-                add_generation_prompt=True,
-                tools=tools if self.supports_tools else None,
-            )
+            return render_within(_compile(self.source), Budget(max_chars, timeout_s), context)
         except TemplateRenderError:
             raise
-        except (TemplateError, TypeError, ValueError, KeyError, IndexError) as exc:
-            raise TemplateRenderError(f"the chat template failed: {exc}") from exc
+        except TemplateBudgetExceeded as exc:
+            raise TemplateRenderError(str(exc)) from None
+        except RecursionError:
+            raise TemplateRenderError("the chat template nests or recurses too deeply") from None
+        except MemoryError:
+            raise TemplateRenderError("the chat template ran out of memory") from None
+        except Exception as exc:  # a template can raise anything: it is data, not our code
+            raise TemplateRenderError(f"the chat template failed: {_clean(exc)}") from None
 
 
 def choose_template(
