@@ -115,8 +115,9 @@ def check_exposure(settings: Settings, *, authenticated: bool) -> None:
 
 
 class BodyLimit:
-    """Reads the request body up front, refusing it with 413 past `limit` bytes (by Content-Length
-    before reading anything, or as it arrives for a chunked body), then replays it to the app."""
+    """Refuses a body past `limit` bytes with 413: by its Content-Length before the app runs, or,
+    for a chunked body, as the app reads it. Nothing is read ahead, so a request the app refuses
+    first (no API key) never has its body read at all."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -133,30 +134,36 @@ class BodyLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             await send_error(send, too_large, close=True)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
+        received = 0
+        refused = False
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
-            if message["type"] != "http.request":  # the client left while sending
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await send_error(send, too_large, close=True)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        replayed = False
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    refused = True
+                    if not started:
+                        await send_error(send, too_large, close=True)
+                    return {"type": "http.disconnect"}  # the app stops reading; its answer is ours
+            return message
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not refused:  # the app's own failure; one over the limit has been answered
+                raise
 
 
 def host_allowed(host: str, extra: list[str]) -> bool:

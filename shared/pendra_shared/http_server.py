@@ -54,11 +54,21 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm()
+        self._receiving = True
+        if self.cycle is None or self.cycle.response_complete:
+            self._arm()
+        # else: a request pipelined behind one still responding, whose deadline would cut that
+        # response; its clock starts when that response completes (below).
 
     def on_message_complete(self) -> None:
+        self._receiving = False
         self._disarm()
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if getattr(self, "_receiving", False) and not self.transport.is_closing():
+            self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()

@@ -422,7 +422,11 @@ class Installer:
                     "%s: %s; retrying in %.1fs (resuming at %d bytes)", entry.name, exc, delay, have
                 )
                 report(Progress("downloading", have, total, f"retrying: {exc}"))
-                self.sleep(delay)
+                if self.sleep is time.sleep and cancel is not None:
+                    if cancel.wait(delay):  # a cancel ends the wait at once
+                        raise InstallCancelled(f"{entry.name}: install cancelled") from None
+                else:
+                    self.sleep(delay)
         actual = digest.hexdigest()
         if actual != entry.gguf_sha256 or (entry.size_bytes is not None and have != entry.size_bytes):
             partial.unlink(missing_ok=True)

@@ -189,6 +189,47 @@ def test_only_untrusted_files_are_probed_once_per_file_identity(
     assert listed["crash.gguf"].valid  # the verdict went with the file it was about
 
 
+def test_a_probe_that_runs_out_of_memory_is_a_503_and_not_held_against_the_file(
+    tmp_path: Path, ggufs: dict[str, Path]
+) -> None:
+    """A GPU or host out of memory says nothing about the file: the request gets 503 with
+    Retry-After, nothing is recorded, and the next request probes again and loads."""
+    from pendra_inference.probe import CHILD_FAILED
+    from pendra_shared.api_errors import Unavailable
+
+    store = ModelStore(tmp_path / "models")
+    store.ensure()
+    shutil.copyfile(ggufs["tiny"], store.root / "dropped.gguf")
+    calls: list[int] = []
+    out_of_memory = (
+        "import sys; print('ggml_backend_cuda_buffer_type_alloc_buffer: allocating 900 MiB on device 0: "
+        f"cudaMalloc failed: out of memory'); print('failed to load model'); sys.exit({CHILD_FAILED})"
+    )
+
+    def prober(path: Path, config: EngineConfig, **kwargs: Any) -> ProbeResult:
+        calls.append(1)
+        if len(calls) == 1:
+            return probe(path, config, command=[sys.executable, "-c", out_of_memory], **kwargs)
+        return probe(path, config, **kwargs)
+
+    async def scenario() -> None:
+        reg = ModelRegistry(load_settings(models_dir=store.root, n_ctx=256), store, prober=prober)
+        try:
+            with pytest.raises(Unavailable) as busy:
+                async with reg.use("dropped", "chat"):
+                    pass
+            assert busy.value.status == 503 and "out of memory" in busy.value.message
+            assert "dropped" in [m.name for m in await reg.valid_models()]
+            async with reg.use("dropped", "chat", keep_alive=0):
+                pass
+            assert len(calls) == 2
+        finally:
+            await reg.close()
+
+    asyncio.run(scenario())
+    assert not (store.root / ".probe").exists() or not list((store.root / ".probe").iterdir())
+
+
 def test_with_the_probe_off_untrusted_files_load_directly(tmp_path: Path, ggufs: dict[str, Path]) -> None:
     store = ModelStore(tmp_path / "models")
     store.ensure()

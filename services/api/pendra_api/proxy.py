@@ -91,7 +91,8 @@ async def relay(response: httpx.Response) -> AsyncIterator[bytes]:
             yield chunk
     except httpx.TransportError as exc:
         logger.warning("inference service went away mid-response: %s", type(exc).__name__)
-        if response.headers.get("content-type", "").startswith("text/event-stream"):
-            message = "the inference service stopped before this response finished; retry it"
-            event = json.dumps(error_body(message, "server_error", None, "service_unavailable"))
-            yield f"\n\ndata: {event}\n\ndata: [DONE]\n\n".encode()
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+            raise  # a cut JSON body must not look complete: the client sees the connection drop
+        message = "the inference service stopped before this response finished; retry it"
+        event = json.dumps(error_body(message, "server_error", None, "service_unavailable"))
+        yield f"\n\ndata: {event}\n\ndata: [DONE]\n\n".encode()

@@ -111,10 +111,20 @@ def probe(
         reason = f"llama.cpp crashed loading it: {name}" + (f" ({detail})" if detail else "")
         return ProbeResult(reason, seconds)
     if code == CHILD_FAILED:
+        # Running out of memory (host or GPU) says nothing about the file: try again later.
+        short = next((line for line in tail.splitlines() if RESOURCE_FAILURE.search(line)), None)
+        if short is not None:
+            return ProbeResult(f"out of memory loading it ({short.strip()[:200]})", seconds, lasting=False)
         return ProbeResult(f"llama.cpp could not load it: {detail or 'no reason given'}", seconds)
     return ProbeResult(
         f"the load probe failed (exit status {code}){': ' + detail if detail else ''}", seconds, lasting=False
     )
+
+
+RESOURCE_FAILURE = re.compile(
+    r"failed to allocate|out of memory|cudaMalloc|ErrorOutOfDeviceMemory|cannot allocate memory",
+    re.IGNORECASE,
+)
 
 
 def _detail(output: str) -> str:

@@ -303,8 +303,11 @@ class ModelRegistry:
             logger.info("%s passed the load probe in %.1fs", model.name, result.seconds)
             self._probed[model.file_name] = identity
             return
+        if not result.lasting:  # out of memory, a timeout, killed from outside: not the file's fault
+            logger.warning("%s could not be probed now: %s", model.name, result.reason)
+            raise Unavailable(f"'{model.name}' cannot be loaded now: {result.reason}")
         logger.warning("%s refused: %s", model.name, result.reason)
-        await asyncio.to_thread(self.store.mark_invalid, identity, result.reason, persist=result.lasting)
+        await asyncio.to_thread(self.store.mark_invalid, identity, result.reason, persist=True)
         await self.refresh()
         raise model_invalid(model.name, result.reason)
 
