@@ -143,5 +143,5 @@ def test_a_replaced_file_is_reloaded(
     )
     embedded = client.embeddings.create(model="swap:v1", input="hello", encoding_format="float")
     assert len(embedded.data[0].embedding) == 640
-    assert "swap:v1 changed or was removed" in server.log()
+    assert "swap:v1 changed" in server.log()  # the watcher's poll or its rescan, whichever came first
     store.uninstall("swap:v1")
