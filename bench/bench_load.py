@@ -761,19 +761,26 @@ def judge_soak(
 
     warmup = args.warmup_s if args.duration > args.warmup_s * 1.5 else 0.0
     steady = [s for s in samples if s.t >= warmup] or samples
+    # Sockets come and go with the requests in flight; a leak shows as files (every descriptor
+    # but sockets) or as sockets beyond the connections in flight.
+    series = {
+        "rss_mib": ([s.rss_mib for s in steady], 0.0),
+        "files": ([float(s.fds - s.sockets) for s in steady], args.count_slack),
+        "sockets-in_flight": ([float(s.sockets - s.in_flight) for s in steady], args.count_slack),
+        "threads": ([float(s.threads) for s in steady], args.count_slack),
+    }
     verdicts = {
-        name: flat([float(getattr(s, name)) for s in steady], args.tolerance, args.trend_tol, slack)
-        for name, slack in (("rss_mib", 0), ("fds", args.count_slack), ("threads", args.count_slack))
+        name: flat(values, args.tolerance, args.trend_tol, slack) for name, (values, slack) in series.items()
     }
     print(
         f"after a {warmup:g} s warm-up, {len(steady)} samples (spread = max/min - 1, trend = last "
-        f"fifth / first fifth - 1; limits {args.tolerance:.0%} and {args.trend_tol:.0%}; for fds and "
-        f"threads a spread of {args.count_slack:g} and a rise of {args.count_slack / 2:g} also pass):"
+        f"fifth / first fifth - 1; limits {args.tolerance:.0%} and {args.trend_tol:.0%}; for counts "
+        f"a spread of {args.count_slack:g} and a rise of {args.count_slack / 2:g} also pass):"
     )
-    print(f"  {'':<9}{'min':>10}{'max':>10}{'spread':>9}{'first 1/5':>11}{'last 1/5':>10}{'trend':>8}")
+    print(f"  {'':<18}{'min':>10}{'max':>10}{'spread':>9}{'first 1/5':>11}{'last 1/5':>10}{'trend':>8}")
     for name, v in verdicts.items():
         print(
-            f"  {name:<9}{v['min']:>10.1f}{v['max']:>10.1f}{v['spread']:>9.1%}{v['first_fifth']:>11.1f}"
+            f"  {name:<18}{v['min']:>10.1f}{v['max']:>10.1f}{v['spread']:>9.1%}{v['first_fifth']:>11.1f}"
             f"{v['last_fifth']:>10.1f}{v['trend']:>8.1%}  {'flat' if v['ok'] else 'NOT FLAT'}"
         )
     last = samples[-1]
