@@ -20,6 +20,7 @@ the handlers are installed, so the CLI's store commands never load it.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +106,12 @@ class Overloaded(Unavailable):
 
 def error_body(message: str, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def stream_error_end(error: APIError) -> bytes:
+    """How an event stream ends on an error once it has begun: the error as an event, then
+    `[DONE]` (what the openai client reads as an error rather than a cut)."""
+    return f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()
 
 
 def install_error_handlers(app: FastAPI) -> None:

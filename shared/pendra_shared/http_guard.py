@@ -21,7 +21,7 @@ import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from pendra_shared.api_errors import APIError, error_body
+from pendra_shared.api_errors import APIError, stream_error_end
 from pendra_shared.config import Settings
 from pendra_shared.errors import ConfigError
 
@@ -55,9 +55,13 @@ class ShuttingDown(APIError):
     code = "shutting_down"
 
 
-async def send_error(send: Send, error: APIError, *, close: bool = False) -> None:
+async def send_error(
+    send: Send, error: APIError, *, close: bool = False, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """Answer with `error`'s OpenAI-style body, from plain ASGI middleware (before any app)."""
     body = json.dumps(error.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += extra
     if error.status == 503:
         headers.append((b"retry-after", b"5"))
     if close:
@@ -278,8 +282,7 @@ class Draining:
             if not started:
                 await send_error(send, ShuttingDown(message), close=True)
             elif stream:
-                event = json.dumps(error_body(message, "server_error", None, "shutting_down"))
-                body = f"data: {event}\n\ndata: [DONE]\n\n".encode()
+                body = stream_error_end(ShuttingDown(message))
                 await send({"type": "http.response.body", "body": body, "more_body": False})
             else:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

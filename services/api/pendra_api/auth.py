@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 
 from fastapi import FastAPI
 from pendra_shared.api_errors import Unauthorized
 from pendra_shared.config import Settings
+from pendra_shared.http_guard import send_error
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -49,19 +49,7 @@ class BearerAuth:
         # More than one Authorization header is refused: proxies disagree on which one counts.
         problem = "missing bearer token" if not sent else "invalid API key"
         error = Unauthorized(f"{problem}: send Authorization: Bearer <one of PENDRA_API_KEYS>")
-        body = json.dumps(error.body()).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, error, extra=((b"www-authenticate", b"Bearer"),))
 
 
 def secure(app: FastAPI, settings: Settings) -> None:

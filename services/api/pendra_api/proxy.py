@@ -9,14 +9,13 @@ in the middle of an event stream ends it with an error event and `[DONE]`, not a
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pendra_shared.api_errors import NotFound, UpstreamUnavailable, error_body
+from pendra_shared.api_errors import NotFound, UpstreamUnavailable, stream_error_end
 from prometheus_client import Counter
 from starlette.background import BackgroundTask
 
@@ -94,5 +93,4 @@ async def relay(response: httpx.Response) -> AsyncIterator[bytes]:
         if not response.headers.get("content-type", "").startswith("text/event-stream"):
             raise  # a cut JSON body must not look complete: the client sees the connection drop
         message = "the inference service stopped before this response finished; retry it"
-        event = json.dumps(error_body(message, "server_error", None, "service_unavailable"))
-        yield f"\n\ndata: {event}\n\ndata: [DONE]\n\n".encode()
+        yield b"\n\n" + stream_error_end(UpstreamUnavailable(message))  # after a possibly cut event
