@@ -341,7 +341,7 @@ async def scrape(http: httpx.AsyncClient, url: str, model: str) -> Gauges:
     for name, labels, value in parse_metrics(response.text):
         if name == "pendra_loaded_models":
             gauges.loaded = value
-        elif name in names and labels.get("model") == model:
+        elif name in names and labels.get("model_name") == model:
             setattr(gauges, names[name], value)
     return gauges
 

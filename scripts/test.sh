@@ -9,23 +9,28 @@ else
     python3 -m pip install --quiet uv
     uv=(python3 -m uv)
 fi
-# The service-set tests run a real Redis; the build tests run llama.cpp on older CPUs under qemu's
-# x86-64 emulation (qemu-user; those few tests skip, saying so, without it). Install Debian's
-# packages when they are missing and we may.
+# The service-set tests run a real Redis and a real Prometheus (its promtool checks the monitoring
+# files); the build tests run llama.cpp on older CPUs under qemu's x86-64 emulation (qemu-user;
+# those few tests skip, saying so, without it). Install Debian's packages when they are missing
+# and we may.
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 if [[ "$(uname -m)" == x86_64 ]] && ! command -v qemu-x86_64 >/dev/null 2>&1; then
     missing+=(qemu-user)
 fi
 if (( ${#missing[@]} )); then
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-        if [[ " ${missing[*]} " == *" redis-server "* ]]; then
-            # Debian starts a system Redis on 6379; the tests start their own on free ports.
-            (service redis-server stop || pkill -x redis-server || true) >/dev/null 2>&1
-        fi
-    elif [[ " ${missing[*]} " == *" redis-server "* ]]; then
-        echo "redis-server is missing: install it (e.g. apt-get install redis-server) to run the tests" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        # Debian starts a system Redis (6379) and Prometheus (9090); the tests start their own on
+        # free ports.
+        for daemon in redis-server prometheus; do
+            if [[ " ${missing[*]} " == *" $daemon "* ]]; then
+                (service "$daemon" stop || pkill -x "$daemon" || true) >/dev/null 2>&1
+            fi
+        done
+    elif [[ " ${missing[*]} " == *" redis-server "* || " ${missing[*]} " == *" prometheus "* ]]; then
+        echo "redis-server and prometheus are needed: install them (apt-get install redis-server prometheus) to run the tests" >&2
         exit 1
     else
         echo "note: qemu-user is missing, so the tests on emulated older CPUs will skip" >&2

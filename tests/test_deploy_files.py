@@ -12,11 +12,16 @@ from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
+import yaml
 
 from tests.support.stack import ROOT, interpolate, load_compose
 
 SCHEMA = json.loads((ROOT / "tests" / "data" / "compose-spec.json").read_text())
-ENV = {"PENDRA_MIRROR_SECRET_KEY": "a-secret-of-length", "PENDRA_REDIS_PASSWORD": "0123abcdef"}
+ENV = {
+    "PENDRA_MIRROR_SECRET_KEY": "a-secret-of-length",
+    "PENDRA_REDIS_PASSWORD": "0123abcdef",
+    "PENDRA_GRAFANA_PASSWORD": "a-grafana-password",
+}
 COMBINATIONS = [
     ("compose.yaml",),
     ("compose.yaml", "compose.cpu.yaml"),
@@ -42,8 +47,10 @@ def test_compose_files_follow_the_compose_spec(files: tuple[str, ...]) -> None:
 
 def test_the_stack_has_the_designed_shape() -> None:
     services = load_compose()["services"]
-    assert set(services) == {"redis", "minio", "minio-init", "fetcher", "inference", "api"}
-    assert [name for name, s in services.items() if "ports" in s] == ["api"]
+    assert set(services) == {
+        "redis", "minio", "minio-init", "fetcher", "inference", "api", "prometheus", "grafana"
+    }  # fmt: skip
+    assert [name for name, s in services.items() if "ports" in s] == ["api", "grafana"]
     gpu = services["inference"]["deploy"]["resources"]["reservations"]["devices"]
     assert gpu == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
 
@@ -81,9 +88,13 @@ def _environment(service: dict[str, Any]) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("files", COMBINATIONS)
-def test_only_the_api_publishes_a_port(files: tuple[str, ...]) -> None:
+def test_only_the_api_and_grafana_publish_a_port(files: tuple[str, ...]) -> None:
     services = load_compose(*files)["services"]
-    assert [name for name, s in services.items() if "ports" in s] == ["api"]
+    assert [name for name, s in services.items() if "ports" in s] == ["api", "grafana"]
+    # Both on loopback unless the operator says otherwise.
+    for name, default in (("api", "127.0.0.1:8080:8080"), ("grafana", "127.0.0.1:3000:3000")):
+        (published,) = services[name]["ports"]
+        assert interpolate(published, {}) == default
     assert all(s.get("network_mode") != "host" for s in services.values())
     assert "ports" not in services["redis"] and "expose" not in services["redis"]
 
@@ -273,3 +284,24 @@ def test_inference_is_open_only_on_the_compose_network_and_services_get_time_to_
         grace = int(str(services[name]["stop_grace_period"]).removesuffix("s"))
         timeout = interpolate(_environment(services[name])["PENDRA_SHUTDOWN_TIMEOUT_S"], {})
         assert grace > float(timeout) + 5, name
+
+
+def test_monitoring_scrapes_every_service_and_provisions_the_dashboard() -> None:
+    services = load_compose()["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    assert "./deploy/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = {t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    # Each target is a service's own port on the compose network.
+    assert targets == {"api:8080", "inference:8081", "fetcher:8082"}
+    fetcher = _environment(services["fetcher"])
+    assert fetcher["PENDRA_FETCHER_PORT"] == "8082" and services["fetcher"]["expose"] == ["8082"]
+    assert "8081" in services["inference"]["expose"] and "ports" not in prometheus
+    env = _environment(grafana)
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == ENV["PENDRA_GRAFANA_PASSWORD"]
+    assert (env["GF_AUTH_ANONYMOUS_ENABLED"], env["GF_AUTH_ANONYMOUS_ORG_ROLE"]) == ("true", "Viewer")
+    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+    assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana["volumes"]
+    for image in (prometheus["image"], grafana["image"]):
+        assert ":" in image and not image.endswith(":latest"), image

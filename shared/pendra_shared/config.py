@@ -406,6 +406,16 @@ class Settings(BaseSettings):
         ),
     )
 
+    fetcher_port: int = Field(
+        default=8082,
+        ge=0,
+        le=65535,
+        description=(
+            "Port of the fetcher's `/metrics` (Prometheus), on PENDRA_HOST; 0: none. Only the fetcher "
+            "service reads it: `pendra serve` has its metrics on its own `/metrics`."
+        ),
+    )
+
     @field_validator("models_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path) -> Path:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pendra_shared.catalogue import CatalogueEntry
 from pendra_shared.config import Settings
@@ -47,6 +48,9 @@ from pendra_shared.names import file_name_for
 from pendra_shared.sidecar import Sidecar, now_utc, read_verified_sidecar, sidecar_path, write_sidecar
 from pendra_shared.sources import Guard, Sources
 from pendra_shared.store import ModelStore, StoredModel
+
+if TYPE_CHECKING:
+    from pendra_shared.install_metrics import InstallMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +150,11 @@ class Installer:
         backoff_s: float = 1.0,
         sleep: Callable[[float], None] = time.sleep,
         limits: DownloadLimits | None = None,
+        metrics: InstallMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics
+        self._hashing_s: dict[Path, float] = {}  # time spent hashing a resumed partial file
         self.sources = sources or Sources()
         self.retries = retries
         self.backoff_s = backoff_s
@@ -156,7 +163,11 @@ class Installer:
 
     @classmethod
     def from_settings(
-        cls, store: ModelStore, settings: Settings, sources: Sources | None = None
+        cls,
+        store: ModelStore,
+        settings: Settings,
+        sources: Sources | None = None,
+        metrics: InstallMetrics | None = None,
     ) -> Installer:
         """The installer the settings describe (retries, backoff, network timeout, limits)."""
         return cls(
@@ -165,6 +176,7 @@ class Installer:
             retries=settings.download_retries,
             backoff_s=settings.download_backoff_s,
             limits=DownloadLimits.from_settings(settings),
+            metrics=metrics,
         )
 
     def partial_path(self, entry: CatalogueEntry) -> Path:
@@ -240,7 +252,9 @@ class Installer:
             )
         # A file without a (trusted) sidecar: adopt it only if its bytes are the pinned ones.
         report(Progress("verifying", 0, size, f"checking existing {target.name}"))
+        started = time.monotonic()
         digest = sha256_file(target)
+        self._verified(time.monotonic() - started)
         if digest != entry.gguf_sha256:
             raise StoreError(
                 f"{entry.name}: {target.name} already exists with other contents "
@@ -288,6 +302,7 @@ class Installer:
             resumed_from, downloaded, attempts = self._download(entry, partial, report, cancel, interrupt)
             verified = partial.stat()
             report(Progress("verifying", verified.st_size, verified.st_size))
+            started = time.monotonic()
             try:
                 read_gguf_facts(partial)
             except InvalidGGUF as exc:
@@ -295,6 +310,7 @@ class Installer:
                 raise InstallError(
                     f"{entry.name}: the verified download is not a usable GGUF: {exc}"
                 ) from None
+            self._verified(time.monotonic() - started + self._hashing_s.pop(partial, 0.0))
             self._place(entry, partial, target, verified)
         except (InstallCancelled, SourceRefused):
             discard()
@@ -349,9 +365,11 @@ class Installer:
                 partial.unlink()
                 have = 0
             else:
+                started = time.monotonic()
                 with partial.open("rb") as fh:
                     while chunk := fh.read(CHUNK):
                         digest.update(chunk)
+                self._hashing_s[partial] = time.monotonic() - started
         resumed_from = have
         if entry.size_bytes is not None:
             if have == entry.size_bytes and digest.hexdigest() == entry.gguf_sha256:
@@ -382,9 +400,14 @@ class Installer:
                             self._check_space(entry, stream.total - have)
                         total = stream.total
                     stall = StallWatch(self.limits.stall_s, self.limits.stall_bytes)
+                    last = time.monotonic()
                     with partial.open("ab") as out:
                         report(Progress("downloading", have, total))
                         for chunk in stream.chunks:
+                            if self.metrics is not None:
+                                now = time.monotonic()
+                                self.metrics.downloaded(entry.gguf_url, len(chunk), now - last)
+                                last = now
                             if cancel is not None and cancel.is_set():
                                 raise InstallCancelled(f"{entry.name}: install cancelled")
                             if interrupt is not None and interrupt.is_set():
@@ -432,6 +455,10 @@ class Installer:
             partial.unlink(missing_ok=True)
             raise ChecksumMismatch(entry.name, entry.gguf_sha256, actual)
         return resumed_from, downloaded, attempts
+
+    def _verified(self, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.verify.observe(seconds)
 
     def _too_big(self, entry: CatalogueEntry, cap: int) -> str:
         if entry.size_bytes is None:

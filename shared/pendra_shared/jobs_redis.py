@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
+from pendra_shared.install_metrics import JobMetrics
 from pendra_shared.jobs import Job, JobState
 
 logger = logging.getLogger(__name__)
@@ -94,9 +95,12 @@ class RedisJobs:
     """Job records for one Redis database. With `patience_s`, `save` keeps trying that long
     through a Redis outage (the fetcher must not lose a job's final state)."""
 
-    def __init__(self, redis: aioredis.Redis, patience_s: float = 0.0) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, patience_s: float = 0.0, metrics: JobMetrics | None = None
+    ) -> None:
         self.redis = redis
         self.patience_s = patience_s
+        self.metrics = metrics  # told of each final record this process writes
 
     async def get(self, job_id: str) -> Job | None:
         raw = await self.redis.get(job_key(job_id))
@@ -108,7 +112,10 @@ class RedisJobs:
         deadline = time.monotonic() + self.patience_s
         while True:
             try:
-                return await self._save(job)
+                saved = await self._save(job)
+                if saved and job.final and self.metrics is not None:
+                    self.metrics.ended(job)
+                return saved
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 if time.monotonic() >= deadline:
                     raise
@@ -180,9 +187,9 @@ class RedisJobs:
         cancelled and removes its partial file); a running one is stopped by its fetcher, which
         sees the request within a second."""
 
-        async def step(pipe: Pipeline, job: Job | None) -> Job | None:
+        async def step(pipe: Pipeline, job: Job | None) -> tuple[Job | None, bool]:
             if job is None or job.final:
-                return job
+                return job, False
             await pipe.watch(lease_key(job_id))
             orphaned = job.state == JobState.RUNNING and not await pipe.exists(lease_key(job_id))
             pipe.multi()
@@ -191,9 +198,13 @@ class RedisJobs:
                 said = "cancelled (its fetcher was gone)" if orphaned else "cancelled before it ran"
                 job = job.finished(JobState.CANCELLED, message=said)
                 pipe.set(job_key(job_id), job.model_dump_json(), ex=FINISHED_TTL_S)
-            return job
+                return job, True
+            return job, False
 
-        return await self._update(job_id, step)
+        job, ended = await self._update(job_id, step)
+        if ended and job is not None and self.metrics is not None:
+            self.metrics.ended(job)
+        return job
 
     async def cancel_requested(self, job_id: str) -> bool:
         return bool(await self.redis.exists(cancel_key(job_id)))

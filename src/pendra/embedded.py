@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from pendra_api import management
 from pendra_api.auth import secure
+from pendra_api.http_metrics import HTTPMetrics
 from pendra_api.local_queue import LocalQueue
 from pendra_api.management import Management
 from pendra_inference.app import InferenceRuntime
@@ -17,13 +18,18 @@ from pendra_inference.routes import router as inference_router
 from pendra_shared.api_errors import install_error_handlers
 from pendra_shared.catalogue import Catalogue
 from pendra_shared.config import Settings
+from pendra_shared.install_metrics import InstallMetrics
+from pendra_shared.metrics import ServiceMetrics
 from pendra_shared.store import ModelStore
 
 
 def create_embedded_app(settings: Settings) -> FastAPI:
-    runtime = InferenceRuntime(settings)
+    # One registry for the process: inference, HTTP and install metrics on the one /metrics
+    # (the inference router's).
+    metrics = ServiceMetrics()
+    runtime = InferenceRuntime(settings, metrics=metrics)
     store = ModelStore.from_settings(settings)
-    queue = LocalQueue(settings, store)
+    queue = LocalQueue(settings, store, InstallMetrics(metrics.registry))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -40,5 +46,6 @@ def create_embedded_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(inference_router)
     app.include_router(management.router)
-    secure(app, settings)
+    management.count_active_jobs(app, metrics)
+    secure(app, settings, HTTPMetrics(metrics))
     return app

@@ -30,7 +30,7 @@ def topic(i: int) -> list[dict[str, str]]:
 
 def metric(server: ServerProcess, name: str) -> float:
     text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
-    match = re.search(rf'^{name}{{model="{re.escape(CHAT)}"}} ([0-9.e+-]+)$', text, re.MULTILINE)
+    match = re.search(rf'^{name}{{model_name="{re.escape(CHAT)}"}} ([0-9.e+-]+)$', text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
 
@@ -218,12 +218,15 @@ def test_scheduler_telemetry_on_metrics(server: ServerProcess, client: openai.Op
         "pendra_kv_cache_cells",
         "pendra_kv_cache_cells_used",
         "pendra_kv_cache_usage_ratio",
-        "pendra_queue_time_seconds_bucket",
+        "pendra_request_queue_time_seconds_bucket",
         "pendra_time_to_first_token_seconds_bucket",
         "pendra_time_per_output_token_seconds_bucket",
         "pendra_request_prompt_tokens_bucket",
         "pendra_request_generation_tokens_bucket",
-        "pendra_prefix_cache_hit_tokens_total",
+        "pendra_prefix_cache_hits_total",
+        "pendra_inter_token_latency_seconds_bucket",
+        "pendra_e2e_request_latency_seconds_bucket",
+        "pendra_generation_seconds_total",
     ):
         assert f"{series}{{" in text, series
     assert metric(server, "pendra_kv_cache_cells") >= 2048

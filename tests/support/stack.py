@@ -117,6 +117,7 @@ class ComposeStack:
     extra_env: dict[str, str] = field(default_factory=dict)
     api_port: int = field(default_factory=free_port)
     inference_port: int = field(default_factory=free_port)
+    fetcher_port: int = field(default_factory=free_port)
     services: dict[str, Service] = field(default_factory=dict)
     starts: int = 0
 
@@ -132,6 +133,11 @@ class ComposeStack:
     def inference_url(self) -> str:
         return f"http://127.0.0.1:{self.inference_port}"
 
+    @property
+    def fetcher_url(self) -> str:
+        """The fetcher's /metrics server."""
+        return f"http://127.0.0.1:{self.fetcher_port}"
+
     def variables(self) -> dict[str, str]:
         """What the operator's .env would hold."""
         return {
@@ -140,6 +146,7 @@ class ComposeStack:
             "PENDRA_REDIS_PASSWORD": self.redis.password,
             "PENDRA_CATALOGUE": self.extra_env.get("PENDRA_CATALOGUE", ""),
             "PENDRA_API_KEYS": self.extra_env.get("PENDRA_API_KEYS", ""),
+            "PENDRA_GRAFANA_PASSWORD": "pendra-test-grafana",
         }
 
     def mapping(self) -> dict[str, str]:
@@ -160,8 +167,13 @@ class ComposeStack:
             env["PENDRA_PORT"] = str(self.api_port)
         if name == "inference":
             env.update(PENDRA_PORT=str(self.inference_port), PENDRA_N_CTX="2048", PENDRA_KEEP_ALIVE="-1")
-        if name == "fetcher" and self.s3 is None:
-            env.pop("PENDRA_MIRROR_URL", None)
+        if name == "fetcher":
+            running = self.services.get("fetcher")
+            # A second fetcher beside a live one (takeover tests) gets a port of its own.
+            port = free_port() if running and running.alive() else self.fetcher_port
+            env["PENDRA_FETCHER_PORT"] = str(port)
+            if self.s3 is None:
+                env.pop("PENDRA_MIRROR_URL", None)
         env.update({k: v for k, v in self.extra_env.items() if k not in ("PENDRA_CATALOGUE",)})
         self.starts += 1
         log_path = self.workdir / f"{name}-{self.starts}.log"

@@ -52,9 +52,8 @@ def test_install_watch_chat_uninstall(stack: Stack, file_server: FileServer) -> 
         # The inference service counts the tokens it made (compose: its own port; serve: the one).
         inference = stack.inference_url if isinstance(stack, ComposeStack) else stack.api_url
         metrics = httpx.get(f"{inference}/metrics", timeout=10).text
-        counted = (
-            f'pendra_completion_tokens_total{{model="gemma3:270m"}} {float(reply.usage.completion_tokens)}'
-        )
+        tokens = float(reply.usage.completion_tokens)
+        counted = f'pendra_generation_tokens_total{{model_name="gemma3:270m"}} {tokens}'
         assert counted in metrics, metrics
 
         gone = httpx.delete(f"{stack.api_url}/api/models/gemma3:270m", timeout=30)

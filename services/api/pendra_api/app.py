@@ -14,13 +14,15 @@ from fastapi.responses import JSONResponse, Response
 from pendra_shared.api_errors import APIError, install_error_handlers
 from pendra_shared.catalogue import Catalogue
 from pendra_shared.config import Settings
+from pendra_shared.install_metrics import JobMetrics
+from pendra_shared.metrics import MEDIA_TYPE, ServiceMetrics
 from pendra_shared.service import serve_http
 from pendra_shared.store import ModelStore
-from prometheus_client import CollectorRegistry, generate_latest
 
 from pendra_api import management, proxy
 from pendra_api.arq_queue import ArqQueue
 from pendra_api.auth import secure
+from pendra_api.http_metrics import HTTPMetrics
 from pendra_api.management import Management
 from pendra_api.queue import InstallQueue
 
@@ -28,18 +30,20 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, queue: InstallQueue | None = None) -> FastAPI:
-    metrics = CollectorRegistry()
-    upstream_requests = proxy.proxy_metrics(metrics)
+    metrics = ServiceMetrics()
+    http_metrics = HTTPMetrics(metrics)
+    upstream_metrics = proxy.UpstreamMetrics(metrics)
+    job_metrics = JobMetrics(metrics.registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        install_queue = queue or ArqQueue(settings.redis_url)
+        install_queue = queue or ArqQueue(settings.redis_url, job_metrics)
         await install_queue.start()
         app.state.management = Management(
             Catalogue.load(settings.catalogue_locations), ModelStore.from_settings(settings), install_queue
         )
         app.state.upstream = proxy.upstream_client(settings.inference_url)
-        app.state.upstream_requests = upstream_requests
+        app.state.upstream_metrics = upstream_metrics
         logger.info(
             "gateway ready: inference at %s, queue %s", settings.inference_url, type(install_queue).__name__
         )
@@ -50,6 +54,7 @@ def create_app(settings: Settings, queue: InstallQueue | None = None) -> FastAPI
             await install_queue.close()
 
     app = FastAPI(title="Pendra API", version="0.1.0", lifespan=lifespan)
+    management.count_active_jobs(app, metrics)
     install_error_handlers(app)
 
     @app.get("/health")
@@ -74,11 +79,11 @@ def create_app(settings: Settings, queue: InstallQueue | None = None) -> FastAPI
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_route() -> Response:
-        return Response(generate_latest(metrics), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(await metrics.render(), media_type=MEDIA_TYPE)
 
     app.include_router(management.router)
     app.include_router(proxy.router)
-    secure(app, settings)
+    secure(app, settings, http_metrics)
     return app
 
 

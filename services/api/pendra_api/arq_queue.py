@@ -15,6 +15,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.jobs import DeserializationError
 from pendra_shared.api_errors import UpstreamUnavailable
 from pendra_shared.catalogue import CatalogueEntry
+from pendra_shared.install_metrics import JobMetrics
 from pendra_shared.jobs import (
     INSTALL_FUNCTION,
     QUEUE_NAME,
@@ -38,14 +39,14 @@ LOST_AFTER_S = 15.0
 
 
 class ArqQueue:
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, metrics: JobMetrics | None = None) -> None:
         self.redis = ArqRedis(
             connection_pool(redis_url, retries=3),
             job_serializer=dumps,
             job_deserializer=loads,
             default_queue_name=QUEUE_NAME,
         )
-        self.records = RedisJobs(self.redis)
+        self.records = RedisJobs(self.redis, metrics=metrics)
         self.where = redacted(redis_url)
 
     async def start(self) -> None:

@@ -18,6 +18,8 @@ from pendra_shared.http_guard import send_error
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from pendra_api.http_metrics import HTTPMetrics, HTTPMetricsMiddleware
+
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
@@ -32,9 +34,10 @@ def key_matches(token: bytes, keys: list[bytes]) -> bool:
 
 
 class BearerAuth:
-    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: list[str], metrics: HTTPMetrics | None = None) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -48,14 +51,18 @@ class BearerAuth:
             return
         # More than one Authorization header is refused: proxies disagree on which one counts.
         problem = "missing bearer token" if not sent else "invalid API key"
+        if self.metrics is not None:
+            reason = "missing" if not sent else "invalid" if scheme.lower() == b"bearer" else "malformed"
+            self.metrics.auth_failures.labels(reason).inc()
         error = Unauthorized(f"{problem}: send Authorization: Bearer <one of PENDRA_API_KEYS>")
         await send_error(send, error, extra=((b"www-authenticate", b"Bearer"),))
 
 
-def secure(app: FastAPI, settings: Settings) -> None:
-    """Add the API-key check (when keys are set) and CORS (when origins are set)."""
+def secure(app: FastAPI, settings: Settings, metrics: HTTPMetrics | None = None) -> None:
+    """Add the API-key check (when keys are set) and CORS (when origins are set); with `metrics`,
+    the HTTP metrics around both (refused keys counted)."""
     if settings.api_key_list:
-        app.add_middleware(BearerAuth, keys=settings.api_key_list)
+        app.add_middleware(BearerAuth, keys=settings.api_key_list, metrics=metrics)
     origins = settings.cors_origin_list
     if origins:  # added last, so it runs first
         app.add_middleware(
@@ -66,3 +73,5 @@ def secure(app: FastAPI, settings: Settings) -> None:
             allow_credentials="*" not in origins,
             max_age=600,
         )
+    if metrics is not None:  # added last, so it sees every answer, 401s and preflights included
+        app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, owner=app)

@@ -5,13 +5,16 @@ and no Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
 from pendra_shared.catalogue import CatalogueEntry
 from pendra_shared.config import Settings
 from pendra_shared.install import Installer
+from pendra_shared.install_metrics import InstallMetrics
 from pendra_shared.jobs import WAITING, Job, JobState, next_try, run_install_job, uninstall_outcome
 from pendra_shared.store import ModelStore
 
@@ -19,10 +22,11 @@ logger = logging.getLogger(__name__)
 
 
 class LocalQueue:
-    def __init__(self, settings: Settings, store: ModelStore) -> None:
+    def __init__(self, settings: Settings, store: ModelStore, metrics: InstallMetrics | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.installer = Installer.from_settings(store, settings)
+        self.metrics = metrics
+        self.installer = Installer.from_settings(store, settings, metrics=metrics)
         self._jobs: dict[str, Job] = {}
         self._cancels: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -46,6 +50,8 @@ class LocalQueue:
         if current is not None and (current.final or current.run != job.run):
             return False  # cancelled, or replaced by a newer request: this run's news is old news
         self._jobs[job.id] = job
+        if job.final and self.metrics is not None:
+            self.metrics.ended(job)
         return True
 
     async def cancel_requested(self, job_id: str) -> bool:
@@ -75,19 +81,32 @@ class LocalQueue:
                 if job.final:  # cancelled while it waited
                     await asyncio.to_thread(self.installer.discard_partial, entry, False)
                     return
-                result = await run_install_job(
-                    job,
-                    partial(self.installer.install, entry),
-                    self,
-                    interrupted="interrupted by a shutdown; install it again to resume where it stopped",
-                )
+                with self._running():
+                    result = await run_install_job(
+                        job,
+                        partial(self.installer.install, entry),
+                        self,
+                        interrupted="interrupted by a shutdown; install it again to resume where it stopped",
+                    )
             if result is None or result.state != JobState.RETRYING:
                 return
             result, delay = next_try(result, self.settings.download_backoff_s)
             await self.save(result)
             if delay is None:
                 return
+            if self.metrics is not None:
+                self.metrics.retried(result)
             await asyncio.sleep(delay)  # holding no download slot
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        if self.metrics is not None:
+            self.metrics.running.inc()
+        try:
+            yield
+        finally:
+            if self.metrics is not None:
+                self.metrics.running.dec()
 
     async def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
@@ -102,6 +121,8 @@ class LocalQueue:
         if job.state in (JobState.QUEUED, JobState.RETRYING):
             job = job.finished(JobState.CANCELLED, message="cancelled before it ran")
             self._jobs[job_id] = job
+            if self.metrics is not None:
+                self.metrics.ended(job)
             return job
         self._cancels.add(job_id)
         return job

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +21,10 @@ from pendra_shared.api_errors import (
 )
 from pendra_shared.catalogue import Catalogue
 from pendra_shared.errors import InvalidModelName, ModelNotFound
-from pendra_shared.jobs import Job
+from pendra_shared.jobs import Job, JobState
+from pendra_shared.metrics import ServiceMetrics
 from pendra_shared.store import ModelStore
+from prometheus_client import Gauge
 from pydantic import BaseModel, ConfigDict
 
 from pendra_api.queue import InstallQueue
@@ -183,3 +186,30 @@ async def events(job_id: str, request: Request) -> StreamingResponse:
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING)
+
+
+def count_active_jobs(app: Any, metrics: ServiceMetrics) -> None:
+    """`pendra_install_jobs_active`, counted from the queue's job records (`app.state.management`,
+    once the app has started) before each scrape; all three states always present, so a dashboard
+    shows 0 rather than no data."""
+    gauge = Gauge(
+        "pendra_install_jobs_active",
+        "Install jobs not yet ended, by state (queued, running, retrying), from the job records.",
+        ["state"],
+        registry=metrics.registry,
+    )
+    for state in ACTIVE_STATES:
+        gauge.labels(state.value).set(0)
+
+    async def refresh() -> None:
+        m: Management | None = getattr(app.state, "management", None)
+        if m is None:
+            return
+        counts = Counter(job.state for job in await m.queue.jobs())
+        for state in ACTIVE_STATES:
+            gauge.labels(state.value).set(counts.get(state, 0))
+
+    metrics.on_scrape(refresh)

@@ -10,14 +10,18 @@ in the middle of an event stream ends it with an error event and `[DONE]`, not a
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pendra_shared.api_errors import NotFound, UpstreamUnavailable, stream_error_end
-from prometheus_client import Counter
+from pendra_shared.metrics import DURATION_BUCKETS, ServiceMetrics
+from prometheus_client import Counter, Histogram
 from starlette.background import BackgroundTask
+
+from pendra_api.http_metrics import route_label
 
 logger = logging.getLogger(__name__)
 
@@ -41,19 +45,29 @@ def upstream_client(base_url: str) -> httpx.AsyncClient:
     )
 
 
-def proxy_metrics(registry: object) -> Counter:
-    return Counter(
-        "pendra_api_upstream_requests",
-        "Requests forwarded to the inference service, by status (0: unreachable).",
-        ["status"],
-        registry=registry,  # type: ignore[arg-type]
-    )
+class UpstreamMetrics:
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.latency = Histogram(
+            "pendra_api_upstream_latency_seconds",
+            "Time until the inference service's response headers.",
+            ["route"],
+            buckets=DURATION_BUCKETS,
+            registry=metrics.registry,
+        )
+        self.unavailable = Counter(
+            "pendra_api_upstream_unavailable",
+            "503s answered because the inference service could not be reached.",
+            ["route"],
+            registry=metrics.registry,
+        )
+        self.unavailable.labels("/v1/chat/completions")  # from zero, so its rate shows the first one
 
 
 @router.api_route("/v1/{path:path}", methods=["GET", "POST", "DELETE"], include_in_schema=False)
 async def forward(path: str, request: Request) -> StreamingResponse:
     client: httpx.AsyncClient = request.app.state.upstream
-    counter: Counter = request.app.state.upstream_requests
+    metrics: UpstreamMetrics = request.app.state.upstream_metrics
+    route = route_label(request.scope)
     if any(part in (".", "..") for part in path.split("/")):
         # httpx would resolve them and reach a path outside /v1 on the inference service.
         raise NotFound(f"no route for /v1/{path}")
@@ -65,15 +79,16 @@ async def forward(path: str, request: Request) -> StreamingResponse:
         headers=headers,
         content=await request.body(),
     )
+    started = time.monotonic()
     try:
         response = await client.send(upstream, stream=True)
     except httpx.TransportError as exc:
-        counter.labels("0").inc()
+        metrics.unavailable.labels(route).inc()
         logger.warning("inference service unreachable at %s: %s", client.base_url, exc)
         raise UpstreamUnavailable(
             "the inference service is not reachable (starting or restarting?); retry shortly"
         ) from None
-    counter.labels(str(response.status_code)).inc()
+    metrics.latency.labels(route).observe(time.monotonic() - started)
     return StreamingResponse(
         relay(response),
         status_code=response.status_code,

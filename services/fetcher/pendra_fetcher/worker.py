@@ -34,6 +34,7 @@ from pendra_shared.catalogue import CatalogueEntry
 from pendra_shared.config import Settings
 from pendra_shared.errors import ConfigError
 from pendra_shared.install import Installer
+from pendra_shared.install_metrics import InstallMetrics
 from pendra_shared.jobs import (
     INSTALL_FUNCTION,
     QUEUE_NAME,
@@ -45,6 +46,7 @@ from pendra_shared.jobs import (
     uninstall_outcome,
 )
 from pendra_shared.jobs_redis import RedisJobs, connect, redacted, retrying
+from pendra_shared.metrics import ServiceMetrics, serve_metrics
 from pendra_shared.queue_codec import dumps, loads
 from pendra_shared.sources import Sources
 from pendra_shared.store import ModelStore
@@ -104,18 +106,22 @@ async def _install(ctx: dict[str, Any], job_id: str, run: str, entry: CatalogueE
         raise Retry(defer=SLOT_WAIT_S)
     owner: str = ctx["owner"]
     running: set[str] = ctx["running"]
+    metrics: InstallMetrics = ctx["metrics"]
     async with slots, _lease(jobs, job_id, owner, settings.job_lease_s):
         running.add(job_id)
+        metrics.running.inc()
         try:
             result = await run_install_job(job, partial(fetch.install, entry), jobs)
         finally:
             running.discard(job_id)
+            metrics.running.dec()
     if result is None:
         return "superseded"
     if result.state == JobState.RETRYING:
         result, delay = next_try(result, settings.download_backoff_s)
         await jobs.save(result)
         if delay is not None:
+            metrics.retried(result)
             raise Retry(defer=delay)
     return result.state.value
 
@@ -150,7 +156,10 @@ async def uninstall_model(ctx: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 async def take_over_orphans(
-    jobs: RedisJobs, lease_s: float, mine: set[str] | frozenset[str] = frozenset()
+    jobs: RedisJobs,
+    lease_s: float,
+    mine: set[str] | frozenset[str] = frozenset(),
+    metrics: InstallMetrics | None = None,
 ) -> list[str]:
     """Release jobs whose fetcher died: arq still marks them in progress, but no live fetcher has
     renewed their lease for longer than `lease_s`. Jobs this fetcher runs (`mine`) are never
@@ -173,13 +182,15 @@ async def take_over_orphans(
         if await redis.delete(marker):
             logger.warning("%s: its fetcher stopped renewing the lease; taking the job over", job_id)
             released.append(queue_id)
+            if metrics is not None:
+                metrics.takeovers.inc()
     return released
 
 
-async def _watch_orphans(jobs: RedisJobs, lease_s: float, mine: set[str]) -> None:
+async def _watch_orphans(jobs: RedisJobs, lease_s: float, mine: set[str], metrics: InstallMetrics) -> None:
     while True:
         try:
-            await take_over_orphans(jobs, lease_s, mine)
+            await take_over_orphans(jobs, lease_s, mine, metrics)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             logger.warning("looking for orphaned jobs failed: %s", exc)
         await asyncio.sleep(max(lease_s / 3, 0.5))
@@ -204,8 +215,10 @@ async def startup(ctx: dict[str, Any]) -> None:
             logger.warning("the %s is not reachable yet: %s", mirror, exc)
         sources.register("s3", mirror)
         logger.info("using the %s", mirror)
-    installer = Installer.from_settings(store, settings, sources)
-    jobs = RedisJobs(connect(settings.redis_url, retries=60), patience_s=300)
+    service_metrics = ServiceMetrics()
+    metrics = InstallMetrics(service_metrics.registry)
+    installer = Installer.from_settings(store, settings, sources, metrics=metrics)
+    jobs = RedisJobs(connect(settings.redis_url, retries=60), patience_s=300, metrics=metrics)
     ctx.update(
         store=store,
         jobs=jobs,
@@ -213,9 +226,13 @@ async def startup(ctx: dict[str, Any]) -> None:
         slots=asyncio.Semaphore(settings.install_concurrency),
         running=set(),
         owner=f"{socket.gethostname()}:{os.getpid()}",
+        metrics=metrics,
+        metrics_server=serve_metrics(service_metrics, settings.host, settings.fetcher_port),
     )
-    await take_over_orphans(jobs, settings.job_lease_s)
-    ctx["orphan_watch"] = asyncio.create_task(_watch_orphans(jobs, settings.job_lease_s, ctx["running"]))
+    await take_over_orphans(jobs, settings.job_lease_s, metrics=metrics)
+    ctx["orphan_watch"] = asyncio.create_task(
+        _watch_orphans(jobs, settings.job_lease_s, ctx["running"], metrics)
+    )
     logger.info(
         "fetcher ready: store %s, queue at %s, %d install(s) at once",
         store.root,
@@ -233,6 +250,10 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     jobs: RedisJobs | None = ctx.get("jobs")
     if jobs is not None:
         await jobs.redis.aclose()
+    server = ctx.get("metrics_server")
+    if server is not None:
+        server.shutdown()
+        server.server_close()
 
 
 class WorkerSettings:

@@ -16,15 +16,18 @@ from fastapi import FastAPI
 from pendra_shared.api_errors import install_error_handlers
 from pendra_shared.config import Settings
 from pendra_shared.http_guard import check_exposure
+from pendra_shared.metrics import ServiceMetrics
 from pendra_shared.service import serve_http
 from pendra_shared.store import ModelStore
 
 from pendra_inference.chat import ChatService
 from pendra_inference.doctor import preflight
 from pendra_inference.embeddings import EmbeddingService
-from pendra_inference.metrics import InferenceMetrics
+from pendra_inference.engine import LlamaEngine
+from pendra_inference.metrics import InferenceMetrics, LoadedModel
 from pendra_inference.registry import EngineFactory, ModelRegistry
 from pendra_inference.routes import router
+from pendra_inference.scheduler import Scheduler
 from pendra_inference.state import AppState
 from pendra_inference.watcher import watch_store
 
@@ -32,17 +35,26 @@ logger = logging.getLogger(__name__)
 
 
 class InferenceRuntime:
-    def __init__(self, settings: Settings, engine_factory: EngineFactory | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine_factory: EngineFactory | None = None,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
+        """`metrics`: the process's registry, when the runtime shares it (`pendra serve`)."""
         self.settings = settings
         store = ModelStore.from_settings(settings)
-        self.registry = ModelRegistry(settings, store, *(() if engine_factory is None else (engine_factory,)))
-        metrics = InferenceMetrics()
+        inference_metrics = InferenceMetrics(metrics)
+        self.registry = ModelRegistry(
+            settings, store, engine_factory or LlamaEngine, metrics=inference_metrics
+        )
         self.state = AppState(
             self.registry,
-            ChatService(self.registry, metrics),
-            EmbeddingService(self.registry, settings.max_embedding_inputs, metrics),
-            metrics,
+            ChatService(self.registry),
+            EmbeddingService(self.registry, settings.max_embedding_inputs),
+            inference_metrics,
         )
+        inference_metrics.service.on_scrape(self._refresh_metrics)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -59,6 +71,17 @@ class InferenceRuntime:
             async with registry.use(model.name, model.purpose or "chat", keep_alive=-1):
                 logger.info("preloaded %s", name)
         return self.state
+
+    async def _refresh_metrics(self) -> None:
+        self.state.metrics.set_loaded(
+            LoadedModel(
+                m.name,
+                m.model.purpose or "chat",
+                m.memory_bytes,
+                m.runner.stats() if isinstance(m.runner, Scheduler) else None,
+            )
+            for m in self.registry.loaded_models()
+        )
 
     async def stop(self) -> None:
         self._stop.set()

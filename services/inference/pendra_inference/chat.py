@@ -24,7 +24,7 @@ from pendra_shared.api_errors import APIError, ContextLengthExceeded, InvalidReq
 
 from pendra_inference import jsonbody
 from pendra_inference.limits import RequestLimits, check_chat, check_grammar, surely_longer
-from pendra_inference.metrics import InferenceMetrics
+from pendra_inference.metrics import InferenceMetrics, Outcome, counted
 from pendra_inference.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -319,7 +319,7 @@ def plan(loaded: Loaded, req: ChatCompletionRequest, limits: RequestLimits | Non
         top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
     )
     stops_all = tuple(stops) + tuple(template.stop)
-    completion = Completion(prompt, wanted, sampling, stops_all, req.n, req.cache_prompt)
+    completion = Completion(prompt, wanted, sampling, stops_all, req.n, req.cache_prompt, "chat")
     return Plan(completion, tools)
 
 
@@ -374,7 +374,7 @@ class _Answer:
 class ChatService:
     def __init__(self, registry: ModelRegistry, metrics: InferenceMetrics | None = None) -> None:
         self.registry = registry
-        self.metrics = metrics or InferenceMetrics()
+        self.metrics = metrics or registry.metrics
         self.limits = RequestLimits.from_settings(registry.settings)
         self._background: set[asyncio.Task[None]] = set()
 
@@ -400,22 +400,25 @@ class ChatService:
     ) -> ChatCompletion:
         check_chat(req, self.limits)
         async with self.registry.use(req.model, "chat", req.keep_alive) as loaded:
-            p = await asyncio.to_thread(plan, loaded, req, self.limits)
-            ticket, watch = await self._submit(loaded, p, is_disconnected)
-            answers = [_Answer() for _ in range(req.n)]
-            try:
-                async for item in ticket.deltas():
-                    answer = answers[item.index]
-                    answer.text.append(item.text)
-                    if item.logprobs:
-                        answer.logprobs.extend(item.logprobs)
-                    if item.finish_reason:
-                        answer.finish = item.finish_reason
-            finally:
-                watch.cancel()
-                ticket.cancel()  # a no-op when the request is done; frees it when we were cancelled
+            with counted(self.metrics, req.model, "chat") as outcome:
+                p = await asyncio.to_thread(plan, loaded, req, self.limits)
+                ticket, watch = await self._submit(loaded, p, is_disconnected)
+                answers = [_Answer() for _ in range(req.n)]
+                try:
+                    async for item in ticket.deltas():
+                        answer = answers[item.index]
+                        answer.text.append(item.text)
+                        if item.logprobs:
+                            answer.logprobs.extend(item.logprobs)
+                        if item.finish_reason:
+                            answer.finish = item.finish_reason
+                finally:
+                    watch.cancel()
+                    ticket.cancel()  # a no-op when the request is done; frees it when we were cancelled
+                outcome.reason = answers[0].finish
+                if p.tools and parse_tool_calls("".join(answers[0].text), p.tools):
+                    outcome.reason = "tool_calls"
         result = cast(Result, ticket.result)
-        self.metrics.chat_done(req.model, result)
         choices = []
         for index, answer in enumerate(answers):
             content: str | None = "".join(answer.text)
@@ -450,8 +453,9 @@ class ChatService:
         stack = contextlib.AsyncExitStack()
         loaded = await stack.enter_async_context(self.registry.use(req.model, "chat", req.keep_alive))
         try:
-            p = await asyncio.to_thread(plan, loaded, req, self.limits)
-            ticket, watch = await self._submit(loaded, p, is_disconnected)
+            with counted(self.metrics, req.model, "chat", keep=True):
+                p = await asyncio.to_thread(plan, loaded, req, self.limits)
+                ticket, watch = await self._submit(loaded, p, is_disconnected)
         except BaseException:
             await stack.aclose()
             raise
@@ -476,14 +480,16 @@ class ChatService:
             return f"data: {json.dumps(body)}\n\n"
 
         buffered: list[list[str]] = [[] for _ in range(req.n)]
+        finished: dict[int, str] = {}
+        outcome = Outcome()  # abort unless it ends otherwise: the client left
         try:
             for index in range(req.n):
                 yield chunk(index, {"role": "assistant", "content": ""})
             async for item in ticket.deltas():
-                for event in self._deltas(item, p, buffered, chunk, req.logprobs):
+                for event in self._deltas(item, p, buffered, chunk, req.logprobs, finished):
                     yield event
             result = cast(Result, ticket.result)
-            self.metrics.chat_done(req.model, result)
+            outcome.reason = finished.get(0, "stop")
             if req.stream_options and req.stream_options.include_usage:
                 body = {
                     "id": cid,
@@ -496,8 +502,10 @@ class ChatService:
                 }
                 yield f"data: {json.dumps(body)}\n\n"
         except APIError as exc:
+            outcome.reason = "error"
             yield f"data: {json.dumps(exc.body())}\n\n"
         except Exception as exc:
+            outcome.reason = "error"
             logger.exception("generation failed mid-stream")
             yield (
                 "data: "
@@ -505,6 +513,7 @@ class ChatService:
                 + "\n\n"
             )
         finally:
+            self.metrics.request_done(req.model, "chat", outcome.reason)
             # Cancels the ticket (the scheduler drops it within one step) and releases the model.
             cleanup = asyncio.ensure_future(stack.aclose())
             self._background.add(cleanup)
@@ -518,6 +527,7 @@ class ChatService:
         buffered: list[list[str]],
         chunk: Callable[..., str],
         with_logprobs: bool | None,
+        finished: dict[int, str],
     ) -> list[str]:
         out = []
         logprobs = (
@@ -545,6 +555,7 @@ class ChatService:
         elif item.text or logprobs is not None:
             out.append(chunk(item.index, {"content": item.text}, None, logprobs))
         if finish is not None:
+            finished[item.index] = finish
             out.append(chunk(item.index, {}, "stop" if finish == "abort" else finish))
         return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from pendra_shared.api_errors import APIError, ContextLengthExceeded, InvalidReq
 
 from pendra_inference.embed_batcher import EmbedBatcher
 from pendra_inference.limits import surely_longer
-from pendra_inference.metrics import InferenceMetrics
+from pendra_inference.metrics import InferenceMetrics, counted
 from pendra_inference.protocol import EmbeddingRequest
 from pendra_inference.registry import Loaded, ModelRegistry
 
@@ -136,23 +137,25 @@ class EmbeddingService:
     ) -> None:
         self.registry = registry
         self.max_inputs = max_inputs
-        self.metrics = metrics or InferenceMetrics()
+        self.metrics = metrics or registry.metrics
 
     async def embed(self, req: EmbeddingRequest) -> bytes:
         """The JSON response body for `req`. The model's `EmbedBatcher` packs these inputs into
         decodes together with those of other requests."""
         _inputs(req.input, self.max_inputs)  # a malformed request loads no model
+        started = time.monotonic()
         async with self.registry.use(req.model, "embedding", req.keep_alive) as loaded:
             n_embd = loaded.engine.n_embd
             if req.dimensions is not None and req.dimensions > n_embd:
                 raise InvalidRequest(
                     f"dimensions must be at most {n_embd} for this model", param="dimensions"
                 )
-            tokens = await asyncio.to_thread(tokenize_inputs, loaded, req, self.max_inputs)
-            batcher: EmbedBatcher = loaded.runner
-            vectors = await batcher.embed(tokens)
+            with counted(self.metrics, req.model, "embeddings"):
+                tokens = await asyncio.to_thread(tokenize_inputs, loaded, req, self.max_inputs)
+                batcher: EmbedBatcher = loaded.runner
+                vectors = await batcher.embed(tokens)
         used = sum(len(t) for t in tokens)
-        self.metrics.embeddings_done(req.model, used)
+        self.metrics.embedded(req.model, used, time.monotonic() - started)
         vectors = shape(vectors, req.dimensions)
         if vectors.size <= _INLINE_NUMBERS:
             return render(vectors, req.encoding_format, req.model, used)

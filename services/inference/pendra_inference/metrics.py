@@ -1,194 +1,282 @@
-"""The inference service's Prometheus metrics: tokens, requests, and what the schedulers know.
+"""The inference service's Prometheus metrics: tokens, requests, latencies, the KV cache, models.
 
-Counters and histograms are recorded when a request finishes, from the scheduler's own timings
-(queue time, time to first token, time per output token, cached prompt tokens); the gauges
-(requests waiting and running, KV-cache cells) are read from each loaded model's scheduler when
-`/metrics` is scraped. Bucket boundaries follow vLLM's, the reference operators know.
+Where the engine measures a value it is read from there, never measured again:
+- the scheduler tells `finished` of every request it ends (stopped, at its limit, or aborted
+  because the client left), on its own thread, with its timings: queue time, time to first
+  token, the intervals between tokens, prompt and generation seconds, cached prompt tokens;
+- the gauges (requests waiting and running, KV-cache cells) are the schedulers' own figures,
+  read when `/metrics` is scraped, as are the loaded models and the memory the registry gave them;
+- the chat and embedding services count each request once with how it ended (`request_done`),
+  since only they know a tool call from a plain stop, or an error from a client leaving;
+- the registry reports loads and unloads.
 
-Each app keeps its own `CollectorRegistry`, so two apps in one process (tests, `pendra serve`)
-never share counters.
+Names follow vLLM's meanings and bucket boundaries with Prometheus-style names; the README's
+metrics table documents them and a test holds the two together.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pendra_shared.metrics import (
+    DURATION_BUCKETS,
+    ITL_BUCKETS,
+    REQUEST_LATENCY_BUCKETS,
+    TOKEN_BUCKETS,
+    TTFT_BUCKETS,
+    ServiceMetrics,
+)
+from prometheus_client import Counter, Gauge, Histogram
 
 from pendra_inference.scheduler import SchedulerStats
-from pendra_inference.sequence import Result
+from pendra_inference.sequence import Completion, Result
 
-TTFT_BUCKETS = (
-    0.001,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-)
-TPOT_BUCKETS = (
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.4,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-)
-QUEUE_BUCKETS = (
-    0.3,
-    0.5,
-    0.8,
-    1.0,
-    1.5,
-    2.0,
-    2.5,
-    5.0,
-    10.0,
-    15.0,
-    20.0,
-    30.0,
-    40.0,
-    50.0,
-    60.0,
-    120.0,
-    240.0,
-    480.0,
-    960.0,
-)
-TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+MODEL = "model_name"
+FINISH_REASONS = ("stop", "length", "tool_calls", "abort", "error")
+ENDPOINT_OF = {"chat": "chat", "embedding": "embeddings"}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What `/metrics` shows of one loaded model."""
+
+    name: str
+    purpose: str
+    memory_bytes: int
+    stats: SchedulerStats | None  # a chat model's scheduler figures
 
 
 class InferenceMetrics:
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
+    def __init__(self, service: ServiceMetrics | None = None) -> None:
+        self.service = service or ServiceMetrics()
+        r = self.service.registry
         self.prompt_tokens = Counter(
-            "pendra_prompt_tokens", "Prompt tokens processed.", ["model", "endpoint"], registry=r
-        )
-        self.completion_tokens = Counter(
-            "pendra_completion_tokens", "Tokens generated.", ["model"], registry=r
-        )
-        self.cached_tokens = Counter(
-            "pendra_prefix_cache_hit_tokens",
-            "Prompt tokens whose KV cells were shared from the prefix cache instead of decoded.",
-            ["model"],
+            "pendra_prompt_tokens", "Prompt tokens processed (cached ones included).", [MODEL, "endpoint"],
             registry=r,
-        )
+        )  # fmt: skip
+        self.generation_tokens = Counter("pendra_generation_tokens", "Tokens generated.", [MODEL], registry=r)
         self.requests = Counter(
-            "pendra_inference_requests",
-            "Completed generation and embedding requests.",
-            ["model", "endpoint"],
+            "pendra_requests",
+            "Finished requests by finish reason: stop, length, tool_calls, abort (the client left or "
+            "the server stopped it), error.",
+            [MODEL, "endpoint", "finish_reason"],
             registry=r,
         )
-        self.loaded_models = Gauge("pendra_loaded_models", "Models loaded in memory.", registry=r)
-        self.waiting = Gauge("pendra_requests_waiting", "Requests queued for a model.", ["model"], registry=r)
         self.running = Gauge(
-            "pendra_requests_running", "Requests a model is generating.", ["model"], registry=r
+            "pendra_requests_running", "Requests a model is generating.", [MODEL], registry=r
+        )
+        self.waiting = Gauge("pendra_requests_waiting", "Requests queued for a model.", [MODEL], registry=r)
+        self.kv_usage = Gauge(
+            "pendra_kv_cache_usage_ratio", "KV-cache cells in use, 0 to 1.", [MODEL], registry=r
         )
         self.kv_cells = Gauge(
-            "pendra_kv_cache_cells", "KV-cache cells of a model's context.", ["model"], registry=r
+            "pendra_kv_cache_cells", "KV-cache cells of a model's context.", [MODEL], registry=r
         )
         self.kv_used = Gauge(
             "pendra_kv_cache_cells_used",
             "KV-cache cells holding running and cached sequences.",
-            ["model"],
+            [MODEL],
             registry=r,
         )
-        self.kv_usage = Gauge(
-            "pendra_kv_cache_usage_ratio", "KV-cache cells in use, 0 to 1.", ["model"], registry=r
+        self.prefix_queries = Counter(
+            "pendra_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", [MODEL], registry=r
         )
-        self.queue_time = Histogram(
-            "pendra_queue_time_seconds",
-            "Time from arrival to admission.",
-            ["model"],
-            buckets=QUEUE_BUCKETS,
+        self.prefix_hits = Counter(
+            "pendra_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (their KV cells shared, not decoded).",
+            [MODEL],
+            registry=r,
+        )
+        self.prompt_seconds = Counter(
+            "pendra_prompt_seconds",
+            "Seconds from admission to the first token, summed over requests.",
+            [MODEL],
+            registry=r,
+        )
+        self.generation_seconds = Counter(
+            "pendra_generation_seconds",
+            "Seconds from the first to the last generated token, summed over requests.",
+            [MODEL],
             registry=r,
         )
         self.ttft = Histogram(
             "pendra_time_to_first_token_seconds",
             "Time from arrival to the first generated token.",
-            ["model"],
+            [MODEL],
             buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "pendra_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of a request.",
+            [MODEL],
+            buckets=ITL_BUCKETS,
             registry=r,
         )
         self.tpot = Histogram(
             "pendra_time_per_output_token_seconds",
-            "Mean time between generated tokens of a request, after the first.",
-            ["model"],
-            buckets=TPOT_BUCKETS,
+            "Mean time per generated token of a request, after the first.",
+            [MODEL],
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "pendra_e2e_request_latency_seconds",
+            "Time from arrival to the end of a request.",
+            [MODEL],
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "pendra_request_queue_time_seconds",
+            "Time from arrival to admission.",
+            [MODEL],
+            buckets=REQUEST_LATENCY_BUCKETS,
             registry=r,
         )
         self.request_prompt = Histogram(
-            "pendra_request_prompt_tokens",
-            "Prompt tokens per request.",
-            ["model"],
-            buckets=TOKEN_BUCKETS,
+            "pendra_request_prompt_tokens", "Prompt tokens per request.", [MODEL], buckets=TOKEN_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.request_generated = Histogram(
+            "pendra_request_generation_tokens", "Generated tokens per request.", [MODEL],
+            buckets=TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.loads = Counter(
+            "pendra_model_loads", "Model loads: ok or failed.", [MODEL, "outcome"], registry=r
+        )
+        self.unloads = Counter(
+            "pendra_model_unloads",
+            "Model unloads: idle, room (another model needed the memory), replaced (its file changed "
+            "or went), shutdown.",
+            [MODEL, "reason"],
             registry=r,
         )
-        self.request_generated = Histogram(
-            "pendra_request_generation_tokens",
-            "Generated tokens per request.",
-            ["model"],
-            buckets=TOKEN_BUCKETS,
+        self.load_seconds = Histogram(
+            "pendra_model_load_seconds", "Time to load a model.", [MODEL], buckets=DURATION_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.loaded_models = Gauge("pendra_loaded_models", "Models loaded in memory.", registry=r)
+        self.model_memory = Gauge(
+            "pendra_model_memory_bytes",
+            "Memory a loaded model holds (weights and KV cache), one series per loaded model.",
+            [MODEL, "purpose"],
             registry=r,
         )
 
-    def chat_done(self, model: str, result: Result) -> None:
+    # -- the engine ----------------------------------------------------------------------------
+
+    def observer(self, model: str) -> Callable[[Result, Completion], None]:
+        """The scheduler's observer for `model`."""
+        return lambda result, completion: self.finished(model, result, completion.endpoint)
+
+    def finished(self, model: str, result: Result, endpoint: str = "chat") -> None:
+        """A request the scheduler ended, with its timings (called on the scheduler's thread)."""
         generated = sum(result.completion_tokens)
-        self.prompt_tokens.labels(model, "chat").inc(result.prompt_tokens)
-        self.completion_tokens.labels(model).inc(generated)
-        self.cached_tokens.labels(model).inc(result.cached_tokens)
-        self.requests.labels(model, "chat").inc()
+        self.prompt_tokens.labels(model, endpoint).inc(result.prompt_tokens)
+        self.generation_tokens.labels(model).inc(generated)
+        self.prefix_queries.labels(model).inc(result.prompt_tokens)
+        self.prefix_hits.labels(model).inc(result.cached_tokens)
         self.queue_time.labels(model).observe(result.queue_s)
+        self.e2e.labels(model).observe(result.end_s)
         if result.first_token_s is not None:
             self.ttft.labels(model).observe(result.first_token_s)
+            self.prompt_seconds.labels(model).inc(max(0.0, result.first_token_s - result.queue_s))
+            self.generation_seconds.labels(model).inc(result.decode_s)
+        itl = self.itl.labels(model)
+        for interval in result.intervals:
+            itl.observe(interval)
         per_choice = max(result.completion_tokens, default=0)
         if per_choice > 1:
             self.tpot.labels(model).observe(result.decode_s / (per_choice - 1))
         self.request_prompt.labels(model).observe(result.prompt_tokens)
         self.request_generated.labels(model).observe(generated)
 
-    def embeddings_done(self, model: str, tokens: int) -> None:
+    def embedded(self, model: str, tokens: int, seconds: float) -> None:
+        """An embeddings request's inputs, decoded in `seconds` from its arrival."""
         self.prompt_tokens.labels(model, "embeddings").inc(tokens)
-        self.requests.labels(model, "embeddings").inc()
+        self.prompt_seconds.labels(model).inc(seconds)
+        self.request_prompt.labels(model).observe(tokens)
+        self.e2e.labels(model).observe(seconds)
 
-    def render(self, loaded: Iterable[tuple[str, SchedulerStats | None]]) -> bytes:
-        count = 0
-        for gauge in (self.waiting, self.running, self.kv_cells, self.kv_used, self.kv_usage):
+    # -- the services --------------------------------------------------------------------------
+
+    def request_done(self, model: str, endpoint: str, finish_reason: str) -> None:
+        """One request that reached its model, and how it ended."""
+        reason = finish_reason if finish_reason in FINISH_REASONS else "stop"
+        self.requests.labels(model, endpoint, reason).inc()
+
+    # -- the registry --------------------------------------------------------------------------
+
+    def model_loaded(self, model: str, purpose: str, seconds: float) -> None:
+        self.loads.labels(model, "ok").inc()
+        self.load_seconds.labels(model).observe(seconds)
+        # Every series a dashboard plots starts at zero, so the first request's tokens show as a
+        # rate rather than as the series' first sample.
+        endpoint = ENDPOINT_OF.get(purpose, purpose)
+        self.prompt_tokens.labels(model, endpoint)
+        self.requests.labels(model, endpoint, "stop")
+        self.prompt_seconds.labels(model)
+        if purpose == "chat":
+            for counter in (self.generation_tokens, self.generation_seconds, self.prefix_queries):
+                counter.labels(model)
+            self.prefix_hits.labels(model)
+
+    def model_load_failed(self, model: str) -> None:
+        self.loads.labels(model, "failed").inc()
+
+    def model_unloaded(self, model: str, reason: str) -> None:
+        self.unloads.labels(model, reason).inc()
+
+    def set_loaded(self, loaded: Iterable[LoadedModel]) -> None:
+        """The gauges, from the loaded models as they are now."""
+        for gauge in (
+            self.waiting,
+            self.running,
+            self.kv_cells,
+            self.kv_used,
+            self.kv_usage,
+            self.model_memory,
+        ):
             gauge.clear()
-        for name, stats in loaded:
+        count = 0
+        for m in loaded:
             count += 1
+            self.model_memory.labels(m.name, m.purpose).set(m.memory_bytes)
+            stats = m.stats
             if stats is None:
                 continue
-            self.waiting.labels(name).set(stats.waiting)
-            self.running.labels(name).set(stats.running)
-            self.kv_cells.labels(name).set(stats.kv_cells)
-            self.kv_used.labels(name).set(stats.kv_cells_used)
-            self.kv_usage.labels(name).set(stats.kv_cells_used / stats.kv_cells if stats.kv_cells else 0)
+            self.waiting.labels(m.name).set(stats.waiting)
+            self.running.labels(m.name).set(stats.running)
+            self.kv_cells.labels(m.name).set(stats.kv_cells)
+            self.kv_used.labels(m.name).set(stats.kv_cells_used)
+            self.kv_usage.labels(m.name).set(stats.kv_cells_used / stats.kv_cells if stats.kv_cells else 0)
         self.loaded_models.set(count)
-        return generate_latest(self.registry)
+
+
+@dataclass
+class Outcome:
+    """How a request ended, for `pendra_requests_total`."""
+
+    reason: str = "abort"
+
+
+@contextlib.contextmanager
+def counted(metrics: InferenceMetrics, model: str, endpoint: str, keep: bool = False) -> Iterator[Outcome]:
+    """Count the request once, with how the body ended: an error, the client leaving (abort), or
+    the reason the body set. With `keep`, a body that ends normally counts nothing (the request
+    goes on elsewhere, as a stream)."""
+    outcome = Outcome("stop")
+    try:
+        yield outcome
+    except asyncio.CancelledError:
+        metrics.request_done(model, endpoint, "abort")
+        raise
+    except BaseException:
+        metrics.request_done(model, endpoint, "error")
+        raise
+    if not keep:
+        metrics.request_done(model, endpoint, outcome.reason)

@@ -43,6 +43,7 @@ from pendra_shared.store import identity_of as stat_identity
 from pendra_inference.backends import activate
 from pendra_inference.embed_batcher import EmbedBatcher
 from pendra_inference.engine import POOLING, EngineConfig, LlamaEngine, gpu_offload_supported
+from pendra_inference.metrics import InferenceMetrics
 from pendra_inference.probe import ProbeResult, probe
 from pendra_inference.scheduler import Scheduler, SchedulerConfig
 
@@ -117,8 +118,10 @@ class ModelRegistry:
         store: ModelStore,
         engine_factory: EngineFactory = LlamaEngine,
         prober: Prober = probe,
+        metrics: InferenceMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or InferenceMetrics()
         self.store = store
         self.engine_factory = engine_factory
         self.prober = prober
@@ -150,7 +153,7 @@ class ModelRegistry:
         if not loaded.retired:
             logger.info("%s %s; unloading once idle", loaded.name, why)
         loaded.retired = True
-        await self._unload_if_idle(loaded)
+        await self._unload_if_idle(loaded, "replaced")
 
     async def check_loaded_files(self) -> None:
         """Retire every loaded model whose file is no longer the one loaded (in place rewrites and
@@ -222,7 +225,7 @@ class ModelRegistry:
             loaded.last_used = time.monotonic()
             loaded.keep_alive_s = keep
             if loaded.retired or keep == 0:
-                await self._unload_if_idle(loaded)
+                await self._unload_if_idle(loaded, "replaced" if loaded.retired else "idle")
 
     async def _acquire(self, model: StoredModel) -> Loaded:
         lock = self._load_locks.setdefault(model.name, asyncio.Lock())
@@ -249,11 +252,14 @@ class ModelRegistry:
                     config.n_ctx,
                     config.n_gpu_layers,
                 )
+                started = time.monotonic()
                 try:
                     engine, runner = await asyncio.to_thread(self._load, model, config, path)
                 except (ValueError, RuntimeError, OSError) as exc:
                     logger.exception("loading %s failed", model.name)
+                    self.metrics.model_load_failed(model.name)
                     raise Unavailable(f"'{model.name}' could not be loaded: {exc}") from None
+                self.metrics.model_loaded(model.name, model.purpose or "chat", time.monotonic() - started)
             finally:
                 os.close(fd)
             loaded = Loaded(model, engine, identity, memory, self.default_keep_alive, runner)
@@ -318,7 +324,11 @@ class ModelRegistry:
                 budget = int(self._options(model).get("embed_batch_tokens", self.settings.embed_batch_tokens))
                 return engine, EmbedBatcher(engine, token_budget=budget, name=model.name)
             return engine, Scheduler(
-                engine.model, engine.vocab, self.scheduler_config(model, config), model.name
+                engine.model,
+                engine.vocab,
+                self.scheduler_config(model, config),
+                model.name,
+                self.metrics.observer(model.name),
             )
         except BaseException:
             engine.close()
@@ -406,20 +416,22 @@ class ModelRegistry:
                 )
             victim = min(idle, key=lambda m: m.last_used)
             logger.info("unloading %s to make room for %s", victim.name, name)
-            await self._unload(victim)
+            await self._unload(victim, "room")
         if needed > self.budget:
             raise Unavailable(
                 f"'{name}' needs about {needed:,} bytes but the memory budget is {self.budget:,} "
                 "(PENDRA_MEMORY_BUDGET_BYTES)"
             )
 
-    async def _unload_if_idle(self, loaded: Loaded) -> None:
+    async def _unload_if_idle(self, loaded: Loaded, reason: str) -> None:
         if loaded.in_flight == 0:
-            await self._unload(loaded)
+            await self._unload(loaded, reason)
 
-    async def _unload(self, loaded: Loaded) -> None:
+    async def _unload(self, loaded: Loaded, reason: str) -> None:
+        """Unload `loaded`: idle, room, replaced or shutdown (the metrics' reasons)."""
         if self._loaded.get(loaded.name) is loaded:
-            del self._loaded[loaded.name]
+            del self._loaded[loaded.name]  # (a retired model may have been replaced there already)
+        self.metrics.model_unloaded(loaded.name, reason)
 
         def close() -> None:
             if loaded.runner is not None:
@@ -437,7 +449,7 @@ class ModelRegistry:
                 continue
             if now - loaded.last_used >= loaded.keep_alive_s:
                 logger.info("%s idle for %.0fs; unloading", loaded.name, now - loaded.last_used)
-                await self._unload(loaded)
+                await self._unload(loaded, "idle")
 
     async def run_reaper(self, every_s: float = 1.0) -> None:
         while True:
@@ -446,7 +458,7 @@ class ModelRegistry:
 
     async def close(self) -> None:
         for loaded in list(self._loaded.values()):
-            await self._unload(loaded)
+            await self._unload(loaded, "shutdown")
 
     def loaded_names(self) -> list[str]:
         return sorted(self._loaded)

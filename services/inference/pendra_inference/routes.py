@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from pendra_shared.api_errors import NotSupported, Unavailable
+from pendra_shared.metrics import MEDIA_TYPE
 from pendra_shared.store import StoredModel
 
 from pendra_inference import jsonbody
@@ -19,7 +20,6 @@ from pendra_inference.protocol import (
     ModelCard,
     ModelList,
 )
-from pendra_inference.scheduler import Scheduler
 from pendra_inference.state import AppState
 
 router = APIRouter()
@@ -99,13 +99,7 @@ def _card(state: AppState, m: StoredModel) -> ModelCard:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    state = _state(request)
-    loaded = [
-        (m.name, m.runner.stats() if isinstance(m.runner, Scheduler) else None)
-        for m in state.registry.loaded_models()
-    ]
-    body = state.metrics.render(loaded)
-    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(await _state(request).metrics.service.render(), media_type=MEDIA_TYPE)
 
 
 @router.get("/v1/models")

@@ -27,7 +27,8 @@ import ctypes
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
@@ -39,6 +40,10 @@ from pendra_inference.sampling import Candidates, Sampler, logprobs_of
 from pendra_inference.sequence import Completion, Delta, Result, Sequence, Ticket, TokenLogprob
 
 logger = logging.getLogger(__name__)
+
+# Told of every request the scheduler finishes (stopped, at its limit, or aborted), with what the
+# scheduler measured; runs on the scheduler's thread, so it must be quick.
+Observer = Callable[[Result, Completion], None]
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class _Request:
     cached_tokens: int = 0
     first_token_at: float | None = None
     last_token_at: float | None = None
+    intervals: list[float] = field(default_factory=list)  # between consecutive tokens of a choice
 
     @property
     def done(self) -> bool:
@@ -89,9 +95,17 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, model: Any, vocab: Any, config: SchedulerConfig, name: str = "") -> None:
+    def __init__(
+        self,
+        model: Any,
+        vocab: Any,
+        config: SchedulerConfig,
+        name: str = "",
+        observer: Observer | None = None,
+    ) -> None:
         self.config = config
         self.name = name
+        self.observer = observer  # told of each finished request, on this scheduler's thread
         self.vocab = vocab
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
         self.n_swa = int(llama_cpp.llama_model_n_swa(model))
@@ -493,6 +507,9 @@ class Scheduler:
         if req.first_token_at is None:
             req.first_token_at = now
         req.last_token_at = now
+        if seq.last_token_at is not None:
+            req.intervals.append(now - seq.last_token_at)
+        seq.last_token_at = now
         logprobs = None
         top = completion.sampling.top_logprobs
         eog = bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
@@ -554,7 +571,14 @@ class Scheduler:
             decode_s=0.0
             if req.first_token_at is None or req.last_token_at is None
             else req.last_token_at - req.first_token_at,
+            end_s=now - ticket.submitted_at,
+            intervals=req.intervals,
         )
+        if self.observer is not None:
+            try:
+                self.observer(result, ticket.completion)
+            except Exception:  # the metrics must never stop the engine
+                logger.exception("recording the metrics of a finished request failed")
         events: list[tuple[Ticket, Delta | Result | BaseException | None]] = [(ticket, result)]
         self._update_usage()
         if post:

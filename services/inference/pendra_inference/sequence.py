@@ -28,6 +28,7 @@ class Completion:
     stops: tuple[str, ...] = ()
     n: int = 1
     cache_prompt: bool = True  # may start from a cached prefix (llama-server's name)
+    endpoint: str = "chat"  # the API that asked, for the metrics
 
     @property
     def cells(self) -> int:
@@ -59,6 +60,8 @@ class Result:
     queue_s: float  # submitted to admitted
     first_token_s: float | None  # submitted to the first sampled token; None if none was
     decode_s: float  # first to last sampled token
+    end_s: float = 0.0  # submitted to finished
+    intervals: list[float] = field(default_factory=list)  # between consecutive tokens of each choice
 
 
 class Ticket:
@@ -117,6 +120,7 @@ class Sequence:
     finish: str | None = None
     row: int = -1  # this step's row of logits in the batch, or -1
     first_token_at: float | None = None
+    last_token_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -1,0 +1,96 @@
+"""Prometheus metrics, as every Pendra service exposes them on `/metrics`.
+
+Each process keeps one `ServiceMetrics`: a registry of its own (so two apps in one process, as in
+tests, never share counters) and the coroutines that refresh gauges just before a scrape (the
+schedulers' queue and KV-cache figures, the install queue's job states). `pendra serve` passes one
+`ServiceMetrics` to every part it runs, so its single `/metrics` holds them all.
+
+The names, types, labels and help texts are documented in the README's metrics table, and a test
+compares that table with what the services expose.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest, start_wsgi_server
+
+from pendra_shared.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# The `_created` series prometheus-client adds beside each counter and histogram double a scrape's
+# size and mean nothing on a dashboard.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# vLLM's bucket boundaries (vllm/v1/metrics/loggers.py), the reference operators know.
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+ITL_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+REQUEST_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+# Short operations (an HTTP hop, a model load, a verify): 5 ms to 20 minutes.
+DURATION_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
+)  # fmt: skip
+
+
+def token_buckets(max_len: int = 1_000_000) -> tuple[int, ...]:
+    """vLLM's 1-2-5 series up to `max_len` (its `build_1_2_5_buckets`)."""
+    out: list[int] = []
+    exponent = 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > max_len:
+                return tuple(out)
+            out.append(value)
+        exponent += 1
+
+
+TOKEN_BUCKETS = token_buckets()
+
+Refresher = Callable[[], Awaitable[None]]
+
+
+class ServiceMetrics:
+    """One process's registry, and the refreshers run before each scrape."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._refreshers: list[Refresher] = []
+
+    def on_scrape(self, refresher: Refresher) -> None:
+        self._refreshers.append(refresher)
+
+    async def render(self) -> bytes:
+        for refresh in self._refreshers:
+            try:
+                await refresh()
+            except Exception as exc:  # a gauge that cannot be read must not cost the whole scrape
+                logger.warning("refreshing metrics failed: %s: %s", type(exc).__name__, exc)
+        return generate_latest(self.registry)
+
+
+def serve_metrics(metrics: ServiceMetrics, host: str, port: int) -> WSGIServer | None:
+    """Serve `metrics` on http://host:port/metrics from a thread (a process with no HTTP server of
+    its own: the fetcher). Its registry must need no refreshers. Port 0: none."""
+    if port == 0:
+        return None
+    try:
+        server, _thread = start_wsgi_server(port, host, metrics.registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+    logger.info("metrics on http://%s:%d/metrics", host, port)
+    return server
