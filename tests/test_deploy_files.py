@@ -300,8 +300,32 @@ def test_monitoring_scrapes_every_service_and_provisions_the_dashboard() -> None
     assert "8081" in services["inference"]["expose"] and "ports" not in prometheus
     env = _environment(grafana)
     assert env["GF_SECURITY_ADMIN_PASSWORD"] == ENV["PENDRA_GRAFANA_PASSWORD"]
+    # Required like the other secrets (test_unset_secrets_stop_compose_before_anything_starts).
+    assert str(grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"]).startswith("${PENDRA_GRAFANA_PASSWORD:?")
+    for service in (prometheus, grafana):
+        assert service["healthcheck"]["test"] and service.get("restart") == "unless-stopped"
     assert (env["GF_AUTH_ANONYMOUS_ENABLED"], env["GF_AUTH_ANONYMOUS_ORG_ROLE"]) == ("true", "Viewer")
     assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
     assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana["volumes"]
     for image in (prometheus["image"], grafana["image"]):
         assert ":" in image and not image.endswith(":latest"), image
+
+
+def test_prometheus_may_scrape_the_api_by_its_compose_name() -> None:
+    """Published on loopback without keys, the api answers only local Host names (a DNS-rebinding
+    guard); Prometheus asks for `api:8080`, which compose adds to PENDRA_ALLOWED_HOSTS."""
+    from pendra_shared.config import load_settings
+    from pendra_shared.http_guard import host_allowed
+
+    api = load_compose()["services"]["api"]
+    env = _environment(api)
+    assert env["PENDRA_ALLOW_OPEN"] == "false" and env["PENDRA_API_KEYS"] == ""  # the guarded case
+    for extra in ("", "pendra.example.com"):
+        allowed = interpolate(
+            str(api["environment"]["PENDRA_ALLOWED_HOSTS"]), {"PENDRA_ALLOWED_HOSTS": extra}
+        )
+        settings = load_settings(allowed_hosts=allowed)
+        assert host_allowed("api:8080", settings.allowed_host_list)
+        assert not host_allowed("evil.example.net:8080", settings.allowed_host_list)
+        if extra:
+            assert host_allowed("pendra.example.com", settings.allowed_host_list)

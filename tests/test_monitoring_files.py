@@ -64,14 +64,19 @@ def test_the_dashboard_is_well_formed_and_names_only_real_series() -> None:
     panels = board["panels"]
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
+    # Every panel reads the `datasource` variable, which defaults to the provisioned datasource
+    # (compose) and lets Grafana elsewhere (a cluster's, whatever its datasource uid) pick its own.
+    source, model = board["templating"]["list"]
+    assert (source["name"], source["type"], source["query"]) == ("datasource", "datasource", "prometheus")
+    assert source["current"]["value"] == uid
+    chosen = {"type": "prometheus", "uid": "${datasource}"}
     for panel in panels:
         assert panel["title"] and {"h", "w", "x", "y"} <= set(panel["gridPos"]), panel["title"]
-        assert panel["datasource"]["uid"] == uid, panel["title"]
+        assert panel["datasource"] == chosen, panel["title"]
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
-            assert target["expr"].strip() and target["datasource"]["uid"] == uid, panel["title"]
-    (variable,) = board["templating"]["list"]
-    assert variable["name"] == "model_name" and variable["datasource"]["uid"] == uid
+            assert target["expr"].strip() and target["datasource"] == chosen, panel["title"]
+    assert model["name"] == "model_name" and model["datasource"] == chosen
 
     known = known_series() | set(recording_rules())
     for title, expr in panel_queries(board):

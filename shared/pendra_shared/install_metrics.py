@@ -58,7 +58,8 @@ class InstallMetrics(JobMetrics):
             self.seconds.labels(source)
         self.verify = Histogram(
             "pendra_install_verify_seconds",
-            "Time to verify a file's SHA-256.",
+            "Time spent verifying beyond the download: hashing bytes already on disk (a resumed or "
+            "adopted file) and checking the GGUF header.",
             buckets=DURATION_BUCKETS,
             registry=registry,
         )

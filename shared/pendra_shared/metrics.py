@@ -12,12 +12,19 @@ compares that table with what the services expose.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from wsgiref.simple_server import WSGIServer
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest, start_wsgi_server
+from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest, make_wsgi_app
 
 from pendra_shared.errors import ConfigError
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +90,49 @@ class ServiceMetrics:
         return generate_latest(self.registry)
 
 
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds up the fetcher's exit
+
+
+class _MetricsServer6(_MetricsServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # a scrape every 15 s is not news
+        pass
+
+
+def metrics_wsgi_app(metrics: ServiceMetrics) -> WSGIApplication:
+    """`/metrics` (prometheus-client's exposition, compressed when asked) and `/health`; 404 for
+    anything else."""
+    exposition = make_wsgi_app(metrics.registry)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            scraped: Iterable[bytes] = exposition(environ, start_response)
+            return scraped
+        status, body = ("200 OK", b'{"status":"ok"}') if path == "/health" else ("404 Not Found", b"")
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        start_response(status, headers)
+        return [body]
+
+    return app
+
+
 def serve_metrics(metrics: ServiceMetrics, host: str, port: int) -> WSGIServer | None:
-    """Serve `metrics` on http://host:port/metrics from a thread (a process with no HTTP server of
-    its own: the fetcher). Its registry must need no refreshers. Port 0: none."""
+    """Serve `metrics` on http://host:port/metrics (and `/health`) from a thread: for a process
+    with no HTTP server of its own, the fetcher. Its registry must need no refreshers, which run
+    on an event loop. Port 0: none. Stop it with `shutdown()` and `server_close()`."""
     if port == 0:
         return None
+    server_class = _MetricsServer6 if ":" in host else _MetricsServer  # an IPv6 address, or not
     try:
-        server, _thread = start_wsgi_server(port, host, metrics.registry)
+        server = make_server(host, port, metrics_wsgi_app(metrics), server_class, handler_class=_QuietHandler)
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
-    logger.info("metrics on http://%s:%d/metrics", host, port)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    shown = f"[{host}]" if ":" in host else host
+    logger.info("metrics on http://%s:%d/metrics", shown, port)
     return server

@@ -23,14 +23,17 @@ def run_service(name: str, run: Callable[[Settings], None]) -> None:
         sys.exit(130)
 
 
-def serve_http(app: Any, settings: Settings, *, authenticated: bool) -> None:
+def serve_http(
+    app: Any, settings: Settings, *, authenticated: bool, measure: Callable[[Any], Any] | None = None
+) -> None:
     """Serve an ASGI app on PENDRA_HOST:PENDRA_PORT until SIGINT or SIGTERM, behind Pendra's
     network guards (`pendra_shared.http_guard`). `authenticated` says whether the app checks
     PENDRA_API_KEYS; one that does not, or has no keys, refuses a non-loopback address unless
-    PENDRA_ALLOW_OPEN. uvicorn is imported here, so the CLI's store commands never load it."""
+    PENDRA_ALLOW_OPEN. `measure` wraps the guarded app: the HTTP metrics, which count the guards'
+    answers too. uvicorn is imported here, so the CLI's store commands never load it."""
     from pendra_shared.http_guard import check_exposure, guard
     from pendra_shared.http_server import serve
 
     check_exposure(settings, authenticated=authenticated)
     guarded, draining = guard(app, settings, authenticated=authenticated)
-    serve(guarded, draining, settings)
+    serve(measure(guarded) if measure is not None else guarded, draining, settings)

@@ -55,6 +55,7 @@ def serve(
         run_inference(settings)
         return
 
+    from pendra_api.http_metrics import around
     from pendra_inference.doctor import preflight
     from pendra_shared.http_guard import check_exposure
     from pendra_shared.service import serve_http
@@ -63,4 +64,5 @@ def serve(
 
     check_exposure(settings, authenticated=bool(settings.api_key_list))  # before the self-check's wait
     preflight(settings)
-    serve_http(create_embedded_app(settings), settings, authenticated=bool(settings.api_key_list))
+    app = create_embedded_app(settings)
+    serve_http(app, settings, authenticated=bool(settings.api_key_list), measure=around(app))

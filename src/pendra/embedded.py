@@ -47,5 +47,7 @@ def create_embedded_app(settings: Settings) -> FastAPI:
     app.include_router(inference_router)
     app.include_router(management.router)
     management.count_active_jobs(app, metrics)
-    secure(app, settings, HTTPMetrics(metrics))
+    # Requests are counted around the network guards (`serve_http(measure=around(app))`).
+    app.state.http_metrics = HTTPMetrics(metrics)
+    secure(app, settings, app.state.http_metrics)
     return app

@@ -280,5 +280,10 @@ def test_a_burst_gets_503s_with_retry_after_and_the_accepted_complete(small_serv
     for r in responses:
         if r.status_code != 503:
             assert r.status_code == 200  # every accepted request completes
+    # The turned-away requests reached the model and are errors in its metrics; the rest stopped.
+    text = httpx.get(f"{small_server.base_url}/metrics", timeout=10).text
+    labels = f'endpoint="chat",finish_reason="error",model_name="{re.escape(CHAT)}"'
+    errors = re.search(rf"^pendra_requests_total{{{labels}}} (\S+)$", text, re.M)
+    assert errors and float(errors.group(1)) == len(refused), text
     # And the server serves on.
     assert post({"max_tokens": 2}).status_code == 200

@@ -60,10 +60,9 @@ def test_a_chat_counts_its_tokens_timings_and_finish_reason(
     assert delta("pendra_inter_token_latency_seconds_count", **m) == generated - 1
     assert delta("pendra_request_generation_tokens_sum", **m) == generated
     assert delta("pendra_prefix_cache_queries_total", **m) == reply.usage.prompt_tokens
-    # The seconds counters give the decode speed one stream saw: a CPU here makes 20 to 200 tokens/s.
+    # The seconds counters give the decode speed one stream saw: within the request's own time.
     seconds = delta("pendra_generation_seconds_total", **m)
     assert 0 < seconds < delta("pendra_e2e_request_latency_seconds_sum", **m)
-    assert 5 < (generated - 1) / seconds < 2000
     assert delta("pendra_prompt_seconds_total", **m) > 0
     assert delta("pendra_inter_token_latency_seconds_sum", **m) == pytest.approx(seconds, rel=1e-6)
 
@@ -106,12 +105,27 @@ def test_finish_reasons_tool_calls_abort_and_error(server: ServerProcess, client
     made = value(server, "pendra_generation_tokens_total", model_name=TINY) - generated
     assert 5 <= made < 1500
 
-    # A prompt too long for the context reaches the model and fails there.
+    # A prompt too long for the context is the client's error: a 400, not a request the model ran.
+    before = samples(server)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
             model=TINY, messages=[{"role": "user", "content": "word " * 3000}], max_tokens=4
         )
-    assert count("error", TINY) == errors + 1
+    assert count("error", TINY) == errors
+    assert {k: v for k, v in samples(server).items() if k[0] == "pendra_requests_total"} == {
+        k: v for k, v in before.items() if k[0] == "pendra_requests_total"
+    }
+
+    # A client that gives up on a non-streamed answer: an abort too.
+    aborts = count("abort")
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "go"}], "max_tokens": 300}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/v1/chat/completions", json={**body, "logit_bias": NO_END}, timeout=1.5)
+    deadline = time.monotonic() + 30
+    while count("abort") == aborts:
+        assert time.monotonic() < deadline, "the abandoned request was never counted"
+        time.sleep(0.1)
+    assert count("abort") == aborts + 1
 
 
 def test_embeddings_and_model_lifecycle(server: ServerProcess, client: openai.OpenAI) -> None:

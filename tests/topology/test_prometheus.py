@@ -101,24 +101,25 @@ def test_every_dashboard_panel_returns_data_on_a_running_stack(
         runner = threading.Thread(target=traffic, args=(stack.api_url, stop), daemon=True)
         runner.start()
         try:
-            checks = [(title, expr) for title, expr in panel_queries()]
-            checks += [(f"rule {record}", record) for record in recording_rules()]
-            pending = dict(checks)
-            results: dict[str, list[float]] = {}
+            # Every target of every panel (a panel may hold several: p50, p95, p99) and every rule.
+            checks = panel_queries() + [(f"rule {record}", record) for record in recording_rules()]
+            pending = dict(enumerate(checks))
+            results: dict[int, list[float]] = {}
             deadline = time.monotonic() + 60
             while pending and time.monotonic() < deadline:
-                for title, expr in list(pending.items()):
+                for index, (title, expr) in list(pending.items()):
                     result = prometheus.query(expr)
                     if finite(result) and EXPECT.get(title, at_least_zero)(values(result)):
-                        results[title] = values(result)
-                        del pending[title]
+                        results[index] = values(result)
+                        del pending[index]
                 time.sleep(1)
         finally:
             stop.set()
             runner.join(60)
         assert not pending, "\n".join(
-            f"{title}: {expr} -> {prometheus.query(expr)}" for title, expr in pending.items()
+            f"panel {title!r}: {expr} -> {prometheus.query(expr)}" for title, expr in pending.values()
         )
+        assert len(results) == len(checks)
         # The installs in the counters: three ended, two done with every byte counted.
         done = prometheus.query('sum(pendra_install_jobs_total{state="done"})')
         assert values(done) == [2.0]

@@ -22,7 +22,7 @@ from pendra_shared.store import ModelStore
 from pendra_api import management, proxy
 from pendra_api.arq_queue import ArqQueue
 from pendra_api.auth import secure
-from pendra_api.http_metrics import HTTPMetrics
+from pendra_api.http_metrics import HTTPMetrics, around
 from pendra_api.management import Management
 from pendra_api.queue import InstallQueue
 
@@ -54,6 +54,7 @@ def create_app(settings: Settings, queue: InstallQueue | None = None) -> FastAPI
             await install_queue.close()
 
     app = FastAPI(title="Pendra API", version="0.1.0", lifespan=lifespan)
+    app.state.http_metrics = http_metrics  # counted around the network guards: see run()
     management.count_active_jobs(app, metrics)
     install_error_handlers(app)
 
@@ -89,4 +90,5 @@ def create_app(settings: Settings, queue: InstallQueue | None = None) -> FastAPI
 
 def run(settings: Settings) -> None:
     """Run the gateway until SIGINT or SIGTERM."""
-    serve_http(create_app(settings), settings, authenticated=bool(settings.api_key_list))
+    app = create_app(settings)
+    serve_http(app, settings, authenticated=bool(settings.api_key_list), measure=around(app))

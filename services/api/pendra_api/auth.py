@@ -18,7 +18,7 @@ from pendra_shared.http_guard import send_error
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pendra_api.http_metrics import HTTPMetrics, HTTPMetricsMiddleware
+from pendra_api.http_metrics import HTTPMetrics
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
@@ -60,7 +60,7 @@ class BearerAuth:
 
 def secure(app: FastAPI, settings: Settings, metrics: HTTPMetrics | None = None) -> None:
     """Add the API-key check (when keys are set) and CORS (when origins are set); with `metrics`,
-    the HTTP metrics around both (refused keys counted)."""
+    refused keys are counted (the requests themselves by `http_metrics.around`, outside both)."""
     if settings.api_key_list:
         app.add_middleware(BearerAuth, keys=settings.api_key_list, metrics=metrics)
     origins = settings.cors_origin_list
@@ -73,5 +73,3 @@ def secure(app: FastAPI, settings: Settings, metrics: HTTPMetrics | None = None)
             allow_credentials="*" not in origins,
             max_age=600,
         )
-    if metrics is not None:  # added last, so it sees every answer, 401s and preflights included
-        app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, owner=app)

@@ -1,16 +1,19 @@
 """The gateway's HTTP metrics: requests by route template, method and status, the time to a
 response's headers, event streams open, and API keys refused.
 
-A pure ASGI middleware (never buffering a stream), outermost in the app so that it also sees the
-401s of the key check. The route label is the matched route's template, never the raw path:
-`/api/models/{name}`, the OpenAI path under `/v1` when it is one Pendra knows, `/v1/{path}` for any
-other, `unmatched` when no route matches, so clients cannot grow the label set.
+A pure ASGI middleware (never buffering a stream) that `serve_http` puts around the network guards
+(`around(app)`), so it counts their 413s, 403s and draining 503s as well as the key check's 401s.
+The route label is the matched route's template, never the raw path: `/api/models/{name}`, the
+OpenAI path under `/v1` when it is one Pendra knows (`/v1/models/{model_id}`, as the inference
+service names it), `/v1/{path}` for any other, `unmatched` when no route matches, so clients cannot
+grow the label set.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pendra_shared.metrics import DURATION_BUCKETS, ServiceMetrics
@@ -102,7 +105,7 @@ def route_label(scope: Scope) -> str:
         path = scope["path"]
         if path in KNOWN_V1:
             return str(path)
-        return "/v1/models/{model}" if path.startswith("/v1/models/") else "/v1/{path}"
+        return "/v1/models/{model_id}" if path.startswith("/v1/models/") else "/v1/{path}"
     return _CONVERTER.sub(r"{\1}", template)
 
 
@@ -115,7 +118,7 @@ class HTTPMetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: HTTPMetrics, owner: Any) -> None:
         self.app = app
         self.metrics = metrics
-        self.owner = owner  # the FastAPI app, for matching requests that were never routed
+        self.owner = owner  # the FastAPI app, for matching requests a guard answered before routing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -123,15 +126,19 @@ class HTTPMetricsMiddleware:
             return
         started = time.monotonic()
         status = 500  # what the server answers when the app raises before its headers
+        route: str | None = None
         streaming = False
 
+        def label() -> str:
+            scope.setdefault("app", self.owner)
+            return route_label(scope)
+
         async def measured_send(message: Message) -> None:
-            nonlocal status, streaming
+            nonlocal status, route, streaming
             if message["type"] == "http.response.start":
                 status = message["status"]
-                self.metrics.duration.labels(route_label(scope), method_label(scope)).observe(
-                    time.monotonic() - started
-                )
+                route = label()
+                self.metrics.duration.labels(route, method_label(scope)).observe(time.monotonic() - started)
                 headers = dict(message.get("headers", ()))
                 if headers.get(b"content-type", b"").startswith(b"text/event-stream"):
                     streaming = True
@@ -141,7 +148,13 @@ class HTTPMetricsMiddleware:
         try:
             await self.app(scope, receive, measured_send)
         finally:
-            if streaming:
+            if streaming:  # ended, the client left, or it failed: no longer open
                 self.metrics.streams.dec()
-            scope.setdefault("app", self.owner)
-            self.metrics.requests.labels(route_label(scope), method_label(scope), str(status)).inc()
+            self.metrics.requests.labels(route or label(), method_label(scope), str(status)).inc()
+
+
+def around(app: Any) -> Callable[[ASGIApp], ASGIApp]:
+    """The HTTP metrics middleware of `app` (created with `app.state.http_metrics`), for
+    `serve_http(..., measure=around(app))`."""
+    metrics: HTTPMetrics = app.state.http_metrics
+    return lambda inner: HTTPMetricsMiddleware(inner, metrics, app)

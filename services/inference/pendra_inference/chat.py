@@ -412,10 +412,11 @@ class ChatService:
                             answer.logprobs.extend(item.logprobs)
                         if item.finish_reason:
                             answer.finish = item.finish_reason
+                    left = ticket.cancelled.is_set()  # the client went away: the scheduler stopped it
                 finally:
                     watch.cancel()
                     ticket.cancel()  # a no-op when the request is done; frees it when we were cancelled
-                outcome.reason = answers[0].finish
+                outcome.reason = "abort" if left else answers[0].finish
                 if p.tools and parse_tool_calls("".join(answers[0].text), p.tools):
                     outcome.reason = "tool_calls"
         result = cast(Result, ticket.result)
@@ -489,7 +490,7 @@ class ChatService:
                 for event in self._deltas(item, p, buffered, chunk, req.logprobs, finished):
                     yield event
             result = cast(Result, ticket.result)
-            outcome.reason = finished.get(0, "stop")
+            outcome.reason = "abort" if ticket.cancelled.is_set() else finished.get(0, "stop")
             if req.stream_options and req.stream_options.include_usage:
                 body = {
                     "id": cid,

@@ -143,7 +143,6 @@ class EmbeddingService:
         """The JSON response body for `req`. The model's `EmbedBatcher` packs these inputs into
         decodes together with those of other requests."""
         _inputs(req.input, self.max_inputs)  # a malformed request loads no model
-        started = time.monotonic()
         async with self.registry.use(req.model, "embedding", req.keep_alive) as loaded:
             n_embd = loaded.engine.n_embd
             if req.dimensions is not None and req.dimensions > n_embd:
@@ -152,6 +151,7 @@ class EmbeddingService:
                 )
             with counted(self.metrics, req.model, "embeddings"):
                 tokens = await asyncio.to_thread(tokenize_inputs, loaded, req, self.max_inputs)
+                started = time.monotonic()  # it arrives at the model's batcher
                 batcher: EmbedBatcher = loaded.runner
                 vectors = await batcher.embed(tokens)
         used = sum(len(t) for t in tokens)

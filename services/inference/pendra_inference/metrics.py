@@ -21,6 +21,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from pendra_shared.api_errors import APIError
 from pendra_shared.metrics import (
     DURATION_BUCKETS,
     ITL_BUCKETS,
@@ -32,7 +33,7 @@ from pendra_shared.metrics import (
 from prometheus_client import Counter, Gauge, Histogram
 
 from pendra_inference.scheduler import SchedulerStats
-from pendra_inference.sequence import Completion, Result
+from pendra_inference.sequence import ClientGone, Completion, Result
 
 MODEL = "model_name"
 FINISH_REASONS = ("stop", "length", "tool_calls", "abort", "error")
@@ -266,14 +267,19 @@ class Outcome:
 
 @contextlib.contextmanager
 def counted(metrics: InferenceMetrics, model: str, endpoint: str, keep: bool = False) -> Iterator[Outcome]:
-    """Count the request once, with how the body ended: an error, the client leaving (abort), or
-    the reason the body set. With `keep`, a body that ends normally counts nothing (the request
-    goes on elsewhere, as a stream)."""
+    """Count the request once, with how the body ended: a server error, the client leaving
+    (abort), or the reason the body set; a client error (a 4xx: a prompt too long, a bad
+    parameter) is the client's answer, not a request the model ran, and is not counted. With
+    `keep`, a body that ends normally counts nothing (the request goes on elsewhere, as a stream)."""
     outcome = Outcome("stop")
     try:
         yield outcome
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, ClientGone):
         metrics.request_done(model, endpoint, "abort")
+        raise
+    except APIError as exc:
+        if exc.status >= 500:
+            metrics.request_done(model, endpoint, "error")
         raise
     except BaseException:
         metrics.request_done(model, endpoint, "error")

@@ -313,6 +313,7 @@ class ModelRegistry:
             logger.warning("%s could not be probed now: %s", model.name, result.reason)
             raise Unavailable(f"'{model.name}' cannot be loaded now: {result.reason}")
         logger.warning("%s refused: %s", model.name, result.reason)
+        self.metrics.model_load_failed(model.name)
         await asyncio.to_thread(self.store.mark_invalid, identity, result.reason, persist=True)
         await self.refresh()
         raise model_invalid(model.name, result.reason)

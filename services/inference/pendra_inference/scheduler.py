@@ -37,7 +37,7 @@ from pendra_shared.api_errors import APIError, InvalidRequest, Overloaded, Unava
 
 from pendra_inference.detokenize import TextStream
 from pendra_inference.sampling import Candidates, Sampler, logprobs_of
-from pendra_inference.sequence import Completion, Delta, Result, Sequence, Ticket, TokenLogprob
+from pendra_inference.sequence import ClientGone, Completion, Delta, Result, Sequence, Ticket, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,8 @@ class Scheduler:
         with self._cond:
             keep: collections.deque[Ticket] = collections.deque()
             for ticket in self._waiting:
-                if ticket.cancelled.is_set():
+                if ticket.cancelled.is_set():  # its handler waits for admission: end that wait
+                    self._post(ticket, ClientGone("the client went away while the request was queued"))
                     continue
                 if now - ticket.submitted_at > self.config.queue_timeout_s:
                     self._post(

@@ -16,8 +16,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pendra_shared.api_errors import APIError
+
 from pendra_inference.detokenize import TextStream
 from pendra_inference.sampling import Sampler, SamplingParams
+
+
+class ClientGone(APIError):
+    """The client went away while its request waited in the queue (nginx's 499: nobody reads it)."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
 
 
 @dataclass(frozen=True)
