@@ -67,3 +67,44 @@ def test_failure_mid_stream_is_an_error_event(
     assert "llama_decode returned -3" in error["error"]["message"]
     first = json.loads(events[0].removeprefix("data: "))
     assert first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_a_stream_never_read_is_ended_by_close(tmp_path: Path, gemma_path: Path) -> None:
+    """A client gone before the first byte: the response never starts its events, and the
+    response's background task (`close()`) releases the model, stops the generation and counts an
+    abort, as reading to the end would have."""
+    store = ModelStore(tmp_path / "models")
+    store.import_file(gemma_path, name="chat:1")
+    registry = ModelRegistry(load_settings(models_dir=store.root, n_ctx=512), store)
+    service = ChatService(registry)
+
+    async def not_disconnected() -> bool:
+        return False
+
+    async def scenario() -> tuple[int, int, float]:
+        request = ChatCompletionRequest.model_validate(
+            {
+                "model": "chat:1",
+                "stream": True,
+                "max_tokens": 400,
+                "messages": [{"role": "user", "content": "Hi"}],
+            }
+        )
+        events = await service.stream(request, not_disconnected)
+        (loaded,) = registry.loaded_models()
+        held = loaded.in_flight
+        await events.close()
+        await events.close()  # idempotent: the background task after a stream read to its end
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if loaded.in_flight == 0 and loaded.runner.stats().running == 0:
+                break
+        aborts = service.metrics.requests.labels("chat:1", "chat", "abort")._value.get()
+        result = (held, loaded.in_flight + loaded.runner.stats().running, aborts)
+        await registry.close()
+        return result
+
+    held, still, aborts = asyncio.run(scenario())
+    assert held == 1  # the stream held the model ...
+    assert still == 0  # ... and close() let it go and stopped the generation
+    assert aborts == 1

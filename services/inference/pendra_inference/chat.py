@@ -371,6 +371,22 @@ class _Answer:
     finish: str = "stop"
 
 
+class EventStream:
+    """A chat completion's server-sent events, and `close()`, which ends the request whether or
+    not its events were ever read: a client gone before the first byte leaves the generator
+    unstarted, and an unstarted generator's `finally` never runs."""
+
+    def __init__(self, events: AsyncIterator[str], end: Callable[[], None]) -> None:
+        self.events = events
+        self._end = end
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self.events
+
+    async def close(self) -> None:
+        self._end()
+
+
 class ChatService:
     def __init__(self, registry: ModelRegistry, metrics: InferenceMetrics | None = None) -> None:
         self.registry = registry
@@ -448,7 +464,7 @@ class ChatService:
 
     async def stream(
         self, req: ChatCompletionRequest, is_disconnected: Callable[[], Awaitable[bool]]
-    ) -> AsyncIterator[str]:
+    ) -> EventStream:
         """Check, prepare and queue now (errors raise before any byte is sent), then the SSE stream."""
         check_chat(req, self.limits)
         stack = contextlib.AsyncExitStack()
@@ -462,10 +478,25 @@ class ChatService:
             raise
         stack.callback(watch.cancel)
         stack.callback(ticket.cancel)
-        return self._events(req, p, ticket, stack)
+        outcome = Outcome()  # abort unless it ends otherwise: the client left
+        ended = False
+
+        def end() -> None:
+            """Count the request and release it, once: cancels the ticket (the scheduler drops it
+            within one step) and the hold on the model."""
+            nonlocal ended
+            if ended:
+                return
+            ended = True
+            self.metrics.request_done(req.model, "chat", outcome.reason)
+            cleanup = asyncio.ensure_future(stack.aclose())
+            self._background.add(cleanup)
+            cleanup.add_done_callback(self._background.discard)
+
+        return EventStream(self._events(req, p, ticket, outcome, end), end)
 
     async def _events(
-        self, req: ChatCompletionRequest, p: Plan, ticket: Ticket, stack: contextlib.AsyncExitStack
+        self, req: ChatCompletionRequest, p: Plan, ticket: Ticket, outcome: Outcome, end: Callable[[], None]
     ) -> AsyncIterator[str]:
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -482,7 +513,6 @@ class ChatService:
 
         buffered: list[list[str]] = [[] for _ in range(req.n)]
         finished: dict[int, str] = {}
-        outcome = Outcome()  # abort unless it ends otherwise: the client left
         try:
             for index in range(req.n):
                 yield chunk(index, {"role": "assistant", "content": ""})
@@ -514,11 +544,7 @@ class ChatService:
                 + "\n\n"
             )
         finally:
-            self.metrics.request_done(req.model, "chat", outcome.reason)
-            # Cancels the ticket (the scheduler drops it within one step) and releases the model.
-            cleanup = asyncio.ensure_future(stack.aclose())
-            self._background.add(cleanup)
-            cleanup.add_done_callback(self._background.discard)
+            end()
         yield "data: [DONE]\n\n"
 
     @staticmethod

@@ -11,6 +11,7 @@ from fastapi.routing import APIRoute
 from pendra_shared.api_errors import NotSupported, Unavailable
 from pendra_shared.metrics import MEDIA_TYPE
 from pendra_shared.store import StoredModel
+from starlette.background import BackgroundTask
 
 from pendra_inference import jsonbody
 from pendra_inference.limits import RequestLimits
@@ -123,6 +124,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             events,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            background=BackgroundTask(events.close),  # after the stream, or instead of it
         )
     result = await service.complete(body, request.is_disconnected)
     return JSONResponse(result.to_json())
