@@ -16,16 +16,22 @@ from pendra_shared.store import ModelStore
 from tests.support.openai_schemas import validate
 
 
-def test_failure_mid_stream_is_an_error_event(
-    tmp_path: Path, gemma_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def chat_service(tmp_path: Path, gemma_path: Path) -> tuple[ModelRegistry, ChatService]:
+    """The chat service in this process, over a store holding Gemma as `chat:1`."""
     store = ModelStore(tmp_path / "models")
     store.import_file(gemma_path, name="chat:1")
     registry = ModelRegistry(load_settings(models_dir=store.root, n_ctx=512), store)
-    service = ChatService(registry)
+    return registry, ChatService(registry)
 
-    async def not_disconnected() -> bool:
-        return False
+
+async def not_disconnected() -> bool:
+    return False
+
+
+def test_failure_mid_stream_is_an_error_event(
+    tmp_path: Path, gemma_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry, service = chat_service(tmp_path, gemma_path)
 
     async def scenario() -> tuple[list[str], list[str]]:
         request = ChatCompletionRequest.model_validate(
@@ -73,13 +79,7 @@ def test_a_stream_never_read_is_ended_by_close(tmp_path: Path, gemma_path: Path)
     """A client gone before the first byte: the response never starts its events, and the
     response's background task (`close()`) releases the model, stops the generation and counts an
     abort, as reading to the end would have."""
-    store = ModelStore(tmp_path / "models")
-    store.import_file(gemma_path, name="chat:1")
-    registry = ModelRegistry(load_settings(models_dir=store.root, n_ctx=512), store)
-    service = ChatService(registry)
-
-    async def not_disconnected() -> bool:
-        return False
+    registry, service = chat_service(tmp_path, gemma_path)
 
     async def scenario() -> tuple[int, int, float]:
         request = ChatCompletionRequest.model_validate(
