@@ -287,3 +287,30 @@ def test_a_burst_gets_503s_with_retry_after_and_the_accepted_complete(small_serv
     assert errors and float(errors.group(1)) == len(refused), text
     # And the server serves on.
     assert post({"max_tokens": 2}).status_code == 200
+
+
+def test_a_client_that_leaves_while_queued_is_let_go_and_counted(small_server: ServerProcess) -> None:
+    """Its handler waited for admission; the scheduler drops the request and tells the handler, so
+    it ends (as an abort) instead of waiting forever with the model held."""
+    url = f"{small_server.base_url}/v1/chat/completions"
+    label = f'endpoint="chat",finish_reason="abort",model_name="{re.escape(CHAT)}"'
+
+    def aborts() -> float:
+        text = httpx.get(f"{small_server.base_url}/metrics", timeout=10).text
+        found = re.search(rf"^pendra_requests_total{{{label}}} (\S+)$", text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    before = aborts()
+    with ThreadPoolExecutor(1) as pool:
+        body = {"model": CHAT, "messages": SEA, "max_tokens": 480, "logit_bias": NO_END}
+        long = pool.submit(httpx.post, url, json=body, timeout=120)  # holds the only sequence
+        time.sleep(1.0)
+        with pytest.raises(httpx.ReadTimeout):  # queued behind it, the client gives up
+            httpx.post(url, json={"model": CHAT, "messages": SEA, "max_tokens": 4}, timeout=0.6)
+        deadline = time.monotonic() + 5
+        while aborts() == before:
+            assert time.monotonic() < deadline, "the queued request that was left is still waiting"
+            time.sleep(0.1)
+        assert not long.done()  # let go while the long one still ran, not when the queue emptied
+        assert long.result().status_code == 200
+    assert aborts() == before + 1
