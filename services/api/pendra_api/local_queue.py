@@ -5,9 +5,7 @@ and no Redis."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -17,6 +15,7 @@ from pendra_shared.install import Installer
 from pendra_shared.install_metrics import InstallMetrics
 from pendra_shared.jobs import WAITING, Job, JobState, next_try, run_install_job, uninstall_outcome
 from pendra_shared.store import ModelStore
+from prometheus_client import CollectorRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +24,8 @@ class LocalQueue:
     def __init__(self, settings: Settings, store: ModelStore, metrics: InstallMetrics | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.metrics = metrics
+        # Without a process registry (a queue of its own, in tests), metrics nobody scrapes.
+        self.metrics = metrics or InstallMetrics(CollectorRegistry())
         self.installer = Installer.from_settings(store, settings, metrics=metrics)
         self._jobs: dict[str, Job] = {}
         self._cancels: set[str] = set()
@@ -50,7 +50,7 @@ class LocalQueue:
         if current is not None and (current.final or current.run != job.run):
             return False  # cancelled, or replaced by a newer request: this run's news is old news
         self._jobs[job.id] = job
-        if job.final and self.metrics is not None:
+        if job.final:
             self.metrics.ended(job)
         return True
 
@@ -81,7 +81,7 @@ class LocalQueue:
                 if job.final:  # cancelled while it waited
                     await asyncio.to_thread(self.installer.discard_partial, entry, False)
                     return
-                with self._running():
+                with self.metrics.running.track_inprogress():
                     result = await run_install_job(
                         job,
                         partial(self.installer.install, entry),
@@ -94,19 +94,8 @@ class LocalQueue:
             await self.save(result)
             if delay is None:
                 return
-            if self.metrics is not None:
-                self.metrics.retried(result)
+            self.metrics.retried(result)
             await asyncio.sleep(delay)  # holding no download slot
-
-    @contextlib.contextmanager
-    def _running(self) -> Iterator[None]:
-        if self.metrics is not None:
-            self.metrics.running.inc()
-        try:
-            yield
-        finally:
-            if self.metrics is not None:
-                self.metrics.running.dec()
 
     async def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
@@ -121,8 +110,7 @@ class LocalQueue:
         if job.state in (JobState.QUEUED, JobState.RETRYING):
             job = job.finished(JobState.CANCELLED, message="cancelled before it ran")
             self._jobs[job_id] = job
-            if self.metrics is not None:
-                self.metrics.ended(job)
+            self.metrics.ended(job)
             return job
         self._cancels.add(job_id)
         return job

@@ -109,12 +109,11 @@ async def _install(ctx: dict[str, Any], job_id: str, run: str, entry: CatalogueE
     metrics: InstallMetrics = ctx["metrics"]
     async with slots, _lease(jobs, job_id, owner, settings.job_lease_s):
         running.add(job_id)
-        metrics.running.inc()
         try:
-            result = await run_install_job(job, partial(fetch.install, entry), jobs)
+            with metrics.running.track_inprogress():
+                result = await run_install_job(job, partial(fetch.install, entry), jobs)
         finally:
             running.discard(job_id)
-            metrics.running.dec()
     if result is None:
         return "superseded"
     if result.state == JobState.RETRYING:
