@@ -10,12 +10,16 @@ else
     uv=(python3 -m uv)
 fi
 # The service-set tests run a real Redis and a real Prometheus (its promtool checks the monitoring
-# files); the build tests run llama.cpp on older CPUs under qemu's x86-64 emulation (qemu-user;
+# files); the console's tests drive Debian's Chromium (Playwright's own browser download is not
+# used); the build tests run llama.cpp on older CPUs under qemu's x86-64 emulation (qemu-user;
 # those few tests skip, saying so, without it). Install Debian's packages when they are missing
 # and we may.
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+if ! command -v chromium >/dev/null 2>&1 && [[ -z "${PENDRA_TEST_CHROMIUM:-}" ]]; then
+    missing+=(chromium fonts-dejavu-core)
+fi
 if [[ "$(uname -m)" == x86_64 ]] && ! command -v qemu-x86_64 >/dev/null 2>&1; then
     missing+=(qemu-user)
 fi
@@ -29,8 +33,8 @@ if (( ${#missing[@]} )); then
                 (service "$daemon" stop || pkill -x "$daemon" || true) >/dev/null 2>&1
             fi
         done
-    elif [[ " ${missing[*]} " == *" redis-server "* || " ${missing[*]} " == *" prometheus "* ]]; then
-        echo "redis-server and prometheus are needed: install them (apt-get install redis-server prometheus) to run the tests" >&2
+    elif [[ " ${missing[*]} " =~ " "(redis-server|prometheus|chromium)" " ]]; then
+        echo "redis-server, prometheus and chromium are needed: install them (apt-get install redis-server prometheus chromium) to run the tests" >&2
         exit 1
     else
         echo "note: qemu-user is missing, so the tests on emulated older CPUs will skip" >&2

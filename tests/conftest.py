@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.browser import chromium
 from tests.support.httpserver import FileServer, link_or_copy
 
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
@@ -99,6 +100,15 @@ def gemma_entry(url: str, **overrides: Any) -> dict[str, Any]:
     }
     entry.update(overrides)
     return entry
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium, driven by Playwright (tests.support.browser). One per module: Playwright's
+    sync API keeps an event loop running on the main thread while it is open, which other tests'
+    `asyncio.run` would trip over."""
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture

@@ -223,15 +223,21 @@ class Draining:
     still running: an event stream gets an error event and `[DONE]`, a response not yet started
     gets the 503."""
 
+    # The scope key under which an app finds `stopping`: an endless stream (the console's job
+    # events) ends itself when it is set rather than holding the shutdown to its timeout.
+    SCOPE_KEY = "pendra.stopping"
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.draining = False
+        self.stopping = asyncio.Event()
         self.running: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
     def begin(self) -> None:
         self.draining = True
+        self.stopping.set()
 
     async def wait_idle(self, timeout: float) -> bool:
         try:
@@ -253,6 +259,7 @@ class Draining:
         if self.draining and scope["path"] not in OPEN_PATHS:
             await send_error(send, ShuttingDown("the server is shutting down; retry shortly"), close=True)
             return
+        scope[self.SCOPE_KEY] = self.stopping
         started = False
         stream = False
         finished = False

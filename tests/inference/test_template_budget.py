@@ -243,6 +243,9 @@ def test_error_messages_are_short_and_hold_no_addresses() -> None:
 
 _JINJA_ENTRY_POINTS = re.compile(r"\bjinja2\.Template\(|Environment\(|\.from_string\(|from jinja2 import")
 _TEMPLATE_MODULES = {"templates.py", "template_sandbox.py"}
+# The console renders Pendra's own page templates, loaded from its package, never text from a GGUF
+# or a request: a plain Environment on a PackageLoader, and nothing else of Jinja.
+_CONSOLE = "services/api/pendra_api/console/routes.py"
 
 
 def test_only_the_template_modules_build_jinja_templates() -> None:
@@ -252,6 +255,14 @@ def test_only_the_template_modules_build_jinja_templates() -> None:
     for folder in ("src", "services", "shared"):
         for path in sorted((REPO / folder).rglob("*.py")):
             if path.name in _TEMPLATE_MODULES and path.parent.name == "pendra_inference":
+                continue
+            if path.relative_to(REPO).as_posix() == _CONSOLE:
+                text = path.read_text(encoding="utf-8")
+                assert "from jinja2 import Environment, PackageLoader\n" in text
+                assert 'loader=PackageLoader("pendra_api.console", "templates")' in text
+                assert (
+                    text.count("Environment(") == 1 and "from_string" not in text and "Template(" not in text
+                )
                 continue
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if _JINJA_ENTRY_POINTS.search(line):

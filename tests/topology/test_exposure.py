@@ -25,8 +25,16 @@ from tests.support.server import ServerProcess, free_port, start_server
 from tests.topology.conftest import Stack
 
 OPEN = {"/health", "/ready", "/metrics"}
+# The console's page shells and assets: open (they hold no data), each answering as itself.
+CONSOLE = {"/": 307, "/console": 307, "/console/": 200, "/console/{page}": 200, "/console/static/{name}": 200}
 KEY = "s3cret-key-Zq81"
-SAMPLE_PARAMS = {"name": "gemma3:270m", "job_id": "install:gemma3:270m", "path": "models", "model": "x"}
+SAMPLE_PARAMS = {
+    "name": "gemma3:270m",
+    "job_id": "install:gemma3:270m",
+    "path": "models",
+    "model": "x",
+    "page": "models",
+}
 
 
 def concrete(path: str) -> str:
@@ -42,8 +50,12 @@ def routes(app: FastAPI) -> list[tuple[str, str]]:
         route = pending.pop(0)
         router = getattr(route, "original_router", None)
         if router is not None:
-            assert not route.include_context.prefix, "an included router with a prefix: add it here"
-            pending += list(router.routes)
+            prefix = route.include_context.prefix
+            for inner in router.routes:
+                if prefix:
+                    assert isinstance(inner, APIRoute), f"a prefixed route of an unknown kind: {inner!r}"
+                    inner = APIRoute(prefix + inner.path, inner.endpoint, methods=inner.methods)
+                pending.append(inner)
         elif isinstance(route, APIRoute | Route):
             found += [(method, route.path) for method in sorted(route.methods or ()) if method != "HEAD"]
         else:
@@ -76,6 +88,12 @@ def test_every_route_of_every_app_needs_a_key(make_stack: Callable[..., Stack], 
             if path in OPEN:
                 assert response.status_code in (200, 503), (method, path)
                 continue
+            if path in CONSOLE:
+                url = "/console/static/console.js" if path == "/console/static/{name}" else concrete(path)
+                response = client.request(method, url)
+                assert response.status_code == CONSOLE[path], (method, path, response.status_code)
+                assert "gemma" not in response.text  # a shell: no model, job or setting in it
+                continue
             assert response.status_code == 401, (method, path, response.status_code)
             assert response.headers["www-authenticate"] == "Bearer"
             assert response.json()["error"]["code"] == "invalid_api_key"
@@ -103,6 +121,15 @@ def test_every_route_of_every_app_needs_a_key(make_stack: Callable[..., Stack], 
     for request in tricks:
         head = raw(base, request).split(b"\r\n", 1)[0]
         assert head in (b"HTTP/1.1 401 Unauthorized", b"HTTP/1.1 400 Bad Request"), (request, head)
+    # The console's open prefix opens only its own routes: dot segments reach nothing else.
+    for path in (
+        "/console/../api/models",
+        "/console/static/..%2f..%2fapi%2fmodels",
+        "/console/%2e%2e/v1/models",
+    ):
+        answer = raw(base, f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert answer.split(b"\r\n", 1)[0] in (b"HTTP/1.1 404 Not Found", b"HTTP/1.1 400 Bad Request"), path
+        assert b"models_dir" not in answer and b'"data"' not in answer, path
     assert raw(base, "GET /metrics?x=/v1 HTTP/1.1\r\nHost: localhost\r\n\r\n").startswith(b"HTTP/1.1 200")
 
     # The key appears in no log and no metric.

@@ -22,6 +22,8 @@ from pendra_shared.store import ModelStore
 from pendra_api import management, proxy
 from pendra_api.arq_queue import ArqQueue
 from pendra_api.auth import secure
+from pendra_api.console import routes as console
+from pendra_api.console.system import UpstreamSystem
 from pendra_api.http_metrics import HTTPMetrics, around
 from pendra_api.management import Management
 from pendra_api.queue import InstallQueue
@@ -39,10 +41,13 @@ def create_app(settings: Settings, queue: InstallQueue | None = None) -> FastAPI
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         install_queue = queue or ArqQueue(settings.redis_url, job_metrics)
         await install_queue.start()
-        app.state.management = Management(
-            Catalogue.load(settings.catalogue_locations), ModelStore.from_settings(settings), install_queue
-        )
         app.state.upstream = proxy.upstream_client(settings.inference_url)
+        app.state.management = Management(
+            Catalogue.load(settings.catalogue_locations),
+            ModelStore.from_settings(settings),
+            install_queue,
+            UpstreamSystem(app.state.upstream),
+        )
         app.state.upstream_metrics = upstream_metrics
         logger.info(
             "gateway ready: inference at %s, queue %s", settings.inference_url, type(install_queue).__name__
@@ -83,6 +88,8 @@ def create_app(settings: Settings, queue: InstallQueue | None = None) -> FastAPI
         return Response(await metrics.render(), media_type=MEDIA_TYPE)
 
     app.include_router(management.router)
+    app.include_router(console.fragments)
+    app.include_router(console.pages)
     app.include_router(proxy.router)
     secure(app, settings, http_metrics)
     return app

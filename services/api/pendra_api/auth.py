@@ -1,9 +1,10 @@
 """Bearer-token API keys and CORS for the gateway.
 
-With `PENDRA_API_KEYS` set, every request but `/health`, `/ready` and `/metrics` needs
-`Authorization: Bearer <key>`; the token is compared with every key in constant time, so timing
-tells nothing about which key or how much of it matched. CORS sits outside the check, so browser
-preflights are answered without a key.
+With `PENDRA_API_KEYS` set, every request but `/health`, `/ready`, `/metrics` and the console's
+page shells and assets (`/`, `/console/...`: they hold no data; the data they show comes from
+`/api`, with the key) needs `Authorization: Bearer <key>`; the token is compared with every key
+in constant time, so timing tells nothing about which key or how much of it matched. CORS sits
+outside the check, so browser preflights are answered without a key.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pendra_api.http_metrics import HTTPMetrics
 
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/", "/console"})
+OPEN_PREFIXES = ("/console/",)
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 def key_matches(token: bytes, keys: list[bytes]) -> bool:
@@ -40,7 +46,7 @@ class BearerAuth:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         sent = [value for name, value in scope["headers"] if name == b"authorization"]

@@ -21,12 +21,15 @@ from pendra_shared.api_errors import (
 )
 from pendra_shared.catalogue import Catalogue
 from pendra_shared.errors import InvalidModelName, ModelNotFound
+from pendra_shared.http_guard import Draining
 from pendra_shared.jobs import Job, JobState
 from pendra_shared.metrics import ServiceMetrics
+from pendra_shared.sidecar import now_utc
 from pendra_shared.store import ModelStore
 from prometheus_client import Gauge
 from pydantic import BaseModel, ConfigDict
 
+from pendra_api.console.system import SystemProbe
 from pendra_api.queue import InstallQueue
 
 router = APIRouter(prefix="/api")
@@ -41,6 +44,7 @@ class Management:
     catalogue: Catalogue
     store: ModelStore
     queue: InstallQueue
+    system: SystemProbe | None = None  # the inference side's status and metrics, for the console
 
 
 class InstallRequest(BaseModel):
@@ -130,6 +134,55 @@ async def jobs(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [_job_json(j) for j in await _m(request).queue.jobs()]}
 
 
+def _event(job: Job) -> str:
+    return f"event: {job.state.value if job.final else 'progress'}\ndata: {job.model_dump_json()}\n\n"
+
+
+@router.get("/jobs/events")
+async def all_events(request: Request) -> StreamingResponse:
+    """Server-sent events for every job on one connection (a browser holds only a few per
+    server): first each job not yet ended, then each change to any job, a final event named after
+    its end state (`done`, `failed`, `cancelled`) when one ends. It stays open until the client
+    leaves or the server begins to shut down (the console then follows again)."""
+    queue = _m(request).queue
+    stopping: asyncio.Event = request.scope.get(Draining.SCOPE_KEY) or asyncio.Event()
+
+    async def stream() -> AsyncIterator[str]:
+        sent: dict[str, str] = {}
+        opened = now_utc()  # jobs that ended before the client came are not news to it
+        quiet = 0.0
+        while not stopping.is_set():
+            try:
+                current = await queue.jobs()
+            except UpstreamUnavailable:
+                current = None  # Redis restarting: ask again
+            changed = False
+            for job in current or ():
+                body = job.model_dump_json()
+                if sent.get(job.id) == body or (job.finished_at is not None and job.finished_at < opened):
+                    sent[job.id] = body
+                    continue
+                sent[job.id] = body
+                changed = True
+                yield _event(job)
+            if current is not None:
+                alive = {job.id for job in current}
+                sent = {job_id: body for job_id, body in sent.items() if job_id in alive}
+            if changed:
+                quiet = 0.0
+            elif quiet >= KEEPALIVE_S:
+                quiet = 0.0
+                yield ": keep-alive\n\n"
+            await asyncio.sleep(EVENT_POLL_S)
+            quiet += EVENT_POLL_S
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
 async def _job(request: Request, job_id: str) -> Job:
     job = await _m(request).queue.get(job_id)
     if job is None:
@@ -166,7 +219,7 @@ async def events(job_id: str, request: Request) -> StreamingResponse:
             body = job.model_dump_json()
             if body != sent:
                 sent, quiet = body, 0.0
-                yield f"event: {job.state.value if job.final else 'progress'}\ndata: {body}\n\n"
+                yield _event(job)
                 if job.final:
                     return
             elif quiet >= KEEPALIVE_S:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -13,7 +14,7 @@ from pendra_shared.metrics import MEDIA_TYPE
 from pendra_shared.store import StoredModel
 from starlette.background import BackgroundTask
 
-from pendra_inference import jsonbody
+from pendra_inference import __version__, jsonbody
 from pendra_inference.limits import RequestLimits
 from pendra_inference.protocol import (
     ChatCompletionRequest,
@@ -76,6 +77,49 @@ async def health(request: Request) -> dict[str, Any]:
         ],
         "cpu_variant": report.cpu_variant,
     }
+
+
+def status_report(state: AppState) -> dict[str, Any]:
+    """What the console's overview shows: the build, what it runs on, the memory budget models
+    are loaded within, and the models loaded now with the memory each holds."""
+    registry = state.registry
+    report = registry.backends
+    now = time.monotonic()
+    return {
+        "version": __version__,
+        "llama_cpp_python": report.llama_cpp_python,
+        "ggml_version": report.ggml_version,
+        "backend": report.backend,
+        "cpu_variant": report.cpu_variant,
+        "gpu_offload": registry.gpu,
+        "devices": [
+            {
+                "name": d.name,
+                "description": d.description,
+                "type": d.type,
+                "memory_total": d.memory_total,
+                "memory_free": d.memory_free,
+            }
+            for d in (report.gpu_devices or report.devices)
+        ],
+        "memory_budget_bytes": registry.budget,
+        "max_loaded_models": registry.settings.max_loaded_models,
+        "loaded": [
+            {
+                "name": m.name,
+                "purpose": m.model.purpose,
+                "memory_bytes": m.memory_bytes,
+                "in_flight": m.in_flight,
+                "idle_s": 0.0 if m.in_flight else round(now - m.last_used, 1),
+            }
+            for m in registry.loaded_models()
+        ],
+    }
+
+
+@router.get("/status")
+async def status(request: Request) -> dict[str, Any]:
+    return status_report(_state(request))
 
 
 @router.get("/ready")

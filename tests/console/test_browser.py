@@ -1,0 +1,353 @@
+"""The console in a real browser, as a person uses it: Debian's Chromium (through Playwright) on a
+real `pendra serve` with the real Gemma model, installing from a local HTTP catalogue.
+
+The tests run in file order on one server: search, install (two at once, watched to the end), a
+failure, a cancel after a reload, chat, embeddings, the overview's live figures, uninstall. Each
+page's devtools console must stay free of errors (a Content-Security-Policy refusal would show
+there), and axe-core must find no serious accessibility violation. Screenshots land in
+docs/images/console, which the README links to.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.console.conftest import HOSTILE, Console
+from tests.support.browser import PageLog, axe_violations, describe_violations, screenshot
+
+expect.set_options(timeout=30_000)
+
+
+def open_page(page: Any, console: Console, path: str) -> PageLog:
+    log = PageLog()
+    log.attach(page)
+    page.goto(console.url + path)
+    return log
+
+
+def variant(page: Any, name: str) -> Any:
+    return page.locator(f'#catalogue li.variant[data-model="{name}"]')
+
+
+def installed_row(page: Any, name: str) -> Any:
+    return page.locator(f'#installed li.row[data-model="{name}"]')
+
+
+def to_bytes(text: str) -> float:
+    number, unit = text.split()
+    return float(number) * 1000 ** ["B", "KB", "MB", "GB", "TB"].index(unit)
+
+
+def families(page: Any) -> list[str]:
+    return page.locator("#catalogue .family h3").all_inner_texts()  # type: ignore[no-any-return]
+
+
+def test_the_root_opens_the_overview_with_the_server_facts(page: Any, console: Console) -> None:
+    log = open_page(page, console, "/")
+    expect(page).to_have_url(console.url + "/console/")
+    expect(page.locator("#overview")).to_contain_text("Pendra")
+    facts = page.locator("#overview")
+    expect(facts).to_contain_text("0.1.0")
+    expect(facts).to_contain_text("llama-cpp-python")
+    expect(facts.locator(".badge").first).to_have_text("cpu")  # no GPU where these tests run
+    expect(facts).to_contain_text("None loaded")
+    expect(facts).to_contain_text("0 ready")
+    log.assert_clean()
+
+
+def test_the_catalogue_is_searched_and_filtered_by_purpose(page: Any, console: Console) -> None:
+    log = open_page(page, console, "/console/models")
+    expect(page.locator("#catalogue .family").first).to_be_visible()
+    # The test catalogue's entries, merged over the bundled ones, as a user's PENDRA_CATALOGUE is.
+    assert {"gemma3", "gemma-embed", "broken", "huge"} <= set(families(page))
+    # Variants of one family are grouped, smallest first, with their facts.
+    gemma = page.locator("#catalogue .family", has=page.locator("h3", has_text=re.compile("^gemma3$")))
+    names = gemma.locator("li.variant .variant-name .name").all_inner_texts()
+    assert {"gemma3:270m", "gemma3:270m-slow"} <= set(names)
+    sizes = [
+        to_bytes(t)
+        for t in gemma.locator("li.variant .facts div:has(> dt:text-is('Size')) > dd").all_inner_texts()
+    ]
+    assert len(sizes) == len(names) and sizes == sorted(sizes), sizes
+    expect(variant(page, "gemma3:270m")).to_contain_text("Q4_K_M")
+    expect(variant(page, "gemma3:270m")).to_contain_text("253.1 MB")
+    expect(variant(page, "gemma3:270m")).to_contain_text("32,768 tokens")
+    expect(gemma).to_contain_text("License: gemma")
+    # Whether each fits the memory this server gives models.
+    expect(variant(page, "gemma3:270m").locator(".fit")).to_contain_text("Fits")
+    expect(variant(page, "huge:405b").locator(".fit")).to_contain_text("Too big")
+    # A description is text, never markup.
+    expect(gemma.locator(".description")).to_have_text(HOSTILE)
+    assert page.locator("#pwned, #catalogue img, #catalogue b").count() == 0
+
+    page.fill("#q", "embed")
+    expect(page.locator("#catalogue .family h3", has_text=re.compile("^gemma3$"))).to_have_count(0)
+    assert "gemma-embed" in families(page)
+    page.fill("#q", "")
+    page.get_by_label("Chat", exact=True).check()
+    expect(page.locator("#catalogue .family h3", has_text="gemma-embed")).to_have_count(0)
+    assert {"gemma3", "broken", "huge"} <= set(families(page))
+    assert set(page.locator("#catalogue .family .badge.purpose").all_inner_texts()) == {"chat"}
+    page.get_by_label("Embedding", exact=True).check()
+    expect(page.locator("#catalogue .family h3", has_text=re.compile("^gemma3$"))).to_have_count(0)
+    assert "gemma-embed" in families(page)
+    assert set(page.locator("#catalogue .family .badge.purpose").all_inner_texts()) == {"embedding"}
+    page.fill("#q", "no such model anywhere")
+    expect(page.locator("#catalogue")).to_contain_text("No model in the catalogue matches")
+    log.assert_clean()
+
+
+def test_two_installs_show_live_progress_until_ready(page: Any, console: Console) -> None:
+    log = open_page(page, console, "/console/models")
+    for name in ("gemma3:270m", "gemma-embed:270m"):
+        variant(page, name).get_by_role("button", name="Install").click()
+    seen: set[str] = set()
+    together = False  # both downloading at the same moment
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        texts = page.locator("#catalogue .job-text").all_inner_texts()
+        seen.update(texts)
+        together |= sum(t.startswith("Downloading") for t in texts) == 2
+        if (
+            variant(page, "gemma3:270m").locator(".badge.ok").count()
+            and variant(page, "gemma-embed:270m").locator(".badge.ok").count()
+        ):
+            break
+        time.sleep(0.1)
+    assert together, f"the two installs never ran at once; saw {sorted(seen)}"
+    downloading = [t for t in seen if re.match(r"Downloading · \d+% · [\d.]+ MB of 253\.1 MB", t)]
+    assert downloading, f"no live download progress was shown; saw {sorted(seen)}"
+    assert any(re.search(r"[\d.]+ [KMG]B/s · .+ left", t) for t in downloading), downloading
+    for name in ("gemma3:270m", "gemma-embed:270m"):
+        expect(variant(page, name).locator(".badge.ok")).to_have_text("Installed")
+        row = installed_row(page, name)
+        expect(row.locator(".badge.ok")).to_have_text("Ready")
+        expect(row).to_contain_text("Not loaded")
+    expect(installed_row(page, "gemma-embed:270m")).to_contain_text("embedding")
+    assert (console.store / "gemma3-270m.gguf").is_file()
+    assert (console.store / "gemma3-270m.gguf.meta.json").is_file()
+    assert (console.store / "gemma-embed-270m.gguf.meta.json").is_file()
+    screenshot(page, "models")
+    log.assert_clean()
+
+
+def test_a_failed_install_says_why_in_words_and_offers_a_retry(page: Any, console: Console) -> None:
+    log = open_page(page, console, "/console/models")
+    variant(page, "broken:1b").get_by_role("button", name="Install").click()
+    failure = variant(page, "broken:1b").locator(".job-failed")
+    expect(failure).to_contain_text("Install failed (checksum_mismatch)")
+    expect(failure).to_contain_text("not the one the catalogue pins")
+    expect(page.locator("#toast")).to_have_text("Installing broken:1b failed (checksum_mismatch).")
+    assert not list(console.store.glob("broken*"))
+    # Retry downloads again (and fails the same way: the source still serves the wrong bytes).
+    fetched = sum(r.path == "/broken.gguf" for r in console.fast.requests)
+    variant(page, "broken:1b").get_by_role("button", name="Retry install").click()
+    expect(variant(page, "broken:1b").get_by_role("button", name="Retry install")).to_be_enabled()
+    expect(failure).to_contain_text("Install failed (checksum_mismatch)")
+    assert sum(r.path == "/broken.gguf" for r in console.fast.requests) == fetched + 1
+    log.assert_clean()
+
+
+def test_a_reload_reattaches_to_a_running_install_which_can_be_cancelled(page: Any, console: Console) -> None:
+    log = open_page(page, console, "/console/models")
+    row = variant(page, "gemma3:270m-slow")
+    # By keyboard: Enter on Install, and the focus lands on the Cancel that took its place.
+    row.get_by_role("button", name="Install").focus()
+    page.keyboard.press("Enter")
+    expect(row.get_by_role("button", name="Cancel")).to_be_focused()
+    expect(row.locator(".job-text")).to_contain_text("Downloading")
+    violations = axe_violations(page)  # with an install's progress on the page twice
+    assert not violations, describe_violations(violations)
+    page.reload()
+    row = variant(page, "gemma3:270m-slow")
+    text = row.locator(".job-text")
+    expect(text).to_contain_text(re.compile(r"Downloading · \d+%"))
+    first = text.inner_text()
+    expect(text).not_to_have_text(first)  # still moving: the page follows the job's events again
+    # The running install is listed among the installed models too, with its own Cancel.
+    expect(installed_row(page, "gemma3:270m-slow").locator(".job-text")).to_contain_text("Downloading")
+    screenshot(page, "models-installing")
+    row.get_by_role("button", name="Cancel").focus()
+    page.keyboard.press("Enter")
+    expect(row).to_contain_text("Install cancelled.")
+    expect(row.get_by_role("button", name="Install")).to_be_focused()
+    expect(page.locator("#toast")).to_have_text("The install of gemma3:270m-slow was cancelled.")
+    expect(installed_row(page, "gemma3:270m-slow")).to_have_count(0)
+    assert not (console.store / "gemma3-270m-slow.gguf").exists()
+    assert not list((console.store / ".partial").glob("gemma3-270m-slow*.part"))  # the partial download went
+    log.assert_clean()
+
+
+def test_chat_streams_the_answer_with_its_speed(page: Any, console: Console) -> None:
+    log = open_page(page, console, "/console/playground")
+    expect(page.locator("#chat-model option")).to_have_count(1)
+    page.select_option("#chat-model", "gemma3:270m")
+    page.fill("#chat-temperature", "0")
+    page.fill("#chat-max-tokens", "40")
+    page.fill("#chat-input", "Write one sentence about the sea.")
+    # Every length the answer's text takes while it streams, recorded in the page itself.
+    page.evaluate(
+        """() => {
+            window.lengths = [];
+            new MutationObserver(() => {
+                const text = document.querySelector('#transcript .turn.assistant.streaming .text');
+                if (text) window.lengths.push(text.textContent.length);
+            }).observe(
+                document.getElementById('transcript'), {subtree: true, childList: true, characterData: true}
+            );
+        }"""
+    )
+    page.keyboard.press("Enter")  # Enter sends
+    answer = page.locator("#transcript .turn.assistant").last
+    stats = answer.locator(".stats")
+    expect(stats).to_contain_text(
+        re.compile(r"first token \d+ ms · [\d.]+ tokens/s · \d+ tokens · finish: (length|stop)"),
+        timeout=90_000,
+    )
+    assert answer.locator(".text").inner_text().strip()
+    grown = sorted({n for n in page.evaluate("window.lengths") if n > 0})
+    assert len(grown) >= 3, f"the answer did not arrive piece by piece: lengths seen {grown}"
+    expect(page.locator("#transcript .turn.user")).to_have_text(
+        re.compile("Write one sentence about the sea.")
+    )
+    expect(page.locator("#chat-input")).to_be_focused()
+    expect(page.locator("#transcript")).to_have_attribute("aria-busy", "false")
+    log.assert_clean()
+
+
+def test_embeddings_show_cosine_similarities(page: Any, console: Console) -> None:
+    log = open_page(page, console, "/console/playground")
+    expect(page.locator("#embed-model option")).to_have_count(1)
+    page.select_option("#embed-model", "gemma-embed:270m")
+    page.fill(
+        "#embed-input", "The cat sat on the mat.\nStock markets fell sharply today.\nThe cat sat on the mat."
+    )
+    page.get_by_role("button", name="Embed").click()
+    table = page.locator("#embed-result table")
+    expect(table.locator("caption")).to_have_text("Cosine similarity of 3 lines (640 dimensions)")
+    cells = [
+        [float(v) for v in row.locator("td").all_inner_texts()] for row in table.locator("tbody tr").all()
+    ]
+    assert len(cells) == 3 and all(len(row) == 3 for row in cells)
+    assert all(cells[i][i] == pytest.approx(1.0, abs=1e-3) for i in range(3))
+    assert cells[0][2] == pytest.approx(1.0, abs=1e-3)  # the same line twice
+    assert -1 <= cells[0][1] < cells[0][2]
+    expect(page.locator("#embed-result .summary")).to_have_text("Most alike: lines 1 and 3 (1.000).")
+    screenshot(page, "playground")
+    log.assert_clean()
+
+
+def test_the_overview_shows_loaded_models_and_live_throughput(page: Any, console: Console) -> None:
+    log = open_page(page, console, "/console/")
+    loaded = page.locator("#overview table")
+    expect(loaded).to_contain_text("gemma3:270m")
+    expect(loaded).to_contain_text(re.compile(r"\d+\.\d MB"))
+    expect(page.locator("#live-now")).to_contain_text(re.compile(r"[1-9]\d* tokens generated"))
+    expect(page.locator("#spark-tokens polyline")).to_have_count(1)
+    screenshot(page, "overview")
+    log.assert_clean()
+
+
+def test_installed_models_show_status_loaded_state_and_memory(page: Any, console: Console) -> None:
+    (console.store / "dropped.gguf").write_bytes(b"GGUF" + b"\xff" * 60)  # hand-dropped and broken
+    try:
+        log = open_page(page, console, "/console/models")
+        chat = installed_row(page, "gemma3:270m")
+        expect(chat.locator(".badge.ok")).to_have_text("Ready")
+        expect(chat.locator(".badge.live")).to_have_text(re.compile(r"Loaded · \d+\.\d MB"))  # chatted with
+        expect(installed_row(page, "gemma-embed:270m").locator(".badge.live")).to_contain_text("Loaded")
+        dropped = installed_row(page, "dropped")
+        expect(dropped.locator(".badge.bad")).to_have_text("Invalid")
+        expect(dropped.locator(".error")).to_contain_text("Why it cannot be served:")
+        expect(dropped).to_contain_text("hand-dropped")
+        log.assert_clean()
+    finally:
+        (console.store / "dropped.gguf").unlink()
+
+
+def test_uninstall_asks_first_and_removes_the_files(page: Any, console: Console) -> None:
+    log = open_page(page, console, "/console/models")
+    row = installed_row(page, "gemma-embed:270m")
+    dialog = page.locator("#confirm-uninstall")
+    # By keyboard: the dialog opens on "Keep it", and Escape keeps the model.
+    row.get_by_role("button", name="Uninstall").focus()
+    page.keyboard.press("Enter")
+    expect(dialog).to_be_visible()
+    expect(dialog).to_contain_text("Uninstall gemma-embed:270m?")
+    expect(dialog).to_contain_text("gemma-embed-270m.gguf (253.1 MB)")
+    expect(dialog.get_by_role("button", name="Keep it")).to_be_focused()
+    page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
+    expect(row.get_by_role("button", name="Uninstall")).to_be_focused()
+    # "Keep it" keeps it.
+    row.get_by_role("button", name="Uninstall").click()
+    dialog.get_by_role("button", name="Keep it").click()
+    expect(dialog).to_be_hidden()
+    assert (console.store / "gemma-embed-270m.gguf").is_file()
+    # Confirmed, it goes, sidecar and all; the catalogue offers it again.
+    row.get_by_role("button", name="Uninstall").click()
+    screenshot(page, "uninstall")
+    dialog.get_by_role("button", name="Uninstall").click()
+    expect(row).to_have_count(0)
+    expect(variant(page, "gemma-embed:270m").get_by_role("button", name="Install")).to_be_visible()
+    assert not (console.store / "gemma-embed-270m.gguf").exists()
+    assert not (console.store / "gemma-embed-270m.gguf.meta.json").exists()
+    assert (console.store / "gemma3-270m.gguf").is_file()
+    log.assert_clean()
+
+
+PAGES = ("/console/", "/console/models", "/console/playground")
+
+
+def settle(page: Any, path: str) -> None:
+    if path == "/console/models":
+        expect(page.locator("#catalogue .family").first).to_be_visible()
+    elif path == "/console/":
+        expect(page.locator("#overview .card").first).to_be_visible()
+    else:
+        expect(page.locator("#chat-model option")).to_have_count(1)
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_every_page_passes_axe(browser: Any, console: Console, scheme: str) -> None:
+    context = browser.new_context(color_scheme=scheme, viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    for path in PAGES:
+        log = open_page(page, console, path)
+        settle(page, path)
+        violations = axe_violations(page)
+        assert not violations, f"{path} ({scheme}):\n{describe_violations(violations)}"
+        log.assert_clean()
+    # axe itself is running: a button with no name is a critical violation it must report.
+    page.evaluate("document.querySelector('main').append(document.createElement('button'))")
+    assert [v["id"] for v in axe_violations(page)] == ["button-name"]
+    context.close()
+
+
+def test_pages_fit_a_phone_and_follow_dark_mode(browser: Any, console: Console) -> None:
+    context = browser.new_context(
+        color_scheme="dark", viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
+    )
+    page = context.new_page()
+    for path in PAGES:
+        log = open_page(page, console, path)
+        settle(page, path)
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"{path} is {overflow}px wider than a phone"
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert background == "rgb(18, 21, 26)", background  # the dark palette
+        log.assert_clean()
+    page.goto(console.url + "/console/models")
+    settle(page, "/console/models")
+    screenshot(page, "models-phone-dark", full_page=False)
+    context.close()
+    light = browser.new_context(color_scheme="light")
+    page = light.new_page()
+    page.goto(console.url + "/console/")
+    assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(247, 248, 250)"
+    light.close()
