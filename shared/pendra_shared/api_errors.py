@@ -5,10 +5,12 @@
     │   ├── ContextLengthExceeded (code context_length_exceeded)
     │   └── WrongPurpose (code model_wrong_purpose)
     ├── Unauthorized (401, code invalid_api_key)
+    ├── Forbidden (403, code forbidden: e.g. hf_not_allowed)
     ├── ModelNotFoundError (404, code model_not_found)
     ├── NotFound (404, code not_found)
     ├── Conflict (409, code conflict)
     ├── NotSupported (501, code not_supported)
+    ├── BadGateway (502, code bad_gateway: a source answered something unusable)
     └── Unavailable (503, code model_unavailable; sent with Retry-After)
         ├── UpstreamUnavailable (code service_unavailable)
         └── Overloaded (code server_overloaded: the model's queue is full or the wait too long)
@@ -66,6 +68,12 @@ class Unauthorized(APIError):
     code = "invalid_api_key"
 
 
+class Forbidden(APIError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
+
+
 class ModelNotFoundError(APIError):
     status = 404
     type = "invalid_request_error"
@@ -88,6 +96,12 @@ class NotSupported(APIError):
     status = 501
     type = "not_supported_error"
     code = "not_supported"
+
+
+class BadGateway(APIError):
+    status = 502
+    type = "server_error"
+    code = "bad_gateway"
 
 
 class Unavailable(APIError):

@@ -41,7 +41,7 @@ class CatalogueEntry(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     name: str = Field(description="family:tag, Ollama style.")
-    purpose: Literal["chat", "embedding", "image", "transcription"]
+    purpose: Literal["chat", "embedding", "rerank", "image", "transcription"]
     gguf_url: str = Field(description="https://, http://, file:// or s3:// location of the GGUF.")
     gguf_sha256: str = Field(description="SHA-256 of the GGUF, 64 lowercase hex digits.")
     size_bytes: int | None = Field(

@@ -315,6 +315,18 @@ class Settings(BaseSettings):
             "addresses; off, only public addresses (a catalogue entry's allow_private opts one in)."
         ),
     )
+    allow_hf: bool | None = Field(
+        default=None,
+        description=(
+            "Allow `hf.co/OWNER/REPO:QUANT` installs, pinned to the SHA-256 the Hugging Face API "
+            "reports (the pin then comes from the source, not the catalogue). Unset: on for the "
+            "CLI's own installs, off for installs asked through the API."
+        ),
+    )
+    hf_endpoint: str = Field(
+        default="https://huggingface.co",
+        description="The Hugging Face Hub that hf.co/ names resolve against (or a mirror of its API).",
+    )
     untrusted_probe: bool = Field(
         default=True,
         description=(

@@ -30,7 +30,8 @@ from pendra_shared.gguf_header import (
 
 logger = logging.getLogger(__name__)
 
-PURPOSES = ("chat", "embedding", "image", "transcription")
+PURPOSES = ("chat", "embedding", "rerank", "image", "transcription")
+RANK_POOLING = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK: a cross-encoder's relevance score
 
 # Architectures llama.cpp runs as encoders that produce sentence embeddings.
 EMBEDDING_ARCHITECTURES = frozenset(
@@ -97,7 +98,10 @@ class GGUFFacts:
 
 
 def infer_purpose(architecture: str, pooling_type: int | None) -> str:
-    """Embedding for encoder architectures or a declared pooling type; chat otherwise."""
+    """Rerank for rank pooling (a reranker's classifier head); embedding for encoder architectures
+    or another declared pooling type; chat otherwise."""
+    if pooling_type == RANK_POOLING:
+        return "rerank"
     if architecture in EMBEDDING_ARCHITECTURES:
         return "embedding"
     if pooling_type is not None and pooling_type > 0:

@@ -27,7 +27,7 @@ from pendra_shared.names import parse_name
 
 SIDECAR_SUFFIX = ".meta.json"
 MAX_SIDECAR_BYTES = 64 * 1024  # real ones are about 1 KiB; anything far larger is not ours
-Purpose = Literal["chat", "embedding", "image", "transcription"]
+Purpose = Literal["chat", "embedding", "rerank", "image", "transcription"]
 
 
 class FileStamp(BaseModel):

@@ -11,8 +11,12 @@ import threading
 from pathlib import Path
 
 import typer
-from pendra_shared.catalogue import Catalogue
+from pendra_shared.catalogue import Catalogue, CatalogueEntry
 from pendra_shared.config import Settings, load_settings
+from pendra_shared.errors import ConfigError
+from pendra_shared.gguf_info import PURPOSES
+from pendra_shared.hf import parse_hf_ref
+from pendra_shared.hf import resolve as resolve_hf
 from pendra_shared.install import Installer
 from pendra_shared.install import Progress as InstallProgress
 from pendra_shared.store import ModelStore
@@ -36,6 +40,19 @@ JSON_OPTION = typer.Option(False, "--json", help="Print JSON for scripts.")
 
 def _store(settings: Settings) -> ModelStore:
     return ModelStore.from_settings(settings)
+
+
+def _resolve(settings: Settings, name: str) -> CatalogueEntry:
+    """A catalogue name, or an `hf.co/` reference resolved to its file and pin on the Hub (unless
+    PENDRA_ALLOW_HF=false)."""
+    ref = parse_hf_ref(name)
+    if ref is None:
+        return _catalogue(settings).resolve(name)
+    if settings.allow_hf is False:
+        raise ConfigError(f"{name}: hf.co installs are off (PENDRA_ALLOW_HF=false)")
+    entry = resolve_hf(ref, settings.hf_endpoint)
+    err.print(f"{name}: {entry.gguf_url} (sha256 {entry.gguf_sha256} from the Hub)", markup=False)
+    return entry
 
 
 def _catalogue(settings: Settings) -> Catalogue:
@@ -160,7 +177,7 @@ def verify(name: str) -> None:
 @models_app.command("catalogue")
 def catalogue(
     query: str = typer.Argument("", help="Words to look for in names and descriptions."),
-    purpose: str | None = typer.Option(None, help="Only chat, embedding, image or transcription."),
+    purpose: str | None = typer.Option(None, help="Only chat, embedding, rerank, image or transcription."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Search the catalogue of installable models."""
@@ -189,13 +206,17 @@ def catalogue(
 
 
 @models_app.command("install")
-def install(name: str = typer.Argument(..., help="family[:tag], e.g. qwen3:4b or gemma3.")) -> None:
+def install(
+    name: str = typer.Argument(
+        ..., help="family[:tag] from the catalogue (qwen3:4b, gemma3), or hf.co/OWNER/REPO[:QUANT]."
+    ),
+) -> None:
     """Download a catalogue model, verify its SHA-256 and add it to the store."""
     settings = load_settings()
     if settings.api_url:
         _install_remote(settings, name)
         return
-    entry = _catalogue(settings).resolve(name)
+    entry = _resolve(settings, name)
     installer = Installer.from_settings(_store(settings), settings)
     cancel = threading.Event()
     columns = (
@@ -340,12 +361,12 @@ def import_(
     name: str | None = typer.Option(None, "--name", help="Model name (default: the file's stem)."),
     move: bool = typer.Option(False, "--move", help="Move the file instead of copying it."),
     purpose: str | None = typer.Option(
-        None, help="chat, embedding, image or transcription (default: read from the GGUF)."
+        None, help="chat, embedding, rerank, image or transcription (default: read from the GGUF)."
     ),
 ) -> None:
     """Copy (or move) a local GGUF into the store, with its sha256 and a sidecar."""
-    if purpose is not None and purpose not in ("chat", "embedding", "image", "transcription"):
-        raise typer.BadParameter("must be chat, embedding, image or transcription", param_hint="--purpose")
+    if purpose is not None and purpose not in PURPOSES:
+        raise typer.BadParameter(f"must be one of {', '.join(PURPOSES)}", param_hint="--purpose")
     store = _store(load_settings())
     model = store.import_file(path, name=name, move=move, purpose=purpose)
     verb = "moved" if move else "copied"

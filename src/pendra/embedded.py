@@ -64,7 +64,12 @@ def create_embedded_app(settings: Settings) -> FastAPI:
         await queue.start()
         app.state.pendra = await runtime.start()
         app.state.management = Management(
-            Catalogue.load(settings.catalogue_locations), store, queue, LocalSystem(app.state.pendra, metrics)
+            Catalogue.load(settings.catalogue_locations),
+            store,
+            queue,
+            LocalSystem(app.state.pendra, metrics),
+            allow_hf=bool(settings.allow_hf),  # unset: off for installs asked through the API
+            hf_endpoint=settings.hf_endpoint,
         )
         logger.info("console: http://%s:%d/console/", console_host(settings.host), settings.port)
         try:

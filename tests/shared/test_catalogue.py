@@ -26,15 +26,43 @@ PINS = {
     "nomic-embed-text:v1.5-q4_k_m": "d4e388894e09cf3816e8b0896d81d265b55e7a9fff9ab03fe8bf4ef5e11295ac",
     "embeddinggemma:300m": "6fa0c02a9c302be6f977521d399b4de3a46310a4f2621ee0063747881b673f67",
     "granite-embedding:125m": "e2950cf0228514e0e81c6f0701a62a9e4763990ce660b4a3c0329cd6a4acd4b9",
+    "qwen3.6:27b": "5ed60d0af4650a854b1755bd392f9aef4872643dc25a254bc68043fa638392a0",
+    "qwen3.6:27b-q8_0": "f93f517f38e696d35a1a7df2c0e3155a64f4c4dcd662107a146ae263f7fb14ce",
+    "qwen3.6:35b-a3b": "ac0e2c1189e055faa36eff361580e79c5bd6f8e76bffb4ce547f167d53e31a61",
 }
+
+
+def billions(parameters: str) -> float:
+    """ "270M" -> 0.27, "30B-A3B" (total-active) -> 30."""
+    value = parameters.upper().split("-")[0]
+    return float(value[:-1]) / 1000 if value.endswith("M") else float(value.removesuffix("B"))
 
 
 def test_bundled_catalogue_carries_the_public_pins() -> None:
     entries = {e.name: e for e in bundled_entries()}
-    assert {name: e.gguf_sha256 for name, e in entries.items()} == PINS
+    assert {name: entries[name].gguf_sha256 for name in PINS} == PINS
     assert all(e.gguf_url.startswith("https://huggingface.co/") for e in entries.values())
-    assert {e.purpose for e in entries.values()} == {"chat", "embedding"}
     assert entries["nomic-embed-text:v1.5-q4_k_m"].size_bytes == 84_106_624
+    assert len({e.gguf_sha256 for e in entries.values()}) == len(entries)  # no pin pasted twice
+
+
+def test_the_bundled_catalogue_covers_what_people_install() -> None:
+    """At least 30 variants: chat from under 1B to 30B and more, embeddings and rerankers, each with
+    its quantization, context length and license; one default tag per family."""
+    entries = bundled_entries()
+    assert len(entries) >= 30
+    assert {e.purpose for e in entries} == {"chat", "embedding", "rerank"}
+    sizes = [billions(e.parameters) for e in entries if e.purpose == "chat" and e.parameters]
+    assert min(sizes) < 1 and max(sizes) >= 30
+    assert sum(e.purpose == "rerank" for e in entries) >= 1
+    for e in entries:
+        assert e.quantization and e.context_length and e.license and e.description, e.name
+        assert e.description.isascii(), e.name
+    families: dict[str, int] = {}
+    for e in entries:
+        families[e.ref.family] = families.get(e.ref.family, 0) + e.default
+    assert all(count == 1 for count in families.values()), families
+    assert Catalogue.load().resolve("qwen3.6").name == "qwen3.6:27b"  # the product's own example
 
 
 @pytest.mark.parametrize(
@@ -63,13 +91,11 @@ def test_unknown_names_are_clear_errors() -> None:
 
 def test_search_and_filter() -> None:
     catalogue = Catalogue.load()
-    assert {e.name for e in catalogue.search(purpose="embedding")} == {
-        "nomic-embed-text:v1.5",
-        "nomic-embed-text:v1.5-q4_k_m",
-        "embeddinggemma:300m",
-        "granite-embedding:125m",
-    }
-    assert [e.name for e in catalogue.search("q8_0 instruct")] == ["qwen3:4b-instruct-2507-q8_0"]
+    embedders = {e.name for e in catalogue.search(purpose="embedding")}
+    assert {"nomic-embed-text:v1.5", "nomic-embed-text:v1.5-q4_k_m", "embeddinggemma:300m"} <= embedders
+    assert all(e.purpose == "embedding" for e in catalogue.search(purpose="embedding"))
+    assert {e.purpose for e in catalogue.search(purpose="rerank")} == {"rerank"}
+    assert [e.name for e in catalogue.search("qwen3 q8_0 instruct 2507")] == ["qwen3:4b-instruct-2507-q8_0"]
 
 
 def test_extra_catalogues_merge_over_the_bundled_one(write_catalogue: Callable[..., Path]) -> None:

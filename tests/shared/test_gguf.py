@@ -36,6 +36,8 @@ def test_real_minilm_is_an_embedding_model(minilm_path: Path) -> None:
         ({"arch": "bert"}, "embedding"),
         ({"arch": "nomic-bert"}, "embedding"),
         ({"arch": "qwen3", "pooling_type": 1}, "embedding"),
+        ({"arch": "bert", "pooling_type": 4}, "rerank"),  # rank pooling: a cross-encoder's score
+        ({"arch": "qwen3", "pooling_type": 4}, "rerank"),
         ({"arch": "qwen3", "chat_template": "{{ messages }}"}, "chat"),
     ],
 )

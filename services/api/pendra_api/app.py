@@ -47,6 +47,8 @@ def create_app(settings: Settings, queue: InstallQueue | None = None) -> FastAPI
             ModelStore.from_settings(settings),
             install_queue,
             UpstreamSystem(app.state.upstream),
+            allow_hf=bool(settings.allow_hf),  # unset: off for installs asked through the API
+            hf_endpoint=settings.hf_endpoint,
         )
         app.state.upstream_metrics = upstream_metrics
         logger.info(

@@ -13,14 +13,25 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pendra_shared.api_errors import (
+    BadGateway,
     Conflict,
+    Forbidden,
     InvalidRequest,
     ModelNotFoundError,
     NotFound,
     UpstreamUnavailable,
 )
-from pendra_shared.catalogue import Catalogue
-from pendra_shared.errors import InvalidModelName, ModelNotFound
+from pendra_shared.catalogue import Catalogue, CatalogueEntry
+from pendra_shared.errors import (
+    InvalidModelName,
+    ModelNotFound,
+    PendraError,
+    SourceRefused,
+    TransientDownloadError,
+)
+from pendra_shared.gguf_info import PURPOSES
+from pendra_shared.hf import DEFAULT_ENDPOINT, parse_hf_ref
+from pendra_shared.hf import resolve as resolve_hf
 from pendra_shared.http_guard import Draining
 from pendra_shared.jobs import Job, JobState
 from pendra_shared.metrics import ServiceMetrics
@@ -45,6 +56,8 @@ class Management:
     store: ModelStore
     queue: InstallQueue
     system: SystemProbe | None = None  # the inference side's status and metrics, for the console
+    allow_hf: bool = False  # hf.co/ installs asked through the API (PENDRA_ALLOW_HF=true)
+    hf_endpoint: str = DEFAULT_ENDPOINT
 
 
 class InstallRequest(BaseModel):
@@ -65,11 +78,11 @@ def _job_json(job: Job) -> dict[str, Any]:
 async def catalogue(
     request: Request,
     q: str = Query("", description="Words to find in names and descriptions."),
-    purpose: str | None = Query(None, description="chat, embedding, image or transcription."),
+    purpose: str | None = Query(None, description="chat, embedding, rerank, image or transcription."),
 ) -> dict[str, Any]:
     m = _m(request)
-    if purpose is not None and purpose not in ("chat", "embedding", "image", "transcription"):
-        raise InvalidRequest("purpose must be chat, embedding, image or transcription", param="purpose")
+    if purpose is not None and purpose not in PURPOSES:
+        raise InvalidRequest(f"purpose must be one of {', '.join(PURPOSES)}", param="purpose")
     installed = {model.name for model in (await asyncio.to_thread(m.store.scan)).valid}
     return {
         "object": "list",
@@ -90,11 +103,34 @@ async def models(request: Request) -> dict[str, Any]:
     return {"object": "list", "models_dir": str(m.store.root), "data": data, "problems": scan.problems}
 
 
+async def _resolve(m: Management, name: str) -> CatalogueEntry:
+    """A catalogue name, or (where allowed) an hf.co/ reference resolved on the Hub."""
+    ref = parse_hf_ref(name)
+    if ref is None:
+        return m.catalogue.resolve(name)
+    if not m.allow_hf:
+        raise Forbidden(
+            "hf.co installs are off on this server: its operator allows them with PENDRA_ALLOW_HF=true",
+            param="model",
+            code="hf_not_allowed",
+        )
+    try:
+        return await asyncio.to_thread(resolve_hf, ref, m.hf_endpoint)
+    except TransientDownloadError as exc:
+        raise UpstreamUnavailable(f"the Hugging Face API did not answer: {exc}") from None
+    except SourceRefused as exc:
+        raise Forbidden(str(exc), param="model", code="source_refused") from None
+    except PendraError as exc:
+        if isinstance(exc, ModelNotFound | InvalidModelName):
+            raise
+        raise BadGateway(f"the Hugging Face API: {exc}") from None
+
+
 @router.post("/models/install", status_code=202)
 async def install(body: InstallRequest, request: Request) -> JSONResponse:
     m = _m(request)
     try:
-        entry = m.catalogue.resolve(body.model)
+        entry = await _resolve(m, body.model)
     except InvalidModelName as exc:
         raise InvalidRequest(str(exc), param="model", code="invalid_model_name") from None
     except ModelNotFound as exc:

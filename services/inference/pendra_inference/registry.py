@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 Identity = FileIdentity
 EngineFactory = Callable[[Path, EngineConfig], LlamaEngine]
 Prober = Callable[..., ProbeResult]
-ENDPOINT_FOR = {"chat": "/v1/chat/completions", "embedding": "/v1/embeddings"}
+ENDPOINT_FOR = {"chat": "/v1/chat/completions", "embedding": "/v1/embeddings", "rerank": "/v1/rerank"}
 _DURATION_RE = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)?$")
 
 
@@ -372,7 +372,7 @@ class ModelRegistry:
         trained = model.facts.context_length if model.facts and model.facts.context_length else 4096
         n_ctx = int(options.get("n_ctx", s.n_ctx)) or trained
         n_ctx = min(n_ctx, trained)
-        embedding = model.purpose == "embedding"
+        embedding = model.purpose in ("embedding", "rerank")  # a reranker is an encoder too
         n_batch = int(options.get("n_batch", s.n_batch))
         n_ubatch = int(options.get("n_ubatch", s.n_ubatch))
         pooling = None

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pendra_shared.catalogue import CatalogueEntry
-from pendra_shared.jobs import Job, JobState
+from pendra_shared.gguf_info import PURPOSES
 
-PURPOSES = ("chat", "embedding", "image", "transcription")
+__all__ = ["PURPOSES"]
+from pendra_shared.jobs import Job, JobState
 
 # A loaded model holds its weights plus the KV cache and compute buffers of its context. The
 # catalogue gives only the file's size, so the console reckons a fifth more, at least 64 MiB; the
