@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
-from pendra_api import management
+from pendra_api import management, ollama
 from pendra_api.auth import secure
 from pendra_api.console import routes as console
 from pendra_api.http_metrics import HTTPMetrics
@@ -82,6 +82,7 @@ def create_embedded_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(inference_router)
     app.include_router(management.router)
+    app.include_router(ollama.router)
     app.include_router(console.fragments)
     app.include_router(console.pages)
     management.count_active_jobs(app, metrics)

@@ -51,11 +51,16 @@ def csp(response: httpx.Response) -> dict[str, str]:
 
 
 def test_the_root_and_bare_console_redirect_to_the_overview(console: Console) -> None:
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
     for path in ("/", "/console"):
-        response = httpx.get(console.url + path)
+        response = httpx.get(console.url + path, headers=browser)
         assert response.status_code == 307
         assert response.headers["location"] == "/console/"
-    assert httpx.get(console.url + "/", follow_redirects=True).url.path == "/console/"
+    assert httpx.get(console.url + "/", headers=browser, follow_redirects=True).url.path == "/console/"
+    # Ollama's clients probe / and get Ollama's answer; the console is not in their way.
+    probe = httpx.get(console.url + "/")
+    assert (probe.status_code, probe.text) == (200, "Ollama is running")
+    assert httpx.head(console.url + "/").status_code == 200
 
 
 def test_every_response_allows_only_the_consoles_own_assets(console: Console) -> None:

@@ -99,6 +99,16 @@ def test_the_api_installs_from_hf_only_where_allowed(
     job = wait_job(stack.api_url, started.json()["id"], timeout_s=180)
     assert job["state"] == "done" and job["model"] == "gemma-3-270m-it:q4_k_m"
     assert (stack.store / "gemma-3-270m-it-q4_k_m.gguf.meta.json").is_file()
+    # Served at once, through the gateway too: its tokenizer answers /tokenize and /detokenize.
+    body = {"model": "gemma-3-270m-it:q4_k_m", "content": "Hello, sea"}
+    tokens = httpx.post(f"{stack.api_url}/tokenize", json=body, timeout=120)
+    assert tokens.status_code == 200, tokens.text
+    back = httpx.post(
+        f"{stack.api_url}/detokenize",
+        json={"model": body["model"], "tokens": tokens.json()["tokens"]},
+        timeout=60,
+    )
+    assert back.json() == {"content": "Hello, sea"}
 
     bad = httpx.post(f"{stack.api_url}/api/models/install", json={"model": "hf.co/someone/Bad-GGUF:Q4_K_M"})
     failed = wait_job(stack.api_url, bad.json()["id"], timeout_s=180)

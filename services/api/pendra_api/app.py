@@ -19,7 +19,7 @@ from pendra_shared.metrics import MEDIA_TYPE, ServiceMetrics
 from pendra_shared.service import serve_http
 from pendra_shared.store import ModelStore
 
-from pendra_api import management, proxy
+from pendra_api import management, ollama, proxy
 from pendra_api.arq_queue import ArqQueue
 from pendra_api.auth import secure
 from pendra_api.console import routes as console
@@ -90,6 +90,7 @@ def create_app(settings: Settings, queue: InstallQueue | None = None) -> FastAPI
         return Response(await metrics.render(), media_type=MEDIA_TYPE)
 
     app.include_router(management.router)
+    app.include_router(ollama.router)
     app.include_router(console.fragments)
     app.include_router(console.pages)
     app.include_router(proxy.router)

@@ -103,7 +103,7 @@ async def models(request: Request) -> dict[str, Any]:
     return {"object": "list", "models_dir": str(m.store.root), "data": data, "problems": scan.problems}
 
 
-async def _resolve(m: Management, name: str) -> CatalogueEntry:
+async def resolve_install(m: Management, name: str) -> CatalogueEntry:
     """A catalogue name, or (where allowed) an hf.co/ reference resolved on the Hub."""
     ref = parse_hf_ref(name)
     if ref is None:
@@ -130,7 +130,7 @@ async def _resolve(m: Management, name: str) -> CatalogueEntry:
 async def install(body: InstallRequest, request: Request) -> JSONResponse:
     m = _m(request)
     try:
-        entry = await _resolve(m, body.model)
+        entry = await resolve_install(m, body.model)
     except InvalidModelName as exc:
         raise InvalidRequest(str(exc), param="model", code="invalid_model_name") from None
     except ModelNotFound as exc:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 from fastapi import APIRouter, Request
@@ -63,18 +63,47 @@ class UpstreamMetrics:
         self.unavailable.labels("/v1/chat/completions")  # from zero, so its rate shows the first one
 
 
+# The inference service's routes outside /v1 that the gateway passes on as they are.
+PASSED = {
+    "/tokenize": ["POST"],
+    "/detokenize": ["POST"],
+    # Ollama's model-running routes (pendra_inference.ollama); its store routes are the gateway's.
+    "/api/chat": ["POST"],
+    "/api/generate": ["POST"],
+    "/api/embed": ["POST"],
+    "/api/embeddings": ["POST"],
+    "/api/ps": ["GET"],
+}
+
+
 @router.api_route("/v1/{path:path}", methods=["GET", "POST", "DELETE"], include_in_schema=False)
 async def forward(path: str, request: Request) -> StreamingResponse:
-    client: httpx.AsyncClient = request.app.state.upstream
-    metrics: UpstreamMetrics = request.app.state.upstream_metrics
-    route = route_label(request.scope)
     if any(part in (".", "..") for part in path.split("/")):
         # httpx would resolve them and reach a path outside /v1 on the inference service.
         raise NotFound(f"no route for /v1/{path}")
+    return await _pass(request, f"/v1/{path}")
+
+
+def _passer(path: str) -> Callable[[Request], Awaitable[StreamingResponse]]:
+    async def passed(request: Request) -> StreamingResponse:
+        return await _pass(request, path)
+
+    return passed
+
+
+for _path, _methods in PASSED.items():
+    router.add_api_route(_path, _passer(_path), methods=_methods, include_in_schema=False)
+
+
+async def _pass(request: Request, path: str) -> StreamingResponse:
+    """The request to the inference service, its answer's bytes back as they come."""
+    client: httpx.AsyncClient = request.app.state.upstream
+    metrics: UpstreamMetrics = request.app.state.upstream_metrics
+    route = route_label(request.scope)
     headers = {k: v for k in FORWARD_REQUEST if (v := request.headers.get(k)) is not None}
     upstream = client.build_request(
         request.method,
-        f"/v1/{path}",
+        path,
         params=request.query_params,
         headers=headers,
         content=await request.body(),

@@ -29,6 +29,7 @@ from pendra_inference.registry import EngineFactory, ModelRegistry
 from pendra_inference.routes import router
 from pendra_inference.scheduler import Scheduler
 from pendra_inference.state import AppState
+from pendra_inference.tokens import TokenService
 from pendra_inference.watcher import watch_store
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class InferenceRuntime:
             ChatService(self.registry),
             EmbeddingService(self.registry, settings.max_embedding_inputs),
             inference_metrics,
+            TokenService(self.registry),
         )
         inference_metrics.service.on_scrape(self._refresh_metrics)
         self._stop = asyncio.Event()

@@ -262,19 +262,23 @@ def plan(loaded: Loaded, req: ChatCompletionRequest, limits: RequestLimits | Non
         _check_grammar(loaded, grammar, "response_format" if fmt is not None else "tools")
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-    tool_prompt = _tool_prompt(tools) if tools and not template.supports_tools else None
-    messages = _messages(req, template, tool_prompt)
-    try:
-        text = template.render(
-            messages,
-            bos=engine.bos_text,
-            eos=engine.eos_text,
-            tools=tools,
-            max_chars=limits.template_max_chars,
-            timeout_s=limits.template_timeout_s,
-        )
-    except TemplateRenderError as exc:
-        raise InvalidRequest(str(exc), param="messages") from None
+    raw = req._raw_prompt
+    if raw is not None:
+        text = raw  # given as it is: no template, and none of its stop strings
+    else:
+        tool_prompt = _tool_prompt(tools) if tools and not template.supports_tools else None
+        messages = _messages(req, template, tool_prompt)
+        try:
+            text = template.render(
+                messages,
+                bos=engine.bos_text,
+                eos=engine.eos_text,
+                tools=tools,
+                max_chars=limits.template_max_chars,
+                timeout_s=limits.template_timeout_s,
+            )
+        except TemplateRenderError as exc:
+            raise InvalidRequest(str(exc), param="messages") from None
     n_ctx = engine.n_ctx
     if surely_longer(loaded, text, n_ctx):
         raise ContextLengthExceeded(
@@ -318,7 +322,7 @@ def plan(loaded: Loaded, req: ChatCompletionRequest, limits: RequestLimits | Non
         grammar=grammar,
         top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
     )
-    stops_all = tuple(stops) + tuple(template.stop)
+    stops_all = tuple(stops) + (() if raw is not None else tuple(template.stop))
     completion = Completion(prompt, wanted, sampling, stops_all, req.n, req.cache_prompt, "chat")
     return Plan(completion, tools)
 

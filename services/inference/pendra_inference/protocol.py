@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 # OpenAI documents no limit on logit_bias entries (its API refused more than 300 in 2023); a map
 # is checked entry by entry against the vocabulary, so it is bounded here.
@@ -114,6 +114,9 @@ class ChatCompletionRequest(_Request):
         description="Start from a cached prompt prefix when one exists (false: decode the whole prompt).",
     )
     keep_alive: KeepAlive = None
+    # Set by Pendra's own adapters (Ollama's `raw` generate), never from the wire: a prompt given
+    # as it is, without the chat template.
+    _raw_prompt: str | None = PrivateAttr(default=None)
 
 
 class ChoiceMessage(BaseModel):

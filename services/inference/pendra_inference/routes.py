@@ -14,7 +14,7 @@ from pendra_shared.metrics import MEDIA_TYPE
 from pendra_shared.store import StoredModel
 from starlette.background import BackgroundTask
 
-from pendra_inference import __version__, jsonbody
+from pendra_inference import __version__, jsonbody, ollama
 from pendra_inference.limits import RequestLimits
 from pendra_inference.protocol import (
     ChatCompletionRequest,
@@ -23,6 +23,7 @@ from pendra_inference.protocol import (
     ModelList,
 )
 from pendra_inference.state import AppState
+from pendra_inference.tokens import DetokenizeRequest, TokenizeRequest
 
 router = APIRouter()
 # The nesting a body may have beyond a JSON schema's own (tools[i].function.parameters sits 5 deep).
@@ -179,7 +180,18 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     return Response(await _state(request).embeddings.embed(body), media_type="application/json")
 
 
+@strict_json.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+    return await _state(request).tokens.tokenize(body)
+
+
+@strict_json.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
+    return await _state(request).tokens.detokenize(body)
+
+
 router.include_router(strict_json)
+router.include_router(ollama.router)
 
 UNSUPPORTED = {
     "/v1/images/generations": "Image generation",

@@ -8,6 +8,7 @@ from pendra_inference.chat import ChatService
 from pendra_inference.embeddings import EmbeddingService
 from pendra_inference.metrics import InferenceMetrics
 from pendra_inference.registry import ModelRegistry
+from pendra_inference.tokens import TokenService
 
 
 @dataclass
@@ -16,4 +17,5 @@ class AppState:
     chat: ChatService
     embeddings: EmbeddingService
     metrics: InferenceMetrics
+    tokens: TokenService
     ready: bool = False

@@ -23,7 +23,7 @@ from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader
 from pendra_shared.api_errors import APIError, InvalidRequest, NotFound
 from pendra_shared.jobs import Job
@@ -116,9 +116,13 @@ pages = APIRouter(include_in_schema=False)
 fragments = APIRouter(prefix="/api/console", include_in_schema=False)
 
 
-@pages.get("/")
-async def root() -> RedirectResponse:
-    return RedirectResponse("/console/", status_code=307)
+@pages.api_route("/", methods=["GET", "HEAD"])
+async def root(request: Request) -> Response:
+    """A browser goes to the console; anything else gets Ollama's answer to the probe its
+    clients send (`GET /` or `HEAD /`: 200 "Ollama is running")."""
+    if "text/html" in request.headers.get("accept", ""):
+        return RedirectResponse("/console/", status_code=307)
+    return PlainTextResponse("Ollama is running")
 
 
 @pages.get("/console")

@@ -1,0 +1,375 @@
+"""Ollama's model-running routes on Pendra's engine: `/api/chat`, `/api/generate`, `/api/embed`,
+`/api/embeddings` and `/api/ps`, for the clients that speak Ollama (its Python client, LangChain's
+`ChatOllama`, Open WebUI, Continue).
+
+Each request becomes the OpenAI request Pendra already serves (the same scheduler, limits,
+metrics and errors), and each answer is turned back into Ollama's shape: one JSON object per line
+(`application/x-ndjson`) when streaming, which is Ollama's default, or one object. Mapping:
+`options.num_predict` is `max_tokens` (-1 or -2: as much as the context allows), `temperature`,
+`top_p`, `top_k`, `min_p`, `seed`, `stop`, `presence_penalty` and `frequency_penalty` carry over;
+`num_ctx` is accepted and ignored (a model's context is set when it is loaded:
+PENDRA_N_CTX or its sidecar), as are options Pendra has no use for, as Ollama ignores unknown
+ones. `format` is `"json"` or a JSON schema (a grammar, as on `/v1`). `raw: true` sends the
+prompt as it is, without the chat template. Errors are Ollama's `{"error": "..."}`.
+
+The store's routes (`/api/tags`, `/api/show`, `/api/pull`, `/api/delete`, `/api/version`) are the
+API service's (`pendra_api.ollama`); the gateway passes these on to this service.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pendra_shared.api_errors import APIError, InvalidRequest
+from pendra_shared.ollama import NDJSON, error_body, parse_body, running
+from pydantic import ValidationError
+from starlette.background import BackgroundTask
+
+from pendra_inference.protocol import ChatCompletionRequest, EmbeddingRequest
+from pendra_inference.state import AppState
+
+router = APIRouter(prefix="/api", include_in_schema=False)
+Handler = Callable[[Request], Awaitable[Response]]
+
+# Ollama's options that map onto the OpenAI request's fields of the same meaning.
+OPTIONS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "seed": "seed",
+    "stop": "stop",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
+
+
+class OllamaError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def answer_errors(handler: Handler) -> Handler:
+    """Errors in Ollama's shape: Pendra's own (with their status) and malformed requests (400)."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except OllamaError as exc:
+            return JSONResponse(error_body(exc.message), status_code=exc.status)
+        except APIError as exc:
+            headers = {"Retry-After": "5"} if exc.status == 503 else None
+            return JSONResponse(error_body(exc.message), status_code=exc.status, headers=headers)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            return JSONResponse(
+                error_body(f"{where}: {first['msg']}" if where else first["msg"]), status_code=400
+            )
+
+    return wrapped
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    try:
+        body, name = parse_body(await request.body())
+    except ValueError as exc:
+        raise OllamaError(400, str(exc)) from None
+    body["model"] = name
+    return body
+
+
+def streams(body: dict[str, Any]) -> bool:
+    return body.get("stream", True) is not False  # Ollama streams unless told not to
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _common(body: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI request's fields from Ollama's `stream`, `options`, `format` and `keep_alive`
+    (a stream asks for usage too: the last line carries the token counts)."""
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise OllamaError(400, "options must be an object")
+    out: dict[str, Any] = {ours: options[theirs] for theirs, ours in OPTIONS.items() if theirs in options}
+    if streams(body):
+        out.update(stream=True, stream_options={"include_usage": True})
+    predict = options.get("num_predict")
+    if isinstance(predict, int) and not isinstance(predict, bool) and predict > 0:
+        out["max_tokens"] = predict
+    elif predict is not None and predict not in (-1, -2):
+        raise OllamaError(400, "options.num_predict must be a positive integer, -1 or -2")
+    fmt = body.get("format")
+    if fmt == "json":
+        out["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}
+    elif fmt not in (None, ""):
+        raise OllamaError(400, 'format must be "json" or a JSON schema object')
+    if "keep_alive" in body:
+        out["keep_alive"] = body["keep_alive"]
+    return out
+
+
+def _tool_calls_in(calls: Any) -> list[dict[str, Any]]:
+    """Ollama's `tool_calls` (arguments an object) as OpenAI's (arguments a JSON string)."""
+    if not isinstance(calls, list):
+        raise OllamaError(400, "tool_calls must be a list")
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise OllamaError(400, f"tool_calls[{i}].function must be an object")
+        arguments = function.get("arguments", {})
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        out.append({"id": f"call_{i}", "type": "function", "function": {**function, "arguments": text}})
+    return out
+
+
+def _tool_calls_out(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for call in calls:
+        function = call.get("function", {})
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except ValueError:
+            arguments = function.get("arguments")
+        out.append({"function": {"name": function.get("name"), "arguments": arguments}})
+    return out
+
+
+def _messages(messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, list):
+        raise OllamaError(400, "messages must be a list")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise OllamaError(400, f"messages[{i}] must be an object")
+        if message.get("images"):
+            raise OllamaError(400, "images are not supported: Pendra serves text models")
+        entry: dict[str, Any] = {"role": message.get("role"), "content": message.get("content", "")}
+        if message.get("tool_calls"):
+            entry["tool_calls"] = _tool_calls_in(message["tool_calls"])
+        if message.get("tool_name"):
+            entry["name"] = message["tool_name"]
+        out.append(entry)
+    return out
+
+
+def chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
+    fields: dict[str, Any] = {
+        "model": body["model"],
+        "messages": _messages(body.get("messages", [])),
+        **_common(body),
+    }
+    if body.get("tools"):
+        fields["tools"] = body["tools"]
+    return ChatCompletionRequest.model_validate(fields)
+
+
+def generate_request(body: dict[str, Any]) -> ChatCompletionRequest:
+    for unsupported in ("suffix", "template", "images"):
+        if body.get(unsupported):
+            raise OllamaError(400, f"{unsupported} is not supported by Pendra's /api/generate")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise OllamaError(400, "prompt must be a string")
+    messages = [{"role": "user", "content": prompt}]
+    if isinstance(body.get("system"), str) and body["system"]:
+        messages.insert(0, {"role": "system", "content": body["system"]})
+    req = ChatCompletionRequest.model_validate(
+        {"model": body["model"], "messages": messages, **_common(body)}
+    )
+    if body.get("raw"):
+        req._raw_prompt = prompt
+    return req
+
+
+class Timing:
+    """Ollama's durations (nanoseconds) for one answer."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter_ns()
+        self.first: int | None = None
+
+    def token(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter_ns()
+
+    def final(self, usage: dict[str, Any] | None, reason: str | None) -> dict[str, Any]:
+        now = time.perf_counter_ns()
+        first = self.first or now
+        return {
+            "done": True,
+            "done_reason": "length" if reason == "length" else "stop",
+            "total_duration": now - self.started,
+            "load_duration": 0,
+            "prompt_eval_count": (usage or {}).get("prompt_tokens", 0),
+            "prompt_eval_duration": first - self.started,
+            "eval_count": (usage or {}).get("completion_tokens", 0),
+            "eval_duration": now - first,
+        }
+
+
+def _piece(model: str, text: str, calls: list[dict[str, Any]] | None, generate: bool) -> dict[str, Any]:
+    head: dict[str, Any] = {"model": model, "created_at": _now()}
+    if generate:
+        return {**head, "response": text, "done": False}
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        message["tool_calls"] = _tool_calls_out(calls)
+    return {**head, "message": message, "done": False}
+
+
+def _line(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, ensure_ascii=False).encode() + b"\n"
+
+
+async def _run(request: Request, req: ChatCompletionRequest, generate: bool, stream: bool) -> Response:
+    service = _state(request).chat
+    timing = Timing()
+    if not stream:
+        result = (await service.complete(req, request.is_disconnected)).to_json()
+        choice = result["choices"][0]
+        timing.token()
+        text = choice["message"].get("content") or ""
+        answer = _piece(req.model, text, choice["message"].get("tool_calls"), generate)
+        answer.update(timing.final(result["usage"], choice["finish_reason"]))
+        if generate:
+            answer["context"] = []
+        return JSONResponse(answer)
+    events = await service.stream(req, request.is_disconnected)
+
+    async def lines() -> AsyncIterator[bytes]:
+        usage: dict[str, Any] | None = None
+        reason: str | None = None
+        async for event in events:
+            if not event.startswith("data: "):
+                continue
+            data = event[6:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                yield _line(error_body(chunk["error"].get("message", "generation failed")))
+                return
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices", ()):
+                delta = choice.get("delta", {})
+                if delta.get("content") or delta.get("tool_calls"):
+                    timing.token()
+                    yield _line(
+                        _piece(req.model, delta.get("content") or "", delta.get("tool_calls"), generate)
+                    )
+                reason = choice.get("finish_reason") or reason
+        final = _piece(req.model, "", None, generate)
+        final.update(timing.final(usage, reason))
+        if generate:
+            final["context"] = []
+        yield _line(final)
+
+    return StreamingResponse(lines(), media_type=NDJSON, background=BackgroundTask(events.close))
+
+
+def _state(request: Request) -> AppState:
+    state: AppState = request.app.state.pendra
+    return state
+
+
+async def _load_only(request: Request, body: dict[str, Any], generate: bool) -> Response:
+    """An empty prompt (or no messages) loads the model, or with keep_alive 0 unloads it: how
+    Ollama's clients preload and free models."""
+    registry = _state(request).registry
+    model = await registry.find(body["model"])
+    keep_alive = body.get("keep_alive")
+    async with registry.use(model.name, model.purpose or "chat", keep_alive):
+        pass
+    unloading = keep_alive in (0, "0", "0s", "0m")
+    head: dict[str, Any] = {"model": model.name, "created_at": _now()}
+    head.update({"response": ""} if generate else {"message": {"role": "assistant", "content": ""}})
+    return JSONResponse({**head, "done": True, "done_reason": "unload" if unloading else "load"})
+
+
+@router.post("/chat")
+@answer_errors
+async def chat(request: Request) -> Response:
+    body = await _body(request)
+    if not body.get("messages"):
+        return await _load_only(request, body, generate=False)
+    return await _run(request, chat_request(body), generate=False, stream=streams(body))
+
+
+@router.post("/generate")
+@answer_errors
+async def generate(request: Request) -> Response:
+    body = await _body(request)
+    if not body.get("prompt"):
+        return await _load_only(request, body, generate=True)
+    return await _run(request, generate_request(body), generate=True, stream=streams(body))
+
+
+async def _embed(request: Request, body: dict[str, Any], inputs: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {"model": body["model"], "input": inputs, "truncate": body.get("truncate", True)}
+    for key in ("dimensions", "keep_alive"):
+        if key in body:
+            fields[key] = body[key]
+    raw = await _state(request).embeddings.embed(EmbeddingRequest.model_validate(fields))
+    return dict(json.loads(raw))
+
+
+@router.post("/embed")
+@answer_errors
+async def embed(request: Request) -> Response:
+    body = await _body(request)
+    started = time.perf_counter_ns()
+    inputs = body.get("input")
+    if not isinstance(inputs, str | list) or inputs == []:
+        raise InvalidRequest("input must be a string or a list of strings", param="input")
+    result = await _embed(request, body, inputs)
+    return JSONResponse(
+        {
+            "model": body["model"],
+            "embeddings": [item["embedding"] for item in sorted(result["data"], key=lambda d: d["index"])],
+            "total_duration": time.perf_counter_ns() - started,
+            "load_duration": 0,
+            "prompt_eval_count": result["usage"]["prompt_tokens"],
+        }
+    )
+
+
+@router.post("/embeddings")
+@answer_errors
+async def embeddings(request: Request) -> Response:
+    """The older, single-input form: `prompt` in, `embedding` out."""
+    body = await _body(request)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise InvalidRequest("prompt must be a non-empty string", param="prompt")
+    result = await _embed(request, body, prompt)
+    return JSONResponse({"embedding": result["data"][0]["embedding"]})
+
+
+@router.get("/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    registry = _state(request).registry
+    now = datetime.now(UTC)
+    models = []
+    for loaded in registry.loaded_models():
+        if loaded.in_flight or loaded.keep_alive_s is None:
+            expires = now + timedelta(days=3650)  # busy, or kept for ever
+        else:
+            idle = time.monotonic() - loaded.last_used
+            expires = now + timedelta(seconds=max(0.0, loaded.keep_alive_s - idle))
+        on_gpu = registry.gpu and loaded.engine.config.n_gpu_layers != 0
+        models.append(running(loaded.model, loaded.memory_bytes, expires, on_gpu, loaded.engine.n_ctx))
+    return {"models": models}
