@@ -65,6 +65,7 @@ class UpstreamMetrics:
 
 # The inference service's routes outside /v1 that the gateway passes on as they are.
 PASSED = {
+    "/rerank": ["POST"],
     "/tokenize": ["POST"],
     "/detokenize": ["POST"],
     # Ollama's model-running routes (pendra_inference.ollama); its store routes are the gateway's.

@@ -21,11 +21,14 @@ from pendra_shared.service import serve_http
 from pendra_shared.store import ModelStore
 
 from pendra_inference.chat import ChatService
+from pendra_inference.completions import CompletionService
 from pendra_inference.doctor import preflight
 from pendra_inference.embeddings import EmbeddingService
 from pendra_inference.engine import LlamaEngine
 from pendra_inference.metrics import InferenceMetrics, LoadedModel
 from pendra_inference.registry import EngineFactory, ModelRegistry
+from pendra_inference.rerank import RerankService
+from pendra_inference.responses import ResponseService
 from pendra_inference.routes import router
 from pendra_inference.scheduler import Scheduler
 from pendra_inference.state import AppState
@@ -49,12 +52,16 @@ class InferenceRuntime:
         self.registry = ModelRegistry(
             settings, store, engine_factory or LlamaEngine, metrics=inference_metrics
         )
+        chat = ChatService(self.registry)
         self.state = AppState(
             self.registry,
-            ChatService(self.registry),
+            chat,
             EmbeddingService(self.registry, settings.max_embedding_inputs),
             inference_metrics,
             TokenService(self.registry),
+            CompletionService(chat),
+            RerankService(self.registry),
+            ResponseService(chat),
         )
         inference_metrics.service.on_scrape(self._refresh_metrics)
         self._stop = asyncio.Event()

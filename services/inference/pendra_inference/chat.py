@@ -382,13 +382,13 @@ class EventStream:
 
     def __init__(self, events: AsyncIterator[str], end: Callable[[], None]) -> None:
         self.events = events
-        self._end = end
+        self.end = end
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self.events
 
     async def close(self) -> None:
-        self._end()
+        self.end()
 
 
 class ChatService:

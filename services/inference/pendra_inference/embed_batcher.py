@@ -56,7 +56,7 @@ class EmbedBatcher:
         self.name = name
         self.max_tokens, self.max_sequences = engine.embed_limits
         self.token_budget = min(token_budget, self.max_tokens)
-        self.n_embd = engine.n_embd
+        self.n_embd = engine.output_width  # a reranker's rows are its scores
         self._cond = threading.Condition()  # guards everything below
         self._queue: deque[_Request] = deque()
         self._live: set[_Request] = set()  # requests not finished

@@ -18,6 +18,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 from llama_cpp import Llama
+from pendra_shared.gguf_info import RANK_POOLING
 
 from pendra_inference.backends import activate
 
@@ -105,6 +106,16 @@ class LlamaEngine:
     def n_embd(self) -> int:
         return int(self.llm.n_embd())
 
+    @property
+    def ranks(self) -> bool:
+        """A reranker: its context pools by rank, one relevance score per sequence."""
+        return self.config.embedding and int(llama_cpp.llama_pooling_type(self.llm._ctx.ctx)) == RANK_POOLING
+
+    @property
+    def output_width(self) -> int:
+        """Numbers per pooled sequence: the embedding's width, or a reranker's scores (one)."""
+        return max(1, int(llama_cpp.llama_model_n_cls_out(self.model))) if self.ranks else self.n_embd
+
     def token_text(self, token: int) -> str:
         if token < 0:
             return ""
@@ -140,7 +151,8 @@ class LlamaEngine:
 
     def embed_decode(self, inputs: list[list[int]]) -> np.ndarray:
         """One llama.cpp decode of `inputs`, each its own sequence: their pooled, L2-normalized
-        embeddings as float32 rows. Together they must fit `embed_limits`."""
+        embeddings as float32 rows (a reranker's: its raw scores). Together they must fit
+        `embed_limits`."""
         max_tokens, max_sequences = self.embed_limits
         total = sum(len(tokens) for tokens in inputs)
         if not inputs or total > max_tokens or len(inputs) > max_sequences:
@@ -159,13 +171,15 @@ class LlamaEngine:
         finally:
             batch.reset()
         self.decode_calls += 1
-        n_embd = self.n_embd
-        pooled = np.empty((len(inputs), n_embd), dtype=np.float64)
+        width = self.output_width
+        pooled = np.empty((len(inputs), width), dtype=np.float64)
         for seq in range(len(inputs)):
             ptr = llama_cpp.llama_get_embeddings_seq(ctx.ctx, seq)
             if not ptr:
                 raise RuntimeError("llama.cpp returned no pooled embedding (is the pooling type none?)")
-            pooled[seq] = np.ctypeslib.as_array(ptr, shape=(n_embd,))
+            pooled[seq] = np.ctypeslib.as_array(ptr, shape=(width,))
+        if self.ranks:
+            return pooled.astype(np.float32)  # scores, not directions: never normalized
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         np.divide(pooled, norms, out=pooled, where=(norms > 0) & np.isfinite(norms))
         return pooled.astype(np.float32)
@@ -176,7 +190,7 @@ class LlamaEngine:
         limit allow; a sequence longer than the budget is decoded alone."""
         max_tokens, max_sequences = self.embed_limits
         budget = min(token_budget or max_tokens, max_tokens)
-        out = np.empty((len(inputs), self.n_embd), dtype=np.float32)
+        out = np.empty((len(inputs), self.output_width), dtype=np.float32)
         start = used = 0
         for i, tokens in enumerate(inputs):
             if len(tokens) > max_tokens:

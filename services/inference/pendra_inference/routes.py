@@ -15,6 +15,7 @@ from pendra_shared.store import StoredModel
 from starlette.background import BackgroundTask
 
 from pendra_inference import __version__, jsonbody, ollama
+from pendra_inference.completions import CompletionRequest
 from pendra_inference.limits import RequestLimits
 from pendra_inference.protocol import (
     ChatCompletionRequest,
@@ -22,6 +23,8 @@ from pendra_inference.protocol import (
     ModelCard,
     ModelList,
 )
+from pendra_inference.rerank import RerankRequest
+from pendra_inference.responses import ResponseRequest
 from pendra_inference.state import AppState
 from pendra_inference.tokens import DetokenizeRequest, TokenizeRequest
 
@@ -175,9 +178,43 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return JSONResponse(result.to_json())
 
 
+@strict_json.post("/v1/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    service = _state(request).completions
+    if body.stream:
+        events = await service.stream(body, request.is_disconnected)
+        return StreamingResponse(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            background=BackgroundTask(events.close),
+        )
+    return JSONResponse(await service.complete(body, request.is_disconnected))
+
+
+@strict_json.post("/v1/responses", response_model=None)
+async def responses(body: ResponseRequest, request: Request) -> Response:
+    service = _state(request).responses
+    if body.stream:
+        events = await service.stream(body, request.is_disconnected)
+        return StreamingResponse(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            background=BackgroundTask(events.close),
+        )
+    return JSONResponse(await service.create(body, request.is_disconnected))
+
+
 @strict_json.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     return Response(await _state(request).embeddings.embed(body), media_type="application/json")
+
+
+@strict_json.post("/v1/rerank")
+@strict_json.post("/rerank")
+async def rerank(body: RerankRequest, request: Request) -> dict[str, Any]:
+    return await _state(request).rerank.rerank(body)
 
 
 @strict_json.post("/tokenize")
