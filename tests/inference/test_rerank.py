@@ -5,11 +5,17 @@ comes first; the shape is Jina's and Cohere's (results best first with their `in
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
+import llama_cpp
+import pytest
+from pendra_inference.engine import EngineConfig, LlamaEngine
+from pendra_shared.store import ModelStore
 
 from tests.inference.conftest import CHAT, GEMMA_EMBED
+from tests.support.rerankers import rank_pooling_copy
 from tests.support.server import ServerProcess
 
 QUERY = "What is the capital of France?"
@@ -58,3 +64,42 @@ def test_bad_requests_are_refused(server: ServerProcess) -> None:
     empty = rerank(server, model=GEMMA_EMBED, query=QUERY, documents=["fine", {"text": ""}])
     assert empty.status_code == 400 and empty.json()["error"]["param"] == "documents[1]"
     assert rerank(server, model="nope:1", query=QUERY, documents=DOCUMENTS).status_code == 404
+
+
+def test_a_rank_pooling_model_scores_pairs_as_llama_server_builds_them(
+    server: ServerProcess, served_store: Path, minilm_path: Path, tmp_path: Path
+) -> None:
+    """llama.cpp's rerank path: the pairs, the pooled score of each, batched equal to one at a
+    time (computed here, in this process, by llama.cpp itself), sorted, cut to top_n."""
+    derived = rank_pooling_copy(minilm_path, tmp_path / "rank-minilm.gguf")
+    ModelStore(served_store).import_file(derived, name="rank-minilm:test")
+    answer = rerank(server, model="rank-minilm:test", query=QUERY, documents=DOCUMENTS)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["meta"] == {"method": "cross-encoder"}
+    served = {r["index"]: r["relevance_score"] for r in body["results"]}
+    assert [r["index"] for r in body["results"]] == sorted(served, key=lambda i: -served[i])
+
+    engine = LlamaEngine(
+        derived,
+        EngineConfig(n_ctx=512, n_batch=512, n_ubatch=512, n_threads=None, n_gpu_layers=0, embedding=True),
+    )
+    try:
+        assert engine.ranks and engine.output_width == 1
+        vocab = engine.vocab
+        cls, sep = llama_cpp.llama_vocab_bos(vocab), llama_cpp.llama_vocab_eos(vocab)
+
+        def pair(doc: str) -> list[int]:
+            q = engine.tokenize(QUERY, add_bos=False, special=False)
+            d = engine.tokenize(doc, add_bos=False, special=False)
+            return [cls, *q, sep, *d, sep]  # MiniLM's vocabulary adds no extra separator
+
+        alone = [float(engine.embed([pair(doc)])[0, 0]) for doc in DOCUMENTS]
+    finally:
+        engine.close()
+    # The same pairs and head: equal up to the batched decode's float16 rounding, in the same order.
+    assert [served[i] for i in range(len(DOCUMENTS))] == pytest.approx(alone, abs=2e-3)
+    assert [r["index"] for r in body["results"]] == sorted(range(len(DOCUMENTS)), key=lambda i: -alone[i])
+    assert len({round(s, 4) for s in alone}) == len(DOCUMENTS)  # scores, not a constant
+    top = rerank(server, model="rank-minilm:test", query=QUERY, documents=DOCUMENTS, top_n=1).json()
+    assert [r["index"] for r in top["results"]] == [body["results"][0]["index"]]

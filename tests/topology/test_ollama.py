@@ -129,6 +129,54 @@ def test_embeddings_and_ps(client: ollama.Client) -> None:
     assert {CHAT, EMBED} <= set(running) and running[CHAT].size and running[CHAT].size > 253_113_024
 
 
+def test_keep_alive_loads_and_unloads_like_ollama(client: ollama.Client) -> None:
+    loaded = client.generate(CHAT, prompt="", keep_alive="10m")
+    assert loaded.done and loaded.done_reason == "load"
+    unloaded = client.generate(CHAT, prompt="", keep_alive=0)
+    assert unloaded.done_reason == "unload"
+    assert CHAT not in {m.model for m in client.ps().models}
+
+
+def test_tools_are_offered_to_the_model(client: ollama.Client) -> None:
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    answer = client.chat(
+        CHAT,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[weather],
+        options={"temperature": 0, "num_predict": 40},
+    )
+    assert answer.done
+    for call in answer.message.tool_calls or []:  # a base model may or may not call it
+        assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
+    # A tool's result goes back as Ollama sends it: role "tool" with the tool's name.
+    follow = client.chat(
+        CHAT,
+        messages=[
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+            },
+            {"role": "tool", "content": "Sunny, 21 C", "tool_name": "get_weather"},
+        ],
+        tools=[weather],
+        options={"num_predict": 8},
+    )
+    assert follow.done and follow.eval_count == 8
+
+
 def test_langchain_chat_ollama(served: str) -> None:
     from langchain_ollama import ChatOllama
 

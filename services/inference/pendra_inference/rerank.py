@@ -17,6 +17,7 @@ import asyncio
 import uuid
 from typing import Any
 
+import llama_cpp
 import numpy as np
 from pendra_shared.api_errors import InvalidRequest, WrongPurpose
 from pydantic import Field, StrictInt
@@ -50,24 +51,23 @@ def texts_of(req: RerankRequest) -> list[str]:
 
 
 def pair_tokens(loaded: Loaded, query: str, documents: list[str]) -> list[list[int]]:
-    """`[CLS] query [SEP] document [SEP]` for each document, the document cut to fit the batch."""
+    """Each (query, document) pair as llama-server builds it for a reranker without a rerank
+    template: `[BOS] query [EOS] [SEP, where the vocabulary adds one] document [EOS]` (BERT:
+    `[CLS] q [SEP] d [SEP]`), the document cut to fit the batch."""
     engine = loaded.engine
+    vocab = engine.vocab
     limit = min(engine.n_ctx, engine.llm.n_batch)
-    head = engine.tokenize(query, add_bos=True)
-    bos = engine.llm.token_bos()
-    pairs = []
-    for text in documents:
-        tail = engine.tokenize(text, add_bos=True)
-        if tail and tail[0] == bos:
-            tail = tail[1:]
-        if len(head) + len(tail) > limit:
-            if len(head) >= limit - 1:
-                raise InvalidRequest(
-                    f"the query is longer than this model takes ({limit} tokens)", param="query"
-                )
-            tail = tail[: limit - len(head) - 1] + tail[-1:]
-        pairs.append(head + tail)
-    return pairs
+    eos = llama_cpp.llama_vocab_eos(vocab)
+    if eos == llama_cpp.LLAMA_TOKEN_NULL:
+        eos = llama_cpp.llama_vocab_sep(vocab)
+    end = [eos] if llama_cpp.llama_vocab_get_add_eos(vocab) else []
+    head = [llama_cpp.llama_vocab_bos(vocab)] if llama_cpp.llama_vocab_get_add_bos(vocab) else []
+    head += engine.tokenize(query, add_bos=False, special=False) + end
+    head += [llama_cpp.llama_vocab_sep(vocab)] if llama_cpp.llama_vocab_get_add_sep(vocab) else []
+    if len(head) + len(end) >= limit:
+        raise InvalidRequest(f"the query is longer than this model takes ({limit} tokens)", param="query")
+    room = limit - len(head) - len(end)
+    return [head + engine.tokenize(text, add_bos=False, special=False)[:room] + end for text in documents]
 
 
 def single_tokens(loaded: Loaded, texts: list[str]) -> list[list[int]]:
