@@ -55,6 +55,10 @@ class CatalogueEntry(BaseModel):
             "addresses, as PENDRA_ALLOW_PRIVATE_SOURCES allows for every entry: a LAN mirror."
         ),
     )
+    purpose_from_header: bool = Field(
+        default=False,
+        description="Record the purpose the verified file's GGUF header gives (hf.co installs).",
+    )
     parameters: str | None = None
     quantization: str | None = None
     context_length: int | None = Field(default=None, gt=0)

@@ -28,7 +28,8 @@ Naming: family is the repo name less a `-GGUF` suffix, lowercased, with any char
 cannot hold turned into `-` (`names.name_for_file`); tag is the quant lowercased (for a repo's
 only GGUF taken without a quant, the quant its file name shows, else `latest`). So
 `hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q8_0` installs as `llama-3.2-1b-instruct:q8_0`. The
-purpose is recorded as "chat"; the store reads the real one from the GGUF header.
+purpose is the one the verified file's GGUF header gives (the installer reads it before it
+writes the sidecar, for any entry marked `purpose_from_header`).
 """
 
 from __future__ import annotations
@@ -116,8 +117,17 @@ def resolve(
 ) -> CatalogueEntry:
     """The catalogue entry for `ref`: one single-file GGUF of the repo, pinned to its LFS SHA-256."""
     endpoint = endpoint.rstrip("/")
+    origin = urlparse(endpoint)[:2]
+
+    def same_origin(request: httpx.Request) -> None:
+        # Checked before each request is sent, redirects included: nothing leaves the endpoint.
+        if (request.url.scheme, request.url.netloc.decode()) != origin:
+            raise SourceRefused(f"{ref}: the Hugging Face API at {endpoint} redirected to {request.url.host}")
+
     own = client is None
-    http = client or httpx.Client(timeout=timeout_s, follow_redirects=True)
+    http = client or httpx.Client(
+        timeout=timeout_s, follow_redirects=True, event_hooks={"request": [same_origin]}
+    )
     try:
         files = _list_files(ref, endpoint, http)
     finally:
@@ -137,7 +147,8 @@ def resolve(
     revision = quote(ref.revision, safe="")
     return CatalogueEntry(
         name=f"{family}:{quant.lower() if quant else 'latest'}",
-        purpose="chat",  # the store reads the real purpose from the GGUF header
+        purpose="chat",  # until the file is verified: then its header says (purpose_from_header)
+        purpose_from_header=True,
         gguf_url=f"{endpoint}/{ref.owner}/{ref.repo}/resolve/{revision}/{quoted}",
         gguf_sha256=str(oid),
         size_bytes=size,

@@ -304,13 +304,15 @@ class Installer:
             report(Progress("verifying", verified.st_size, verified.st_size))
             started = time.monotonic()
             try:
-                read_gguf_facts(partial)
+                facts = read_gguf_facts(partial)
             except InvalidGGUF as exc:
                 discard()
                 raise InstallError(
                     f"{entry.name}: the verified download is not a usable GGUF: {exc}"
                 ) from None
             self._verified(time.monotonic() - started + self._hashing_s.pop(partial, 0.0))
+            if entry.purpose_from_header:  # an hf.co file: no catalogue says what it is for
+                entry = entry.model_copy(update={"purpose": facts.purpose})
             self._place(entry, partial, target, verified)
         except (InstallCancelled, SourceRefused):
             discard()

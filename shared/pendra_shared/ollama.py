@@ -8,25 +8,26 @@ where a sidecar records one. Durations on Ollama's routes are nanoseconds.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
+from pendra_shared import jsonbody
 from pendra_shared.store import StoredModel
 
 # The Ollama API level Pendra answers as (`GET /api/version`): clients that compare versions see
 # one that has every route Pendra serves; `pendra` in the same answer is Pendra's own version.
 OLLAMA_VERSION = "0.12.0"
 NDJSON = "application/x-ndjson"
+MAX_DEPTH = 64  # tools' JSON schemas nest; nothing an Ollama client sends goes deeper
 
 
 def parse_body(raw: bytes) -> tuple[dict[str, Any], str]:
     """A request body as Ollama's routes take it, and the model it names (`model`, or `name` as
     older clients send it); ValueError says what is wrong with it."""
     try:
-        body = json.loads(raw or b"{}")
-    except (ValueError, RecursionError):
-        raise ValueError("the request body is not valid JSON") from None
+        body = jsonbody.loads(raw or b"{}", MAX_DEPTH)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ValueError("the request body must be a JSON object")
     name = body.get("model") or body.get("name")

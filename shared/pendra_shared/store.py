@@ -153,6 +153,21 @@ class StoredModel:
         }
 
 
+def by_name(models: list[StoredModel], name: str) -> StoredModel | None:
+    """The model `name` means, Ollama style: that exact name; or, for a name without a tag, the
+    family's catalogue default that is installed, else its `latest`, else its only model."""
+    exact = next((m for m in models if m.name == name), None)
+    if exact is not None or ":" in name:
+        return exact
+    family = [m for m in models if m.name.partition(":")[0] == name]
+    defaults = [m for m in family if m.sidecar and (m.sidecar.catalogue or {}).get("default")]
+    latest = [m for m in family if m.name == f"{name}:latest"]
+    for group in (defaults, latest, family):
+        if len(group) == 1:
+            return group[0]
+    return None
+
+
 @dataclass(frozen=True)
 class Verification:
     """What re-hashing a model's file found. `matches` is None when no sidecar records a sha256."""

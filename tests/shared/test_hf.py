@@ -237,7 +237,8 @@ def test_the_entry_is_pinned_to_the_lfs_oid(hub: FakeHub) -> None:
     assert entry.gguf_url == (
         f"{hub.endpoint}/owner/Model-GGUF/resolve/refs%2Fpr%2F1/Q4%20files/Model%20%231%2Bx-Q4_K_M.gguf"
     )
-    assert (entry.name, entry.purpose, entry.quantization) == ("model:q4_k_m", "chat", "Q4_K_M")
+    assert (entry.name, entry.quantization) == ("model:q4_k_m", "Q4_K_M")
+    assert entry.purpose_from_header  # the verified file's header says what it is for
     assert entry.source == "hf.co/owner/Model-GGUF" and entry.allow_private is False
     assert entry.description is not None and "owner/Model-GGUF" in entry.description
 
@@ -350,3 +351,24 @@ def test_installs_the_real_gemma_through_a_resolved_entry(
     assert (sidecar["sha256"], sidecar["source_url"]) == (GEMMA_SHA256, entry.gguf_url)
     (model,) = store.scan().models
     assert (model.name, model.status) == ("gemma-3-270m-it:q4_k_m", "ready")
+
+
+@pytest.mark.parametrize(("arch", "pooling", "purpose"), [("bert", None, "embedding"), ("bert", 4, "rerank")])
+def test_an_hf_install_records_the_purpose_its_header_gives(
+    hub: FakeHub, store_dir: Path, arch: str, pooling: int | None, purpose: str
+) -> None:
+    served = hub.files.root / "owner/Model-GGUF/resolve/main/Model-Q4_K_M.gguf"
+    served.parent.mkdir(parents=True)
+    write_gguf(served, arch=arch, **({"pooling_type": pooling} if pooling else {}))  # type: ignore[arg-type]
+    sha = hashlib.sha256(served.read_bytes()).hexdigest()
+    hub.tree(lfs("Model-Q4_K_M.gguf", sha=sha, size=served.stat().st_size))
+    store = ModelStore(store_dir)
+    result = installer(store).install(resolve(ref(), hub.endpoint))
+    sidecar = json.loads(result.model.path.with_name(result.model.path.name + ".meta.json").read_text())
+    assert sidecar["purpose"] == purpose and result.model.purpose == purpose
+
+
+def test_a_redirect_off_the_endpoint_is_refused_before_it_is_followed(hub: FakeHub) -> None:
+    hub.replies[TREE] = (302, {"Location": "http://127.0.0.2:9/elsewhere"}, b"")
+    with pytest.raises(SourceRefused, match="redirected to 127.0.0.2"):
+        resolve(ref(), hub.endpoint)  # a connection there would fail with TransientDownloadError

@@ -135,6 +135,8 @@ def test_keep_alive_loads_and_unloads_like_ollama(client: ollama.Client) -> None
     unloaded = client.generate(CHAT, prompt="", keep_alive=0)
     assert unloaded.done_reason == "unload"
     assert CHAT not in {m.model for m in client.ps().models}
+    again = client.generate(CHAT, prompt="", keep_alive=0)  # stopping one not loaded loads nothing
+    assert again.done_reason == "unload" and CHAT not in {m.model for m in client.ps().models}
 
 
 def test_tools_are_offered_to_the_model(client: ollama.Client) -> None:
@@ -185,6 +187,41 @@ def test_langchain_chat_ollama(served: str) -> None:
     pieces = [chunk.content for chunk in llm.stream("Say hello.")]
     assert len([p for p in pieces if p]) >= 2
     llm._client.close()  # LangChain leaves its ollama client open
+
+
+def test_malformed_bodies_are_400s_in_ollamas_shape(served: str) -> None:
+    bad = [
+        ("/api/chat", b'{"model": "gemma3:270m", "messages": [{"role": "user", "content": "\\ud800"}]}'),
+        ("/api/generate", b'{"model": "gemma3:270m", "prompt": "hi", "options": [1]}'),
+        ("/api/generate", b'{"model": "gemma3:270m", "prompt": "hi", "options": {"temperature": NaN}}'),
+        ("/api/generate", b'{"model": "gemma3:270m", "prompt": "", "keep_alive": [1]}'),
+        (
+            "/api/chat",
+            b'{"model": "gemma3:270m", "messages": [{"role": "user", "content": "hi"}], "format": 3}',
+        ),
+        ("/api/embed", b'{"model": "gemma-embed:270m", "input": 5}'),
+        ("/api/show", b'{"model": "\\udfff"}'),
+        ("/api/chat", b"[" * 200 + b"]" * 200),
+    ]
+    for path, body in bad:
+        answer = httpx.post(f"{served}{path}", content=body, timeout=60)
+        assert answer.status_code == 400, (path, body, answer.status_code, answer.text)
+        assert set(answer.json()) == {"error"}, answer.text
+
+
+def test_durations_and_family_names(client: ollama.Client) -> None:
+    answer = client.chat(
+        "gemma3", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 10}, stream=False
+    )
+    assert answer.eval_count == 10 and answer.eval_duration and answer.prompt_eval_duration
+    speed = answer.eval_count / (answer.eval_duration / 1e9)
+    assert 1 < speed < 5000, f"{speed:.0f} tokens/s is not this CPU's decode speed"  # not 90,000
+    assert (
+        answer.total_duration and answer.total_duration >= answer.eval_duration + answer.prompt_eval_duration
+    )
+    # An unbounded keep_alive keeps the model for ever, and /api/ps still answers.
+    client.generate(CHAT, prompt="", keep_alive="100000000h")
+    assert CHAT in {m.model for m in client.ps().models}
 
 
 def test_errors_are_ollamas_shape(client: ollama.Client, served: str) -> None:

@@ -26,7 +26,7 @@ from pendra_shared.errors import InvalidModelName, ModelNotFound
 from pendra_shared.gguf_header import HeaderError, read_header
 from pendra_shared.jobs import Job, JobState
 from pendra_shared.ollama import NDJSON, OLLAMA_VERSION, capabilities, details, error_body, parse_body, tag
-from pendra_shared.store import StoredModel
+from pendra_shared.store import StoredModel, by_name
 
 from pendra_api import __version__, management
 from pendra_api.management import Management
@@ -63,10 +63,10 @@ class _Refused(Exception):
 
 async def _stored(request: Request, name: str) -> StoredModel:
     scan = await asyncio.to_thread(_m(request).store.scan)
-    for model in scan.valid:
-        if model.name == name or (":" not in name and model.name == f"{name}:latest"):
-            return model
-    raise _Refused(404, f"model '{name}' not found")
+    model = by_name(scan.valid, name)
+    if model is None:
+        raise _Refused(404, f"model '{name}' not found")
+    return model
 
 
 @router.get("/version")

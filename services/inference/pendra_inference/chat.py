@@ -20,9 +20,9 @@ from typing import Any, cast
 
 import llama_cpp
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from pendra_shared import jsonbody
 from pendra_shared.api_errors import APIError, ContextLengthExceeded, InvalidRequest, error_body
 
-from pendra_inference import jsonbody
 from pendra_inference.limits import RequestLimits, check_chat, check_grammar, surely_longer
 from pendra_inference.metrics import InferenceMetrics, Outcome, counted
 from pendra_inference.protocol import (

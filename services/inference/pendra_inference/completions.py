@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from pendra_shared.api_errors import InvalidRequest
+from pendra_shared.api_errors import APIError, InvalidRequest
 from pydantic import Field, StrictInt
 
 from pendra_inference.chat import FINGERPRINT, ChatService, EventStream
@@ -138,9 +138,13 @@ class CompletionService:
         self, req: CompletionRequest, is_disconnected: Callable[[], Awaitable[bool]]
     ) -> dict[str, Any]:
         prompts = prompts_of(req)
-        results = await asyncio.gather(
-            *(self.chat.complete(chat_for(req, p), is_disconnected) for p in prompts)
-        )
+        requests = [chat_for(req, p) for p in prompts]
+        try:
+            async with asyncio.TaskGroup() as group:  # one prompt refused: the others are stopped
+                tasks = [group.create_task(self.chat.complete(r, is_disconnected)) for r in requests]
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None  # the first refusal, as one request's would be
+        results = [task.result() for task in tasks]
         choices = []
         for i, (prompt, result) in enumerate(zip(prompts, results, strict=True)):
             for choice in result.to_json()["choices"]:
@@ -191,7 +195,12 @@ class CompletionService:
             usages = []
             for p, prompt in enumerate(prompts):
                 if p:
-                    current[0] = await self.chat.stream(chat_for(req, prompt), is_disconnected)
+                    try:
+                        current[0] = await self.chat.stream(chat_for(req, prompt), is_disconnected)
+                    except APIError as exc:  # the stream has started: the error goes inside it
+                        yield f"data: {json.dumps(exc.body())}\n\n"
+                        yield "data: [DONE]\n\n"
+                        return
                 if req.echo:
                     for j in range(req.n):
                         yield chunk(p * req.n + j, prompt, None)

@@ -18,6 +18,7 @@ API service's (`pendra_api.ollama`); the gateway passes these on to this service
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -60,6 +61,7 @@ class OllamaError(Exception):
 def answer_errors(handler: Handler) -> Handler:
     """Errors in Ollama's shape: Pendra's own (with their status) and malformed requests (400)."""
 
+    @functools.wraps(handler)
     async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
@@ -102,8 +104,7 @@ def _common(body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(options, dict):
         raise OllamaError(400, "options must be an object")
     out: dict[str, Any] = {ours: options[theirs] for theirs, ours in OPTIONS.items() if theirs in options}
-    if streams(body):
-        out.update(stream=True, stream_options={"include_usage": True})
+    out.update(stream=True, stream_options={"include_usage": True})  # see _run
     predict = options.get("num_predict")
     if isinstance(predict, int) and not isinstance(predict, bool) and predict > 0:
         out["max_tokens"] = predict
@@ -236,49 +237,56 @@ def _line(data: dict[str, Any]) -> bytes:
 
 
 async def _run(request: Request, req: ChatCompletionRequest, generate: bool, stream: bool) -> Response:
-    service = _state(request).chat
+    """Always generated as a stream (the first token's time is what Ollama's durations need);
+    sent as NDJSON lines, or gathered into one answer for `stream: false`."""
+    events = await _state(request).chat.stream(req, request.is_disconnected)
     timing = Timing()
-    if not stream:
-        result = (await service.complete(req, request.is_disconnected)).to_json()
-        choice = result["choices"][0]
-        timing.token()
-        text = choice["message"].get("content") or ""
-        answer = _piece(req.model, text, choice["message"].get("tool_calls"), generate)
-        answer.update(timing.final(result["usage"], choice["finish_reason"]))
-        if generate:
-            answer["context"] = []
-        return JSONResponse(answer)
-    events = await service.stream(req, request.is_disconnected)
 
-    async def lines() -> AsyncIterator[bytes]:
+    async def pieces() -> AsyncIterator[dict[str, Any]]:
         usage: dict[str, Any] | None = None
         reason: str | None = None
         async for event in events:
-            if not event.startswith("data: "):
-                continue
-            data = event[6:].strip()
+            data = event.removeprefix("data: ").strip()
             if data == "[DONE]":
                 break
             chunk = json.loads(data)
             if "error" in chunk:
-                yield _line(error_body(chunk["error"].get("message", "generation failed")))
+                yield error_body(chunk["error"].get("message", "generation failed"))
                 return
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices", ()):
                 delta = choice.get("delta", {})
                 if delta.get("content") or delta.get("tool_calls"):
                     timing.token()
-                    yield _line(
-                        _piece(req.model, delta.get("content") or "", delta.get("tool_calls"), generate)
-                    )
+                    yield _piece(req.model, delta.get("content") or "", delta.get("tool_calls"), generate)
                 reason = choice.get("finish_reason") or reason
         final = _piece(req.model, "", None, generate)
         final.update(timing.final(usage, reason))
         if generate:
             final["context"] = []
-        yield _line(final)
+        yield final
 
-    return StreamingResponse(lines(), media_type=NDJSON, background=BackgroundTask(events.close))
+    if stream:
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for piece in pieces():
+                yield _line(piece)
+
+        return StreamingResponse(lines(), media_type=NDJSON, background=BackgroundTask(events.close))
+    try:
+        gathered = [piece async for piece in pieces()]
+    finally:
+        await events.close()
+    final = gathered[-1]
+    if "error" in final:
+        return JSONResponse(final, status_code=500)
+    text = "".join(p["response"] if generate else p["message"]["content"] for p in gathered[:-1])
+    calls = [c for p in gathered[:-1] if not generate for c in p["message"].get("tool_calls", [])]
+    if generate:
+        final["response"] = text
+    else:
+        final["message"] = {"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}
+    return JSONResponse(final)
 
 
 def _state(request: Request) -> AppState:
@@ -292,9 +300,10 @@ async def _load_only(request: Request, body: dict[str, Any], generate: bool) -> 
     registry = _state(request).registry
     model = await registry.find(body["model"])
     keep_alive = body.get("keep_alive")
-    async with registry.use(model.name, model.purpose or "chat", keep_alive):
-        pass
-    unloading = keep_alive in (0, "0", "0s", "0m")
+    unloading = keep_alive in (0, "0", "0s", "0m", "0h")
+    if not (unloading and not registry.is_loaded(model.name)):  # stopping one not loaded: nothing to do
+        async with registry.use(model.name, model.purpose or "chat", keep_alive):
+            pass
     head: dict[str, Any] = {"model": model.name, "created_at": _now()}
     head.update({"response": ""} if generate else {"message": {"role": "assistant", "content": ""}})
     return JSONResponse({**head, "done": True, "done_reason": "unload" if unloading else "load"})

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 import time
@@ -37,7 +38,15 @@ from typing import Any
 from pendra_shared.api_errors import InvalidRequest, ModelNotFoundError, Unavailable, WrongPurpose
 from pendra_shared.config import Settings
 from pendra_shared.gguf_header import read_header
-from pendra_shared.store import FileIdentity, ModelStore, ScanResult, StoredModel, fd_path, open_regular
+from pendra_shared.store import (
+    FileIdentity,
+    ModelStore,
+    ScanResult,
+    StoredModel,
+    by_name,
+    fd_path,
+    open_regular,
+)
 from pendra_shared.store import identity_of as stat_identity
 
 from pendra_inference.backends import activate
@@ -53,6 +62,7 @@ Identity = FileIdentity
 EngineFactory = Callable[[Path, EngineConfig], LlamaEngine]
 Prober = Callable[..., ProbeResult]
 ENDPOINT_FOR = {"chat": "/v1/chat/completions", "embedding": "/v1/embeddings", "rerank": "/v1/rerank"}
+MAX_KEEP_ALIVE_S = 10 * 365 * 86400.0
 _DURATION_RE = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)?$")
 
 
@@ -60,6 +70,8 @@ def parse_keep_alive(value: str | int | float | None, default: float | None) -> 
     """Seconds to stay loaded when idle; None means forever. Ollama style: 30s, 5m, 1h, 0, -1."""
     if value is None:
         return default
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"keep_alive must be a duration such as 30s, 5m, 1h, 0 or -1, not {value!r}")
     if isinstance(value, int | float):
         seconds = float(value)
     else:
@@ -68,6 +80,8 @@ def parse_keep_alive(value: str | int | float | None, default: float | None) -> 
             raise ValueError(f"keep_alive {value!r} is not a duration such as 30s, 5m, 1h, 0 or -1")
         scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
         seconds = float(match.group(1)) * scale
+    if not math.isfinite(seconds) or seconds > MAX_KEEP_ALIVE_S:
+        return None  # longer than ten years: for ever, as -1 says
     return None if seconds < 0 else seconds
 
 
@@ -179,17 +193,17 @@ class ModelRegistry:
         return (await self.scan()).valid
 
     async def find(self, name: str) -> StoredModel:
-        for model in (await self.scan()).valid:
-            if model.name == name and model.path.exists():
-                return model
+        model = by_name((await self.scan()).valid, name)
+        if model is not None and model.path.exists():
+            return model
         # The watcher may not have told us yet (a model just installed or removed): look again.
         return self._lookup(await self.refresh(), name)
 
     @staticmethod
     def _lookup(scan: ScanResult, name: str) -> StoredModel:
-        for model in scan.valid:
-            if model.name == name:
-                return model
+        model = by_name(scan.valid, name)
+        if model is not None:
+            return model
         for model in scan.models:
             if name in (model.name, model.file_name) and model.error:
                 raise model_invalid(name, model.error)

@@ -123,6 +123,8 @@ def chat_for(req: ResponseRequest) -> ChatCompletionRequest:
         else:
             fields["tool_choice"] = choice
     fmt = (req.text or {}).get("format") or {"type": "text"}
+    if not isinstance(fmt, dict):
+        raise InvalidRequest("text.format must be an object with a type", param="text.format")
     if fmt.get("type") == "json_object":
         fields["response_format"] = {"type": "json_object"}
     elif fmt.get("type") == "json_schema":

@@ -9,12 +9,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
+from pendra_shared import jsonbody
 from pendra_shared.api_errors import NotSupported, Unavailable
 from pendra_shared.metrics import MEDIA_TYPE
 from pendra_shared.store import StoredModel
 from starlette.background import BackgroundTask
 
-from pendra_inference import __version__, jsonbody, ollama
+from pendra_inference import __version__, ollama
 from pendra_inference.completions import CompletionRequest
 from pendra_inference.limits import RequestLimits
 from pendra_inference.protocol import (
