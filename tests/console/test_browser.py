@@ -39,6 +39,9 @@ def installed_row(page: Any, name: str) -> Any:
 
 
 def to_bytes(text: str) -> float:
+    """ "253.1 MB" in bytes; "?" (no public record gives the size) sorts last."""
+    if text == "?":
+        return float("inf")
     number, unit = text.split()
     return float(number) * 1000 ** ["B", "KB", "MB", "GB", "TB"].index(unit)
 

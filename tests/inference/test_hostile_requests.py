@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pendra_shared.store import ModelStore
 
 from tests.inference.conftest import TINY, TINY_EMBED, TINY_N_CTX, TINY_SHAPE, TinyStore
 from tests.support.openai_schemas import validate
@@ -696,13 +697,22 @@ def test_odd_model_names_are_not_found(
     assert response.status_code in (400, 404), response.text
 
 
+def tiny_store_models(tiny_store: TinyStore) -> list[Any]:
+    return ModelStore(tiny_store.root).scan().valid
+
+
 def test_a_gguf_outside_the_store_is_never_served(http: httpx.Client, tiny_store: TinyStore) -> None:
     outside = tiny_store.root.parent / "tiny.gguf"  # the file the store's copies were made from
     assert outside.is_file()
-    for name in ("../tiny", "../tiny.gguf", "tiny", "tiny.gguf", "../../" + outside.parent.name + "/tiny"):
+    for name in ("../tiny", "../tiny.gguf", "tiny.gguf", "../../" + outside.parent.name + "/tiny"):
         response = chat(http, model=name)
         assert response.status_code == 404, response.text
         assert response.json()["error"]["code"] == "model_not_found"
+    # "tiny" alone is the family name of the store's own tiny:q8: served, from the store.
+    assert chat(http, model="tiny").json()["model"] == "tiny"
+    assert [m.name for m in tiny_store_models(tiny_store) if m.name.partition(":")[0] == "tiny"] == [
+        "tiny:q8"
+    ]
 
 
 # -- A20: keep_alive -------------------------------------------------------------------------------

@@ -80,7 +80,9 @@ def parse_keep_alive(value: str | int | float | None, default: float | None) -> 
             raise ValueError(f"keep_alive {value!r} is not a duration such as 30s, 5m, 1h, 0 or -1")
         scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
         seconds = float(match.group(1)) * scale
-    if not math.isfinite(seconds) or seconds > MAX_KEEP_ALIVE_S:
+    if not math.isfinite(seconds):
+        raise ValueError(f"keep_alive {value!r} is not a finite duration")
+    if seconds > MAX_KEEP_ALIVE_S:
         return None  # longer than ten years: for ever, as -1 says
     return None if seconds < 0 else seconds
 
