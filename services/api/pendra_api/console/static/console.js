@@ -171,7 +171,10 @@
 
   function restoreFocus() {
     const active = document.activeElement;
-    if (!lastFocus || (active && active !== document.body && active.isConnected)) return;
+    if (!lastFocus) return;
+    // Somewhere else on the page: leave it. On the row (our fallback, or htmx keeping the id of
+    // a replaced row): the button itself or its counterpart is better, once it is there.
+    if (active && active !== document.body && active.isConnected && active.id !== lastFocus.row) return;
     const ids = [lastFocus.id];
     const [, kind, rest] = lastFocus.id.match(/^(install|cancel)-(.*)$/) || [];
     if (kind) ids.push(`${kind === "install" ? "cancel" : "install"}-${rest}`);
