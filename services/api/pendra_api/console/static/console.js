@@ -169,7 +169,19 @@
     lastFocus = { id: event.target.id, row: event.target.closest("li[id]")?.id || null };
   });
 
+  // Where the keyboard goes once the lists are refreshed after a press: Install hands it to the
+  // Cancel that replaces it, and Cancel back to Install, whatever order the swaps settle in.
+  let pendingFocus = null;
+
   function restoreFocus() {
+    const pending = pendingFocus && document.getElementById(pendingFocus);
+    if (pending && !pending.disabled) {
+      pendingFocus = null;
+      restoring = true;
+      pending.focus();
+      restoring = false;
+      return;
+    }
     const active = document.activeElement;
     if (!lastFocus) return;
     // Somewhere else on the page: leave it. On the row (our fallback, or htmx keeping the id of
@@ -291,6 +303,8 @@
   document.body.addEventListener("click", async (event) => {
     const button = event.target.closest("button[data-install], button[data-cancel], button[data-uninstall]");
     if (!button) return;
+    const [, kind, rest] = button.id.match(/^(install|cancel)-(.*)$/) || [];
+    if (kind && document.activeElement === button) pendingFocus = `${kind === "install" ? "cancel" : "install"}-${rest}`;
     if (button.dataset.install) {
       button.disabled = true;
       button.textContent = "Starting…";
