@@ -390,6 +390,15 @@ class EventStream:
     async def close(self) -> None:
         self.end()
 
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        """The stream's events as the JSON objects they carry, up to `[DONE]`: for the adapters
+        (Ollama, completions, Responses) that answer in another shape."""
+        async for event in self.events:
+            data = event.removeprefix("data: ").strip()
+            if data == "[DONE]":
+                return
+            yield json.loads(data)
+
 
 class ChatService:
     def __init__(self, registry: ModelRegistry, metrics: InferenceMetrics | None = None) -> None:

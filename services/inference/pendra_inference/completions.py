@@ -204,13 +204,9 @@ class CompletionService:
                 if req.echo:
                     for j in range(req.n):
                         yield chunk(p * req.n + j, prompt, None)
-                async for event in current[0]:
-                    data = event.removeprefix("data: ").strip()
-                    if data == "[DONE]":
-                        break
-                    body = json.loads(data)
+                async for body in current[0].chunks():
                     if "error" in body:
-                        yield event
+                        yield f"data: {json.dumps(body)}\n\n"
                         yield "data: [DONE]\n\n"
                         return
                     if body.get("usage"):

@@ -245,11 +245,7 @@ async def _run(request: Request, req: ChatCompletionRequest, generate: bool, str
     async def pieces() -> AsyncIterator[dict[str, Any]]:
         usage: dict[str, Any] | None = None
         reason: str | None = None
-        async for event in events:
-            data = event.removeprefix("data: ").strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
+        async for chunk in events.chunks():
             if "error" in chunk:
                 yield error_body(chunk["error"].get("message", "generation failed"))
                 return

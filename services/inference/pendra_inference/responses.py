@@ -255,11 +255,7 @@ class ResponseService:
             finish: str | None = None
             opened = False
             item = {"item_id": assembly.message_id, "output_index": 0, "content_index": 0}
-            async for raw in events:
-                data = raw.removeprefix("data: ").strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
+            async for chunk in events.chunks():
                 if "error" in chunk:
                     error = chunk["error"]
                     yield event(

@@ -16,6 +16,7 @@ from pendra_shared.store import StoredModel
 from starlette.background import BackgroundTask
 
 from pendra_inference import __version__, ollama
+from pendra_inference.chat import EventStream
 from pendra_inference.completions import CompletionRequest
 from pendra_inference.limits import RequestLimits
 from pendra_inference.protocol import (
@@ -164,17 +165,23 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
     return _card(state, await state.registry.find(model_id))
 
 
+def _event_stream(events: EventStream) -> StreamingResponse:
+    """Server-sent events; `close` ends the request after the stream, or instead of it when the
+    client left before the first byte."""
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(events.close),
+    )
+
+
 @strict_json.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     service = _state(request).chat
     if body.stream:
         events = await service.stream(body, request.is_disconnected)
-        return StreamingResponse(
-            events,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            background=BackgroundTask(events.close),  # after the stream, or instead of it
-        )
+        return _event_stream(events)
     result = await service.complete(body, request.is_disconnected)
     return JSONResponse(result.to_json())
 
@@ -184,12 +191,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     service = _state(request).completions
     if body.stream:
         events = await service.stream(body, request.is_disconnected)
-        return StreamingResponse(
-            events,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            background=BackgroundTask(events.close),
-        )
+        return _event_stream(events)
     return JSONResponse(await service.complete(body, request.is_disconnected))
 
 
@@ -198,12 +200,7 @@ async def responses(body: ResponseRequest, request: Request) -> Response:
     service = _state(request).responses
     if body.stream:
         events = await service.stream(body, request.is_disconnected)
-        return StreamingResponse(
-            events,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            background=BackgroundTask(events.close),
-        )
+        return _event_stream(events)
     return JSONResponse(await service.create(body, request.is_disconnected))
 
 
