@@ -32,9 +32,11 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 libgomp1 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent pendra \
-    && mkdir /models && chown 10001:10001 /models
+    && mkdir /models /var/cache/pendra && chown 10001:10001 /models /var/cache/pendra
 COPY --from=build /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PENDRA_MODELS_DIR=/models \
+# PENDRA_CACHE_DIR: where the service remembers which CPU variant lives on this host (its home is
+# /nonexistent); compose keeps it on a volume, Kubernetes on an emptyDir.
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PENDRA_MODELS_DIR=/models PENDRA_CACHE_DIR=/var/cache/pendra \
     NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 10001:10001
 EXPOSE 8081

@@ -71,4 +71,7 @@ python3 scripts/llama_build.py sync -- --all-packages --locked
 "${uv[@]}" run --no-sync ruff check .
 "${uv[@]}" run --no-sync ruff format --check .
 "${uv[@]}" run --no-sync mypy
+# This host as the server sees it: its CPU, and the llama.cpp CPU variant that lived through the
+# self-check here (a build this host cannot run stops the run here, in one line).
+"${uv[@]}" run --no-sync pendra doctor
 "${uv[@]}" run --no-sync pytest "$@"

@@ -329,3 +329,19 @@ def test_prometheus_may_scrape_the_api_by_its_compose_name() -> None:
         assert not host_allowed("evil.example.net:8080", settings.allowed_host_list)
         if extra:
             assert host_allowed("pendra.example.com", settings.allowed_host_list)
+
+
+@pytest.mark.parametrize("files", COMBINATIONS)
+def test_inference_remembers_its_cpu_variant_where_it_may_write(files: tuple[str, ...]) -> None:
+    """A container on a host whose best CPU variant dies starts with the next one; the verdict is
+    kept in PENDRA_CACHE_DIR, which each inference image sets to a folder its user owns (its home,
+    /nonexistent, is not) and compose keeps on a volume across re-creations."""
+    for path in INFERENCE_IMAGES.values():
+        final = _final_stage(_dockerfile(path))
+        assert re.search(r"^ENV .*PENDRA_CACHE_DIR=/var/cache/pendra\b", final, re.MULTILINE), path
+        assert re.search(
+            r"mkdir [^&]*/var/cache/pendra && chown 10001:10001 [^&]*/var/cache/pendra", final
+        ), path
+    compose = load_compose(*files)
+    assert "inference-cache:/var/cache/pendra" in compose["services"]["inference"]["volumes"]
+    assert "inference-cache" in compose["volumes"]

@@ -225,7 +225,7 @@ def test_every_container_runs_unprivileged_with_limits(overlay: str) -> None:
             assert sc["readOnlyRootFilesystem"] is True, name
             assert {"cpu", "memory"} <= set(c["resources"]["requests"]) <= set(c["resources"]["limits"]), name
             writable = {m["mountPath"] for m in c.get("volumeMounts", []) if not m.get("readOnly")}
-            assert writable <= {"/tmp", "/data", "/models"}, (name, writable)
+            assert writable <= {"/tmp", "/data", "/models", "/var/cache/pendra"}, (name, writable)
 
 
 def test_monitoring_objects_scrape_the_services_and_carry_the_dashboard() -> None:
@@ -271,3 +271,19 @@ def test_the_documented_commands_name_real_overlays() -> None:
 def test_the_kustomization_files_are_plain_yaml() -> None:
     for path in Path(K8S).rglob("kustomization.yaml"):
         assert yaml.safe_load(path.read_text())["kind"] in ("Kustomization", "Component"), path
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_inference_keeps_its_cpu_variant_verdict_on_a_writable_volume(overlay: str) -> None:
+    """The image's PENDRA_CACHE_DIR (/var/cache/pendra) under a read-only root file system: an
+    emptyDir, so a restarted container skips the CPU variants that died in its pod."""
+    objects = rendered(overlay)
+    inference = container(objects, "inference")
+    (mount,) = [m for m in inference["volumeMounts"] if m["mountPath"] == "/var/cache/pendra"]
+    assert not mount.get("readOnly", False)
+    (volume,) = [
+        v
+        for v in pod_spec(find(objects, "Deployment", "pendra-inference"))["volumes"]
+        if v["name"] == mount["name"]
+    ]
+    assert volume == {"name": mount["name"], "emptyDir": {}}

@@ -41,6 +41,20 @@ def default_models_dir(platform: str | None = None, environ: Mapping[str, str] |
     return Path.home() / ".pendra" / "models"
 
 
+def default_cache_dir(platform: str | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """Where Pendra remembers what it learnt of this host (the user's cache): `$XDG_CACHE_HOME/pendra`
+    or `~/.cache/pendra`, `~/Library/Caches/Pendra` on macOS, `%LOCALAPPDATA%\\Pendra\\cache`."""
+    platform = sys.platform if platform is None else platform
+    environ = os.environ if environ is None else environ
+    if platform.startswith("win"):
+        local = environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(PureWindowsPath(local, "Pendra", "cache"))
+    if platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "Pendra"
+    xdg = environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache") / "pendra"
+
+
 def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
     environ = os.environ if environ is None else environ
     explicit = environ.get(CONFIG_ENV)
@@ -96,6 +110,13 @@ class Settings(BaseSettings):
     models_dir: Path = Field(
         default_factory=default_models_dir,
         description="The modelstore: the directory of GGUF files and their sidecars.",
+    )
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description=(
+            "Where Pendra remembers what it learnt of this host: which llama.cpp CPU variant lives "
+            "here (per build and CPU), so later starts skip the variants that died."
+        ),
     )
     catalogue: str = Field(
         default="",
@@ -204,15 +225,18 @@ class Settings(BaseSettings):
     cpu_variant: str = Field(
         default="",
         description=(
-            "llama.cpp CPU variant to load (haswell, skylakex, zen4, ...); default: the best this "
-            "CPU can run. `pendra doctor` lists the build's variants."
+            "llama.cpp CPU variant to load (haswell, skylakex, zen4, ...), never overridden; default: "
+            "the best-scored variant that lives through the self-check here. `pendra doctor` lists "
+            "the build's variants."
         ),
     )
     selfcheck: bool = Field(
         default=True,
         description=(
-            "Before serving, decode a tiny model in a child process, so that a llama.cpp build "
-            "this host cannot run is a clear error at start rather than a crash on a request."
+            "Before serving, decode the self-check model in a child process with the chosen CPU "
+            "variant, so that a llama.cpp build this host cannot run is a clear error at start "
+            "rather than a crash on a request. false skips it when the variant for this build and "
+            "CPU is already remembered; a new build or CPU is always checked."
         ),
     )
     max_embedding_inputs: int = Field(
@@ -428,7 +452,7 @@ class Settings(BaseSettings):
         ),
     )
 
-    @field_validator("models_dir", mode="after")
+    @field_validator("models_dir", "cache_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()

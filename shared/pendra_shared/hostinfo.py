@@ -243,6 +243,28 @@ def cpu_flags() -> frozenset[str]:
     return _cpu()[1]
 
 
+def cpu_identity() -> dict[str, str]:
+    """What tells this CPU from another, as far as which instructions run: its model name, its
+    flags and its microcode revision (Linux; elsewhere the processor's name)."""
+    model, flags = _cpu()
+    microcode = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "microcode":
+            microcode = value.strip()
+            break
+    return {
+        "machine": platform.machine(),
+        "model": model or platform.processor(),
+        "flags": " ".join(sorted(flags)),
+        "microcode": microcode,
+    }
+
+
 def rebuild_command(backend: str | None = None) -> str:
     """The command that rebuilds llama.cpp for this host (for `backend`, when named)."""
     return "python3 scripts/llama_build.py sync" + (f" --gpu {backend}" if backend else "")

@@ -1,6 +1,7 @@
 """`pendra doctor`: the llama.cpp build in use, what it runs on, GPUs it leaves idle, and the
 models directory's free space. The build is exercised in a child process (the same self-check
-`pendra serve` runs before it listens), so a build this host cannot run is reported, not fatal."""
+`pendra serve` runs before it listens, which also chooses the CPU variant), so a build this host
+cannot run is reported, not fatal."""
 
 from __future__ import annotations
 
@@ -10,18 +11,24 @@ from pendra_shared.config import load_settings
 from pendra.console import out, print_json
 
 
-def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
-    """Check the llama.cpp build against this host: backends, devices, unused GPUs, disk."""
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    recheck: bool = typer.Option(
+        False, "--recheck", help="Forget the remembered CPU variant and self-check the candidates again."
+    ),
+) -> None:
+    """Check the llama.cpp build against this host: backends, CPU variant, devices, unused GPUs, disk."""
     from pendra_inference.backends import BackendError
+    from pendra_inference.cpu_choice import decide
     from pendra_inference.doctor import summarize, summary_lines
-    from pendra_inference.selfcheck import run_selfcheck
 
     settings = load_settings()
     try:
-        check, error = run_selfcheck(settings), None
+        decision = decide(settings, check=True, fresh=recheck)
+        check, verdict, error = decision.check, decision.verdict, None
     except BackendError as exc:
-        check, error = None, str(exc)
-    summary = summarize(settings, check, error)
+        check, verdict, error = None, None, str(exc)
+    summary = summarize(settings, check, error, verdict=verdict)
     if as_json:
         print_json(summary)
     else:

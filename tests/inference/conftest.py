@@ -9,7 +9,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from pendra_inference.selfcheck import LlamaShape, write_llama_gguf
+from pendra_inference.gguf_writer import LlamaShape, write_llama_gguf
 from pendra_shared.store import ModelStore
 
 from tests.conftest import MINILM_FILE, SHARED_MODELS

@@ -1,14 +1,17 @@
 """The llama.cpp build as built and as loaded: its own report (ggml's backend registry and
 `llama_print_system_info`) is read back and held against the project's build settings and this
-CPU, so a change of build flags cannot pass silently. Other CPUs are real too: the self-check runs
-under qemu's x86-64 emulation of older CPUs (Haswell: AVX2, no AVX-512; Nehalem: SSE4.2, no AVX)."""
+CPU, so a change of build flags cannot pass silently. Other CPUs are real too: ggml's ranking and
+the self-check run under qemu's x86-64 emulation of older CPUs (Haswell: AVX2, no AVX-512;
+Nehalem: SSE4.2, no AVX)."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
@@ -18,12 +21,15 @@ from typing import Any
 import pytest
 from pendra_inference.backends import (
     AMX_VARIANTS,
+    FAULT_VARIANTS_ENV,
     BackendError,
     CpuVariant,
     activate,
-    amx_usable,
+    build_variants,
     choose_variant,
+    ranked,
 )
+from pendra_inference.cpu_choice import Death, decided, still_to_try
 from pendra_shared.hostinfo import cpu_flags
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,13 +77,21 @@ def host_flags() -> set[str]:
     return flags
 
 
-def expected_variant(flags: set[str], amx_ok: bool) -> str:
+def expected_variant(flags: set[str], died: frozenset[str] | set[str] = frozenset()) -> str:
+    """The variant this CPU's flags call for, once those in `died` died in the self-check (and
+    every AMX variant with any of them)."""
     runnable = [
         name
         for name, needs in VARIANT_FLAGS.items()
-        if needs <= flags and (name not in AMX_VARIANTS or amx_ok)
+        if needs <= flags and name not in died and not (name in AMX_VARIANTS and died & AMX_VARIANTS)
     ]
     return max(runnable, key=lambda name: len(VARIANT_FLAGS[name]))
+
+
+def died_here() -> set[str]:
+    """The variants this process's verdict saw die (none on most hosts)."""
+    verdict = decided()
+    return {d.variant for d in verdict.died} if verdict else set()
 
 
 def enabled(features: dict[str, str]) -> set[str]:
@@ -89,18 +103,25 @@ def expected_features(variant: str) -> set[str]:
 
 
 def selfcheck(*prefix: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    import os
-
     done = subprocess.run(
         [*prefix, sys.executable, "-m", "pendra_inference.selfcheck"],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, **(env or {})},
+        env=child_env(emulated=bool(prefix), **(env or {})),
     )
     assert done.returncode == 0, done.stderr[-2000:]
     data: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return data
+
+
+def child_env(*, emulated: bool, **extra: str) -> dict[str, str]:
+    """The environment for a child; under emulation, without the test switch that makes variants
+    die on this host (an emulated CPU is another CPU: it executes what it reports)."""
+    env = {**os.environ, **extra}
+    if emulated:
+        env.pop(FAULT_VARIANTS_ENV, None)
+    return env
 
 
 def test_installed_build_is_the_one_the_project_configures() -> None:
@@ -118,65 +139,71 @@ def test_installed_build_is_the_one_the_project_configures() -> None:
 
 
 @needs_x86_linux
-def test_build_holds_every_cpu_variant_and_loads_the_best_this_cpu_can_run() -> None:
+def test_build_holds_every_cpu_variant_and_loads_the_best_that_lives_here() -> None:
     report = activate()
     assert report.dynamic
     assert sorted(report.cpu_variants) == sorted(VARIANT_FLAGS)
-    amx_ok = report.amx == "usable"
-    assert report.cpu_variant == expected_variant(host_flags(), amx_ok)
+    # ggml's own ranking (cpuid) agrees with what the kernel's flags say each variant needs...
+    assert ranked(build_variants())[0].name == expected_variant(host_flags())
+    # ...and the variant loaded is the best of them that lived through the self-check.
+    assert report.cpu_variant == expected_variant(host_flags(), died_here())
     assert report.backends[-1] == "CPU"
     # ggml's own report of what the loaded CPU backend was compiled with.
     assert enabled(report.cpu_features) & set(GGML_NAMES.values()) == expected_features(report.cpu_variant)
     info = report.system_info
     for feature in expected_features(report.cpu_variant):
         assert f"{feature} = 1" in info, info
-    if not amx_ok:
-        assert "AMX_INT8 = 1" not in info
+    if report.cpu_variant not in AMX_VARIANTS:
+        assert "AMX_INT8 = 1" not in info and "AMX" not in report.extra_buffer_types
+    assert "CPU_REPACK" in report.extra_buffer_types  # what llama.cpp repacks Q4_0 and Q4_K weights into
     assert [d.type for d in report.devices if d.backend == "cpu"] == ["cpu"]
     assert report.backend == (report.gpu_devices[0].backend if report.gpu_devices else "cpu")
-
-
-@needs_x86_linux
-def test_amx_probe_executes_tile_instructions_in_a_child() -> None:
-    # The tile instructions run without asking the kernel first: Linux answers SIGILL on every
-    # x86-64 CPU then (no AMX, AMX disabled, or AMX not yet granted), and the parent says so, alive.
-    assert amx_usable(force=True, ask_kernel=False) == (False, "unusable: tile instructions raise SIGILL")
-    # Asked properly, the probe agrees with what the loader recorded.
-    usable, why = amx_usable()
-    assert (why == "usable") is usable
-    assert activate().amx == why
 
 
 def variants(**scores: int) -> list[CpuVariant]:
     return [CpuVariant(name, Path(f"libggml-cpu-{name}.so"), score) for name, score in scores.items()]
 
 
-def test_variant_choice_passes_over_amx_that_the_process_may_not_use() -> None:
-    # A Sapphire Rapids VM whose CPU reports AMX but whose hypervisor does not enable it.
-    found = variants(x64=1, haswell=200, zen4=3000, sapphirerapids=5000)
-    chosen, notes = choose_variant(found, amx_ok=False)
-    assert chosen.name == "zen4"
-    assert notes == ["sapphirerapids passed over: the CPU reports AMX but this process may not use it"]
-    assert choose_variant(found, amx_ok=True)[0].name == "sapphirerapids"
-    # A CPU that cannot run a variant scores it 0.
-    assert choose_variant(variants(x64=1, haswell=0, zen4=0), amx_ok=False)[0].name == "x64"
+def test_candidates_go_by_score_and_amx_goes_once_an_amx_variant_died() -> None:
+    # A Sapphire Rapids VM whose CPU reports AMX but whose hypervisor does not execute it.
+    found = ranked(variants(x64=1, haswell=200, zen4=3000, sapphirerapids=5000, skylakex=0))
+    assert [v.name for v in found] == ["sapphirerapids", "zen4", "haswell", "x64"]  # skylakex: score 0
+    left = still_to_try(found, [Death("sapphirerapids", "SIGILL")])
+    assert [v.name for v in left] == ["zen4", "haswell", "x64"]
+    left = still_to_try(found, [Death("sapphirerapids", "SIGILL"), Death("zen4", "SIGSEGV")])
+    assert [v.name for v in left] == ["haswell", "x64"]
+    # A non-AMX variant dying leaves the AMX one in its place.
+    assert [v.name for v in still_to_try(found, [Death("zen4", "SIGILL")])] == [
+        "sapphirerapids",
+        "haswell",
+        "x64",
+    ]
 
 
 def test_variant_choice_refuses_what_cannot_run() -> None:
     found = variants(x64=1, haswell=200, zen4=0)
-    assert choose_variant(found, amx_ok=False, wanted="haswell")[0].name == "haswell"
+    assert choose_variant(found, "haswell").name == "haswell"
     with pytest.raises(BackendError, match="PENDRA_CPU_VARIANT=zen4 cannot run on this CPU"):
-        choose_variant(found, amx_ok=False, wanted="zen4")
+        choose_variant(found, "zen4")
     with pytest.raises(BackendError, match="PENDRA_CPU_VARIANT=power9 is not in this build"):
-        choose_variant(found, amx_ok=False, wanted="power9")
+        choose_variant(found, "power9")
     with pytest.raises(BackendError, match="no CPU variant of this llama.cpp build can run"):
-        choose_variant(variants(zen4=0), amx_ok=False)
+        ranked(variants(zen4=0))
+    assert ranked([]) == []  # a build with its CPU backend linked in has no candidates
 
 
 @needs_x86_linux
 @pytest.mark.parametrize("variant", ["x64", "haswell"])
 def test_a_chosen_variant_decodes(variant: str) -> None:
-    """PENDRA_CPU_VARIANT loads that variant; the x86-64 baseline decodes too."""
+    """PENDRA_CPU_VARIANT loads that variant; the x86-64 baseline decodes too. (Where the
+    self-check saw that variant die, pinning it dies the same way.)"""
+    activate()
+    if variant in died_here():
+        died = subprocess.run(
+            [sys.executable, "-m", "pendra_inference.selfcheck", "--cpu-variant", variant], timeout=300
+        )
+        assert died.returncode == -signal.SIGILL
+        return
     data = selfcheck(env={"PENDRA_CPU_VARIANT": variant})
     report = data["report"]
     assert report["cpu_variant"] == variant
@@ -194,10 +221,20 @@ QEMU = shutil.which("qemu-x86_64")
     [("Haswell-v4", "haswell"), ("Nehalem", "sse42")],
 )
 def test_the_same_build_runs_on_an_older_cpu(cpu: str, variant: str) -> None:
-    """Built here (AVX-512), run on an emulated CPU without AVX-512 or without AVX at all:
-    the variant for that CPU is loaded and decodes, where a -march=native build dies of SIGILL."""
+    """Run on an emulated CPU without AVX-512 or without AVX at all: ggml ranks that CPU's variant
+    first, and it loads and decodes the self-check model, where a -march=native build made on a
+    newer CPU dies of SIGILL."""
     assert QEMU is not None
-    data = selfcheck(QEMU, "-cpu", cpu)
+    rank = (
+        "from pendra_inference.backends import build_variants, ranked; "
+        "print(ranked(build_variants())[0].name)"
+    )
+    done = subprocess.run(
+        [QEMU, "-cpu", cpu, sys.executable, "-c", rank], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == variant
+    data = selfcheck(QEMU, "-cpu", cpu, env={"PENDRA_CPU_VARIANT": variant})
     report = data["report"]
     assert report["cpu_variant"] == variant
     assert enabled(report["cpu_features"]) & set(GGML_NAMES.values()) == expected_features(variant)

@@ -58,13 +58,20 @@ def test_streaming_chunks_and_usage(client: openai.OpenAI, server: ServerProcess
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 10
-    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    # The same computation (no cached prefix either time) gives the same text, streamed or not.
-    whole = client.chat.completions.create(
-        model=CHAT, messages=HELLO, max_tokens=10, seed=3, temperature=0, extra_body={"cache_prompt": False}
-    )
-    assert streamed == whole.choices[0].message.content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len({c.id for c in chunks}) == 1
+    # The same computation gives the same text, streamed or not. Asked of the small Q8_0 llama,
+    # whose logits llama.cpp keeps bit-identical wherever its cells lie in the cache: Gemma's change
+    # in the last bits with them on CPU variants whose kernels use FMA (haswell, piledriver: the
+    # second of two identical requests sits beside the first's cells and can pick the other of two
+    # near-tied tokens; see the README).
+    request = {"model": TINY, "messages": HELLO, "max_tokens": 16, "seed": 3, "temperature": 0}
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**request, stream=True)
+        if c.choices
+    )
+    assert streamed and streamed == client.chat.completions.create(**request).choices[0].message.content
     # The raw stream ends with [DONE].
     with raw_stream(server, max_tokens=3) as response:
         lines = [line for line in response.iter_lines() if line]

@@ -4,20 +4,19 @@ GPUs it leaves idle, and a clear refusal (not a crash) where the build cannot ru
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from pendra_inference.backends import AMX_VARIANTS, BackendError, activate
+from pendra_inference.backends import activate, build_variants
 from pendra_inference.doctor import summary_lines, unused_gpus
-from pendra_inference.selfcheck import _crash_message, run_selfcheck
+from pendra_inference.selfcheck import SelfCheckDied, crash_message, run_selfcheck
 from pendra_shared import hostinfo
-from pendra_shared.config import load_settings
 
 from tests.conftest import run_cli
-from tests.inference.test_backends import VARIANT_FLAGS, host_flags, needs_x86_linux
+from tests.inference.test_backends import needs_x86_linux
+from tests.support.faults import SIGILL_CODE
 from tests.support.server import ServerProcess, free_port
 from tests.test_cli import assert_clean_error
 
@@ -84,28 +83,21 @@ def test_the_summary_shouts_about_an_unused_gpu() -> None:
 
 @needs_x86_linux
 def test_a_selfcheck_child_killed_by_sigill_is_a_clear_error() -> None:
-    """The child really dies of SIGILL (it executes an AMX tile instruction without asking the
-    kernel, which Linux refuses on any x86-64 CPU); the parent turns that into one sentence with
-    the cause and the fix."""
-    from pendra_inference.backends import _AMX_CHILD, _AMX_CODE
-
-    child = [sys.executable, "-c", _AMX_CHILD, _AMX_CODE.hex(), "skip"]
-    with pytest.raises(BackendError) as caught:
-        run_selfcheck(load_settings(), command=child)
+    """The child really dies of SIGILL (it executes ud2, an illegal instruction on every x86-64
+    CPU); the parent turns that into one sentence with the cause and the fix."""
+    with pytest.raises(SelfCheckDied) as caught:
+        run_selfcheck(command=[sys.executable, "-c", SIGILL_CODE])
+    assert caught.value.signal == "SIGILL"
     message = str(caught.value)
     assert message.startswith("llama.cpp died of SIGILL in its start-up self-check")
     assert "CPU instruction that this CPU or its OS does not allow" in message
     assert "python3 scripts/llama_build.py sync" in message
-    assert "SIGSEGV" in _crash_message(signal.SIGSEGV)
+    assert "SIGSEGV" in crash_message("SIGSEGV")
 
 
 def unrunnable_variant() -> str | None:
-    flags = host_flags()
-    amx_ok = activate().amx == "usable"
-    for name, needs in VARIANT_FLAGS.items():
-        if not needs <= flags or (name in AMX_VARIANTS and not amx_ok):
-            return name
-    return None
+    """A variant of the build that this CPU scores 0 (ggml's cpuid check), if there is one."""
+    return next((v.name for v in build_variants() if v.score <= 0), None)
 
 
 @needs_x86_linux

@@ -7,7 +7,7 @@ import concurrent.futures
 from pathlib import Path
 
 import httpx
-from pendra_inference.selfcheck import LlamaShape, write_llama_gguf
+from pendra_inference.gguf_writer import LlamaShape, write_llama_gguf
 from pendra_shared.store import ModelStore
 
 from tests.support.server import start_server

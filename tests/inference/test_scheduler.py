@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 from pendra_inference.engine import EngineConfig, LlamaEngine
+from pendra_inference.gguf_writer import write_llama_gguf
 from pendra_inference.sampling import SamplingParams
 from pendra_inference.scheduler import Scheduler, SchedulerConfig
-from pendra_inference.selfcheck import write_llama_gguf
 from pendra_inference.sequence import Completion, Delta, Result, Ticket
 from pendra_shared.api_errors import InvalidRequest, Overloaded, Unavailable
 

@@ -25,9 +25,9 @@ import gguf
 import httpx
 import pytest
 from pendra_inference.engine import EngineConfig
+from pendra_inference.gguf_writer import PROBE, write_llama_gguf
 from pendra_inference.probe import ProbeResult, probe
 from pendra_inference.registry import ModelRegistry
-from pendra_inference.selfcheck import PROBE, write_llama_gguf
 from pendra_shared.api_errors import InvalidRequest
 from pendra_shared.config import load_settings
 from pendra_shared.gguf_info import read_gguf_facts

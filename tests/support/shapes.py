@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pendra_inference.selfcheck import LlamaShape, write_llama_gguf
+from pendra_inference.gguf_writer import LlamaShape, write_llama_gguf
 
 SHAPES = {
     # meta-llama/Llama-3.2-1B (config.json): 1.24 B parameters, tied embeddings.

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from pendra_inference.selfcheck import PROBE, write_llama_gguf
+from pendra_inference.gguf_writer import PROBE, write_llama_gguf
 
 from tests.support.stack import ComposeStack, load_compose
 from tests.topology.conftest import Stack

@@ -1,4 +1,4 @@
-"""Which llama.cpp backends this process runs on, chosen for the host it finds itself on.
+"""Which llama.cpp backends this process runs on, loaded for the host it finds itself on.
 
 Pendra builds llama.cpp the way llama.cpp's own releases are built (see `[tool.uv]` in the root
 `pyproject.toml`): ggml's backends are modules (`GGML_BACKEND_DL`), and the CPU backend comes in
@@ -8,25 +8,26 @@ once per process, before the first model loads:
 
 1. every GPU module the build holds (CUDA, Vulkan, Metal, ...) is loaded; one whose driver is
    missing fails to load, and the report says why;
-2. each CPU variant reports its score for this CPU (ggml's own cpuid check, 0 = cannot run);
-3. AMX variants are kept only when this process may really execute tile instructions: a CPU
-   can report AMX that its hypervisor or kernel will not let a process use (SIGILL in
-   `tilezero`), so `amx_usable()` runs the instructions in a child process first;
-4. the best remaining variant (or `PENDRA_CPU_VARIANT`) is loaded and registered.
+2. the CPU variant is the one `PENDRA_CPU_VARIANT` pins, else the verdict of `cpu_choice`: ggml's
+   score (its own cpuid check) only orders the candidates, and the self-check, run in a child
+   process, decides which of them lives here (a CPU can report AMX that its hypervisor will not
+   execute). No code path loads a variant without that verdict;
+3. that variant is loaded and registered.
 
 A build with the backends linked in (no modules) needs none of this; its report is read the
 same way. The report `activate()` returns holds what `pendra doctor`, the start-up log and
-`/health` show.
+`/health` show, with the extra buffer types the CPU backend offers (AMX tiles, repacked blocks):
+what serving really runs.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import platform
 import re
 import signal
-import subprocess
 import sys
 import threading
 from dataclasses import asdict, dataclass, field
@@ -34,14 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
-from pendra_shared import hostinfo
-from pendra_shared.config import load_settings
+from pendra_shared.config import Settings, load_settings
 from pendra_shared.errors import PendraError
 
 logger = logging.getLogger(__name__)
 
-# Variants whose names say they were compiled for AMX tile instructions.
-AMX_VARIANTS = frozenset({"sapphirerapids"})
 DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
 
 
@@ -78,7 +76,9 @@ class BackendReport:
     cpu_variants: list[str]  # CPU variants the build holds
     cpu_variant: str | None  # the one loaded
     cpu_features: dict[str, str]  # what the loaded CPU backend was compiled with
-    amx: str  # "usable", "unusable: <why>", "not reported by the CPU"
+    # The CPU backend's extra buffer types ("AMX", "CPU_REPACK"): where llama.cpp puts the weights
+    # whose kernels use them. AMX is offered only when the kernel grants this process tile state.
+    extra_buffer_types: list[str]
     backends: list[str]  # registered backends, as llama.cpp names them
     devices: list[Device]
     failed_modules: dict[str, str] = field(default_factory=dict)  # module -> why it did not load
@@ -170,6 +170,7 @@ class _Ggml:
         self._sig(self.base, "ggml_backend_dev_type", ctypes.c_int, vp)
         self._sig(self.base, "ggml_backend_dev_backend_reg", vp, vp)
         self._sig(self.base, "ggml_backend_dev_memory", None, vp, ctypes.POINTER(sz), ctypes.POINTER(sz))
+        self._sig(self.base, "ggml_backend_buft_name", cp, vp)
 
     @staticmethod
     def _sig(lib: ctypes.CDLL, name: str, restype: Any, *argtypes: Any) -> None:
@@ -231,58 +232,32 @@ class _Ggml:
             return out
         return {}
 
-
-# -- AMX -------------------------------------------------------------------------------------
-
-# ldtilecfg [rdi]; tilezero tmm0; tilerelease; ret
-_AMX_CODE = bytes.fromhex("c4e2784907c4e27b49c0c4e27849c0c3")
-_AMX_CHILD = r"""
-import ctypes, mmap, sys
-libc = ctypes.CDLL(None, use_errno=True)
-# ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA: Linux lets a process use AMX only after asking.
-if sys.argv[2] == "ask" and libc.syscall(158, 0x1023, 18) != 0:
-    sys.exit(4)
-page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-page.write(bytes.fromhex(sys.argv[1]))
-run = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(ctypes.addressof(ctypes.c_char.from_buffer(page)))
-config = (ctypes.c_ubyte * 64)()
-config[0] = 1                    # palette 1
-config[16] = 64                  # tmm0: 64 bytes a row
-config[48] = 16                  # tmm0: 16 rows
-run(ctypes.addressof(config))
-print("ok")
-"""
+    def extra_buffer_types(self) -> list[str]:
+        """The CPU device's extra buffer types, by name ("AMX", "CPU_REPACK")."""
+        for i in range(self.lib.ggml_backend_dev_count()):
+            dev = self.lib.ggml_backend_dev_get(i)
+            if DEVICE_TYPES.get(self.base.ggml_backend_dev_type(dev)) != "cpu":
+                continue
+            reg = self.base.ggml_backend_dev_backend_reg(dev)
+            address = self.base.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+            if not address:
+                return []
+            getter = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(address)
+            bufts, out, k = getter(dev), [], 0
+            while bufts[k]:
+                out.append(self.base.ggml_backend_buft_name(bufts[k]).decode())
+                k += 1
+            return out
+        return []
 
 
-def cpu_reports_amx() -> bool:
-    return "amx_tile" in hostinfo.cpu_flags()
+# -- the CPU variants ------------------------------------------------------------------------
 
-
-def amx_usable(*, force: bool = False, ask_kernel: bool = True) -> tuple[bool, str]:
-    """Whether this process may execute AMX tile instructions, found by running them in a child
-    process (a CPU can report AMX that its hypervisor does not enable). `force` runs the probe
-    even where the CPU does not report AMX, and `ask_kernel=False` skips the permission request,
-    so that tests reach the instructions on any x86-64 host."""
-    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return False, "not an x86-64 Linux host"
-    if not force and not cpu_reports_amx():
-        return False, "not reported by the CPU"
-    try:
-        child = subprocess.run(
-            [sys.executable, "-c", _AMX_CHILD, _AMX_CODE.hex(), "ask" if ask_kernel else "skip"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return False, f"unusable: the probe could not run ({exc})"
-    if child.returncode == 0 and child.stdout.strip() == "ok":
-        return True, "usable"
-    if child.returncode == 4:
-        return False, "unusable: the kernel refuses AMX state to processes (arch_prctl)"
-    if child.returncode < 0:
-        return False, f"unusable: tile instructions raise {signal_name(-child.returncode)}"
-    return False, f"unusable: the probe failed ({child.stderr.strip()[-200:] or child.returncode})"
+# Variants whose names say they were compiled for AMX tile instructions.
+AMX_VARIANTS = frozenset({"sapphirerapids"})
+# Test only: a process that loads one of these CPU variants dies of SIGILL (an illegal instruction,
+# executed), as every process does on a host whose hypervisor refuses what that variant runs.
+FAULT_VARIANTS_ENV = "PENDRA_TEST_SIGILL_VARIANTS"
 
 
 def signal_name(number: int) -> str:
@@ -292,7 +267,11 @@ def signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-# -- choosing and loading --------------------------------------------------------------------
+def usable_cores() -> int:
+    """Cores this process may run on (llama-cpp-python's own default is only half of them)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 def _score(path: Path) -> int:
@@ -311,38 +290,69 @@ def _score(path: Path) -> int:
         _ctypes.dlclose(lib._handle)
 
 
-def choose_variant(
-    variants: list[CpuVariant], amx_ok: bool, wanted: str | None = None
-) -> tuple[CpuVariant, list[str]]:
-    """The CPU variant to load, and notes on what was passed over. A variant that scores 0 cannot
-    run here; AMX variants need `amx_ok`. `wanted` names one explicitly."""
-    if not variants:
-        raise BackendError("this llama.cpp build has no CPU backend module")
-    notes: list[str] = []
-    by_name = {v.name: v for v in variants}
-    if wanted:
-        chosen = by_name.get(wanted)
-        if chosen is None:
-            raise BackendError(
-                f"PENDRA_CPU_VARIANT={wanted} is not in this build; it has {', '.join(sorted(by_name))}"
-            )
-        if chosen.score <= 0 or (chosen.name in AMX_VARIANTS and not amx_ok):
-            raise BackendError(f"PENDRA_CPU_VARIANT={wanted} cannot run on this CPU; unset it")
-        return chosen, notes
-    runnable = []
-    for v in variants:
-        if v.score <= 0:
-            continue
-        if v.name in AMX_VARIANTS and not amx_ok:
-            notes.append(f"{v.name} passed over: the CPU reports AMX but this process may not use it")
-            continue
-        runnable.append(v)
-    if not runnable:
+_variants_lock = threading.Lock()
+_variants: list[CpuVariant] | None = None
+
+
+def build_variants() -> list[CpuVariant]:
+    """The CPU variants this build loads at run time, each with ggml's score for this CPU (0:
+    cannot run here); [] where the CPU backend is linked in. Read once per process, before any
+    backend registers (a registered one would make a module build look linked)."""
+    global _variants
+    with _variants_lock:
+        if _variants is None:
+            modules = _modules(lib_dir())
+            cpu = {stem: path for stem, path in modules.items() if stem.startswith("ggml-cpu")}
+            dynamic = bool(cpu) and _Ggml(modules).lib.ggml_backend_reg_count() == 0
+            _variants = [
+                CpuVariant(stem.removeprefix("ggml-cpu").lstrip("-") or "cpu", path, _score(path))
+                for stem, path in cpu.items()
+                if dynamic
+            ]
+        return list(_variants)
+
+
+def ranked(variants: list[CpuVariant]) -> list[CpuVariant]:
+    """The variants this CPU reports it can run, best score first: the self-check's candidates."""
+    runnable = sorted((v for v in variants if v.score > 0), key=lambda v: v.score, reverse=True)
+    if variants and not runnable:
         raise BackendError(
             "no CPU variant of this llama.cpp build can run on this CPU "
             f"(it has {', '.join(v.name for v in variants)})"
         )
-    return max(runnable, key=lambda v: v.score), notes
+    return runnable
+
+
+def choose_variant(variants: list[CpuVariant], wanted: str) -> CpuVariant:
+    """The variant named `wanted` (PENDRA_CPU_VARIANT, or the verdict), if it is in the build and
+    this CPU reports what it needs."""
+    if not variants:
+        raise BackendError("this llama.cpp build has no CPU backend module")
+    by_name = {v.name: v for v in variants}
+    chosen = by_name.get(wanted)
+    if chosen is None:
+        raise BackendError(
+            f"PENDRA_CPU_VARIANT={wanted} is not in this build; it has {', '.join(sorted(by_name))}"
+        )
+    if chosen.score <= 0:
+        raise BackendError(f"PENDRA_CPU_VARIANT={wanted} cannot run on this CPU; unset it")
+    return chosen
+
+
+def _fault_if_asked(variant: str) -> None:
+    """Test only (PENDRA_TEST_SIGILL_VARIANTS): die as a process does whose CPU refuses what
+    `variant` executes, by executing an illegal instruction (ud2)."""
+    named = {v.strip() for v in os.environ.get(FAULT_VARIANTS_ENV, "").split(",") if v.strip()}
+    if variant not in named:
+        return
+    logger.warning("%s names %s: executing an illegal instruction", FAULT_VARIANTS_ENV, variant)
+    if platform.machine().lower() in ("x86_64", "amd64") and sys.platform == "linux":
+        import mmap
+
+        page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        page.write(b"\x0f\x0b")  # ud2
+        ctypes.CFUNCTYPE(None)(ctypes.addressof(ctypes.c_char.from_buffer(page)))()
+    os.kill(os.getpid(), signal.SIGILL)
 
 
 def _load_gpu_modules(ggml: _Ggml, modules: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
@@ -376,41 +386,30 @@ def _why_module_failed(name: str, path: Path) -> str:
 
 def _load(cpu_variant: str | None) -> BackendReport:
     modules = _modules(lib_dir())
+    variants = build_variants()
     ggml = _Ggml(modules)
-    cpu_modules = {stem: path for stem, path in modules.items() if stem.startswith("ggml-cpu")}
-    # Backends linked into libggml register themselves; modules wait for us.
-    dynamic = bool(cpu_modules) and ggml.lib.ggml_backend_reg_count() == 0
     gpu_modules: list[str] = []
     failed: dict[str, str] = {}
-    variants: list[CpuVariant] = []
     chosen: CpuVariant | None = None
-    amx_ok, amx_note = False, "not reported by the CPU"
-    if dynamic:
+    if variants:
         gpu_modules, failed = _load_gpu_modules(ggml, modules)
-        variants = [
-            CpuVariant(stem.removeprefix("ggml-cpu").lstrip("-") or "cpu", path, _score(path))
-            for stem, path in cpu_modules.items()
-        ]
-        if any(v.name in AMX_VARIANTS and v.score > 0 for v in variants):
-            amx_ok, amx_note = amx_usable()
-        chosen, notes = choose_variant(variants, amx_ok, cpu_variant)
-        for note in notes:
-            logger.warning("llama.cpp CPU backend: %s", note)
+        if cpu_variant is None:
+            raise BackendError("no CPU variant was chosen for this build")  # activate() chooses
+        chosen = choose_variant(variants, cpu_variant)
         if not ggml.lib.ggml_backend_load(str(chosen.path).encode()):
             raise BackendError(f"llama.cpp's CPU backend {chosen.path.name} failed to load")
-    elif cpu_reports_amx():
-        amx_ok, amx_note = amx_usable()
+        _fault_if_asked(chosen.name)
     llama_cpp.llama_backend_init()
     return BackendReport(
         llama_cpp_python=llama_cpp.__version__,
         ggml_version=ggml.text(ggml.base, "ggml_version"),
         ggml_commit=ggml.text(ggml.base, "ggml_commit"),
-        dynamic=dynamic,
+        dynamic=bool(variants),
         modules=gpu_modules,
         cpu_variants=[v.name for v in variants],
         cpu_variant=chosen.name if chosen else None,
         cpu_features=ggml.features("CPU"),
-        amx="usable" if amx_ok else amx_note,
+        extra_buffer_types=ggml.extra_buffer_types(),
         backends=ggml.registered(),
         devices=ggml.devices(),
         failed_modules=failed,
@@ -422,17 +421,21 @@ _lock = threading.Lock()
 _outcome: BackendReport | BackendError | None = None
 
 
-def activate(cpu_variant: str | None = None) -> BackendReport:
+def activate(cpu_variant: str | None = None, settings: Settings | None = None) -> BackendReport:
     """Load the backends for this host, once per process; later calls get the same report (or
-    the same error: a half-done load is not retried). `cpu_variant` defaults to the settings'
-    PENDRA_CPU_VARIANT."""
+    the same error: a half-done load is not retried). The CPU variant is `cpu_variant` when named
+    (a self-check child; a probe child, told its parent's), else the settings' PENDRA_CPU_VARIANT,
+    else the self-check's verdict (`cpu_choice.variant_for_process`: remembered, or found now by
+    running the self-check on the candidates in child processes)."""
     global _outcome
     with _lock:
         if _outcome is None:
-            if cpu_variant is None:
-                cpu_variant = load_settings().cpu_variant
             try:
-                _outcome = _load(cpu_variant or None)
+                if cpu_variant is None:
+                    from pendra_inference.cpu_choice import variant_for_process
+
+                    cpu_variant = variant_for_process(settings or load_settings())
+                _outcome = _load(cpu_variant)
             except BackendError as exc:
                 _outcome = exc
         if isinstance(_outcome, BackendError):

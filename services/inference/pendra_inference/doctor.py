@@ -1,11 +1,12 @@
 """The build and host summary behind `pendra doctor` and the start-up log of every server.
 
-It joins three sources: what the llama.cpp build is and runs on (the self-check child's
-`BackendReport`), what accelerators the host has (`pendra_shared.hostinfo`), and the models
-directory's free space. A GPU the host has but the build does not drive is named with the exact
-command that rebuilds for it. `preflight()` is what `pendra serve` and the inference service run
-before they listen: the self-check, the summary in the log, a warning for an unused GPU, and a
-`BackendError` (one clear line) when the build cannot run here.
+It joins four sources: what the llama.cpp build is and runs on (the self-check child's
+`BackendReport`), which CPU variant serves and why (`cpu_choice`'s verdict), what accelerators the
+host has (`pendra_shared.hostinfo`), and the models directory's free space. A GPU the host has but
+the build does not drive is named with the exact command that rebuilds for it. `preflight()` is
+what `pendra serve` and the inference service run before they listen: the verdict and its
+self-check, the summary in the log (with one line naming any CPU variant that died), a warning for
+an unused GPU, and a `BackendError` (one clear line) when the build cannot run here.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pendra_shared import hostinfo
 from pendra_shared.config import Settings
 
 from pendra_inference.backends import BackendError
-from pendra_inference.selfcheck import SelfCheck, run_selfcheck
+from pendra_inference.cpu_choice import Verdict, adopt, decide
+from pendra_inference.selfcheck import SelfCheck
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,11 @@ def _disk(path: Path) -> dict[str, Any]:
 
 
 def summarize(
-    settings: Settings, check: SelfCheck | None, error: str | None, facts: hostinfo.HostFacts | None = None
+    settings: Settings,
+    check: SelfCheck | None,
+    error: str | None,
+    facts: hostinfo.HostFacts | None = None,
+    verdict: Verdict | None = None,
 ) -> dict[str, Any]:
     facts = facts or hostinfo.gather()
     report = check.report if check else None
@@ -76,8 +82,16 @@ def summarize(
         "ok": error is None,
         "error": error,
         "build": report,
+        "cpu_choice": verdict.as_dict() if verdict else None,
         "selfcheck": (
-            {"tokens": check.tokens, "seconds": round(check.seconds, 3), "gpu_layers": check.gpu_layers}
+            {
+                "tokens": check.tokens,
+                "prompt_tokens": check.prompt_tokens,
+                "threads": check.threads,
+                "seconds": round(check.seconds, 3),
+                "gpu_layers": check.gpu_layers,
+                "weights_in": check.weights_in,
+            }
             if check
             else None
         ),
@@ -90,6 +104,13 @@ def summarize(
         "unused_gpus": unused_gpus(facts, report),
         "models_dir": _disk(settings.models_dir),
     }
+
+
+HOW_CHOSEN = {
+    "checked": " (self-checked now)",
+    "remembered": " (remembered from an earlier self-check)",
+    "pinned": " (PENDRA_CPU_VARIANT)",
+}
 
 
 def _gib(n: int | None) -> str:
@@ -108,10 +129,18 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         )
         compiled = ["cpu", *build["modules"]] if build["dynamic"] else build["backends"]
         lines.append(f"compiled in: {', '.join(compiled)}")
+        choice = summary.get("cpu_choice") or {}
         if build["cpu_variants"]:
-            lines.append(f"CPU variants: {', '.join(build['cpu_variants'])}; loaded: {build['cpu_variant']}")
+            how = HOW_CHOSEN.get(choice.get("source", ""), "")
+            lines.append(
+                f"CPU variants: {', '.join(build['cpu_variants'])}; loaded: {build['cpu_variant']}{how}"
+            )
+        if choice.get("fallback"):
+            lines.append(f"CPU variant: {choice['fallback']}")
         features = [k for k, v in build["cpu_features"].items() if v == "1"]
-        lines.append(f"CPU features used: {' '.join(features) or 'baseline only'}; AMX: {build['amx']}")
+        extra = ", ".join(build["extra_buffer_types"]) or "none"
+        used = " ".join(features) or "baseline only"
+        lines.append(f"CPU features used: {used}; extra buffer types: {extra}")
         for device in build["devices"]:
             kind = " ".join(dict.fromkeys((device["backend"], device["type"])))  # "cuda gpu", "cpu"
             lines.append(
@@ -121,7 +150,12 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(f"models run on: {build['backend']}")
     check = summary["selfcheck"]
     if check:
-        lines.append(f"self-check: decoded {check['tokens']} tokens in {check['seconds'] * 1000:.0f} ms")
+        weights = ", ".join(f"{name} {mib:.1f} MiB" for name, mib in check["weights_in"].items())
+        lines.append(
+            f"self-check: decoded {check['tokens']} tokens in {check['seconds'] * 1000:.0f} ms "
+            f"(prompts of {check['prompt_tokens']} tokens, {check['threads']} threads; weights in "
+            f"{weights or 'unknown buffers'})"
+        )
     host = summary["host"]
     lines.append(f"host: {host['system']} {host['machine']}, CPU {host['cpu'] or 'unknown'}")
     for acc in host["accelerators"]:
@@ -140,15 +174,18 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def preflight(settings: Settings) -> dict[str, Any] | None:
-    """Before a server listens: prove the build runs here and log what it runs on. Raises a
-    BackendError (a PendraError: one line, exit 1) when it cannot run."""
+    """Before a server listens: choose the CPU variant by the self-check (remembered, or found
+    now), prove the build runs here and log what it runs on. Raises a BackendError (a
+    PendraError: one line, exit 1) when it cannot run."""
     if not settings.selfcheck:
         logger.info("llama.cpp self-check skipped (PENDRA_SELFCHECK=false)")
         return None
-    check = run_selfcheck(settings)
-    summary = summarize(settings, check, None)
+    decision = decide(settings, check=True)
+    adopt(decision.verdict)
+    summary = summarize(settings, decision.check, None, verdict=decision.verdict)
     for line in summary_lines(summary):
-        (logger.warning if line.startswith("UNUSED GPU") else logger.info)("%s", line)
+        loud = line.startswith(("UNUSED GPU", "CPU variant:"))
+        (logger.warning if loud else logger.info)("%s", line)
     return summary
 
 

@@ -17,7 +17,8 @@ and exits 0. The parent maps what happened to a `ProbeResult`:
 - killed from outside (SIGKILL: the OOM killer?): refused for now, not remembered on disk;
 - no answer within `probe_timeout_s`: the child is killed and the file is refused for now.
 
-The parent passes the file as an inherited descriptor where it can (`/proc/self/fd/N`), so the
+The child loads the CPU variant its parent serves with (`--cpu-variant`), never a choice of its
+own. The parent passes the file as an inherited descriptor where it can (`/proc/self/fd/N`), so the
 child probes the very file the registry then loads, even if its name is replaced meanwhile.
 """
 
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pendra_inference.backends import signal_name
+from pendra_inference.backends import activate, signal_name
 from pendra_inference.engine import EngineConfig
 
 CHILD_FAILED = 3  # the child's exit status for a clean load or decode error
@@ -75,6 +76,9 @@ def probe(
     module). Blocks; run it in a thread."""
     command = command or [sys.executable, "-m", "pendra_inference.probe"]
     argv = [*command, "--path", str(path), "--config", json.dumps(dataclasses.asdict(config))]
+    variant = activate().cpu_variant  # the child loads what this process serves with
+    if variant:
+        argv += ["--cpu-variant", variant]
     # An abort must not make ggml attach gdb to print a backtrace (it does when gdb is installed).
     env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
     started = time.monotonic()
@@ -186,9 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Load a GGUF with llama.cpp and decode one token.")
     parser.add_argument("--path", required=True, help="the GGUF (or /proc/self/fd/N)")
     parser.add_argument("--config", required=True, help="the registry's EngineConfig as JSON")
+    parser.add_argument("--cpu-variant", default=None, help="the CPU variant the parent serves with")
     ns = parser.parse_args(argv)
     recent: deque[str] = deque(maxlen=40)
     try:
+        activate(ns.cpu_variant)
         _child(Path(ns.path), json.loads(ns.config), recent)
     except Exception as exc:  # a clean failure: what llama.cpp logged last, then the exception
         sys.stderr.write("".join(recent) + f"\nerror: {type(exc).__name__}: {exc}\n")

@@ -49,7 +49,7 @@ from pendra_shared.store import (
 )
 from pendra_shared.store import identity_of as stat_identity
 
-from pendra_inference.backends import activate
+from pendra_inference.backends import activate, usable_cores
 from pendra_inference.embed_batcher import EmbedBatcher
 from pendra_inference.engine import POOLING, EngineConfig, LlamaEngine, gpu_offload_supported
 from pendra_inference.metrics import InferenceMetrics
@@ -94,13 +94,6 @@ def physical_memory() -> int:
         return 16 * 1024**3
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (llama-cpp-python's own default is only half of them)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
 def identity_of(path: Path) -> Identity:
     return stat_identity(path.name, path.stat())
 
@@ -143,7 +136,7 @@ class ModelRegistry:
         self.prober = prober
         self.default_keep_alive = parse_keep_alive(settings.keep_alive, 300.0)
         self.budget = settings.memory_budget_bytes or int(physical_memory() * 0.75)
-        self.backends = activate(settings.cpu_variant)
+        self.backends = activate(settings=settings)
         self.gpu = gpu_offload_supported()
         self._loaded: dict[str, Loaded] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
