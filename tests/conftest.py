@@ -24,6 +24,20 @@ CACHE_DIR = Path(os.environ.get("PENDRA_TEST_CACHE", Path.home() / ".cache" / "p
 SHARED_MODELS = os.environ.get("PENDRA_TEST_SHARED_MODELS")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A home for what runs before a test's own (module-scoped servers and engines): nothing the
+    suite starts writes to the real one (the CPU variant a process chooses is remembered in
+    ~/.cache/pendra, and the suite can be run as a host whose best variant dies)."""
+    home = tmp_path_factory.mktemp("session-home")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HOME", str(home))
+    patch.setenv("USERPROFILE", str(home))
+    patch.delenv("XDG_CACHE_HOME", raising=False)
+    yield home
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh HOME and no PENDRA_* variables from the outer environment."""
@@ -34,6 +48,7 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             monkeypatch.delenv(key)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("USERPROFILE", str(home))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     return home
 
 

@@ -4,6 +4,7 @@ from pathlib import Path, PureWindowsPath
 
 import pytest
 from pendra_shared.config import (
+    default_cache_dir,
     default_models_dir,
     describe_settings,
     load_settings,
@@ -16,6 +17,22 @@ def test_unix_default_is_under_home(isolated_env: Path) -> None:
     assert load_settings().models_dir == isolated_env / ".pendra" / "models"
     assert default_models_dir(platform="linux") == isolated_env / ".pendra" / "models"
     assert default_models_dir(platform="darwin") == isolated_env / ".pendra" / "models"
+
+
+def test_the_cache_is_the_users_cache_on_each_system(isolated_env: Path) -> None:
+    assert load_settings().cache_dir == isolated_env / ".cache" / "pendra"
+    assert default_cache_dir(platform="linux", environ={"XDG_CACHE_HOME": "/var/tmp/c"}) == Path(
+        "/var/tmp/c/pendra"
+    )
+    # A relative XDG_CACHE_HOME is invalid by the spec and ignored.
+    assert (
+        default_cache_dir(platform="linux", environ={"XDG_CACHE_HOME": "c"})
+        == isolated_env / ".cache" / "pendra"
+    )
+    assert default_cache_dir(platform="darwin", environ={}) == isolated_env / "Library" / "Caches" / "Pendra"
+    windows = default_cache_dir(platform="win32", environ={"LOCALAPPDATA": r"D:\Users\me\AppData\Local"})
+    assert PureWindowsPath(str(windows)) == PureWindowsPath(r"D:\Users\me\AppData\Local\Pendra\cache")
+    assert load_settings(cache_dir="~/elsewhere").cache_dir == isolated_env / "elsewhere"
 
 
 def test_windows_default_is_programdata() -> None:

@@ -41,7 +41,7 @@ from pendra_shared.config import Settings
 
 from pendra_inference import backends
 from pendra_inference.backends import AMX_VARIANTS, BackendError, CpuVariant
-from pendra_inference.selfcheck import REBUILD, SelfCheck, SelfCheckDied, run_selfcheck
+from pendra_inference.selfcheck import REBUILD, SelfCheck, SelfCheckDied, crash_cause, run_selfcheck
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ class VerdictCache:
             "died": [asdict(d) for d in verdict.died],
             "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        tmp: str | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".verdict-", suffix=".tmp", dir=self.path.parent)
@@ -152,6 +153,8 @@ class VerdictCache:
                 json.dump(record, f, indent=2)
             os.replace(tmp, self.path)
         except OSError as exc:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
             logger.warning(
                 "cannot remember the CPU variant in %s (%s): the next start checks again; "
                 "point PENDRA_CACHE_DIR at a writable directory",
@@ -172,7 +175,7 @@ def _all_died(died: list[Death]) -> BackendError:
     listed = ", ".join(f"{d.variant} ({d.signal})" for d in died)
     return BackendError(
         f"llama.cpp died in its start-up self-check with every CPU variant this CPU reports it "
-        f"can run: {listed}; {REBUILD}"
+        f"can run ({listed}): {crash_cause(died[-1].signal)}; {REBUILD}"
     )
 
 

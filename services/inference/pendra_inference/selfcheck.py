@@ -193,21 +193,24 @@ def run_selfcheck(
         raise BackendError(f"llama.cpp's self-check gave no report ({exc}); {REBUILD}") from exc
 
 
-def crash_message(name: str) -> str:
+def crash_cause(name: str) -> str:
+    """What a self-check child's death by signal `name` most likely means."""
     if name == "SIGILL":
-        cause = (
+        return (
             "this llama.cpp build uses a CPU instruction that this CPU or its OS does not allow "
             "(typical: a build made with -march=native on another machine, or AMX in a VM that "
             "reports it but does not enable it)"
         )
-    elif name in ("SIGSEGV", "SIGBUS", "SIGABRT"):
-        cause = (
+    if name in ("SIGSEGV", "SIGBUS", "SIGABRT"):
+        return (
             "llama.cpp crashed loading or decoding a tiny model (a GPU driver or runtime library "
             "that does not match the build?)"
         )
-    else:
-        cause = "llama.cpp was killed during its self-check"
-    return f"llama.cpp died of {name} in its start-up self-check: {cause}; {REBUILD}"
+    return "llama.cpp was killed during its self-check"
+
+
+def crash_message(name: str) -> str:
+    return f"llama.cpp died of {name} in its start-up self-check: {crash_cause(name)}; {REBUILD}"
 
 
 def main(argv: list[str] | None = None) -> int:
