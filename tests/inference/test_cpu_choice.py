@@ -36,7 +36,10 @@ CANDIDATES = [v.name for v in ranked(build_variants())]
 needs_two_variants = pytest.mark.skipif(
     len(CANDIDATES) < 2, reason="a build with at least two CPU variants this CPU can run"
 )
-pytestmark = needs_two_variants
+pytestmark = [
+    needs_two_variants,
+    pytest.mark.skipif(sys.platform == "win32", reason="a crash is not a signal on Windows"),
+]
 
 
 @pytest.fixture
@@ -130,7 +133,7 @@ def test_the_build_hash_follows_the_libraries_bytes(tmp_path: Path) -> None:
     copy = tmp_path / "lib"
     shutil.copytree(lib_dir(), copy)
     assert build_hash(copy) == build_hash(lib_dir())  # the same build, reinstalled: same verdict
-    module = copy / f"libggml-cpu-{CANDIDATES[0]}.so"
+    module = copy / next(v.path.name for v in build_variants() if v.name == CANDIDATES[0])
     data = bytearray(module.read_bytes())
     data[-1] ^= 0xFF
     module.write_bytes(bytes(data))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pendra_inference.backends import activate, build_variants
+from pendra_inference.backends import BackendError, activate, build_variants
 from pendra_inference.doctor import summary_lines, unused_gpus
 from pendra_inference.selfcheck import SelfCheckDied, crash_message, run_selfcheck
 from pendra_shared import hostinfo
@@ -93,6 +93,16 @@ def test_a_selfcheck_child_killed_by_sigill_is_a_clear_error() -> None:
     assert "CPU instruction that this CPU or its OS does not allow" in message
     assert "python3 scripts/llama_build.py sync" in message
     assert "SIGSEGV" in crash_message("SIGSEGV")
+
+
+@needs_x86_linux
+def test_a_death_in_the_gpu_pass_is_not_blamed_on_the_cpu_variant() -> None:
+    """The child says when the CPU's passes have lived; a death after that (a GPU driver, the
+    GPU out of memory) is a plain error: no CPU variant is given up for it."""
+    with pytest.raises(BackendError) as caught:
+        run_selfcheck("haswell", command=[sys.executable, "-c", SIGILL_CODE, "--after-cpu-passes"])
+    assert not isinstance(caught.value, SelfCheckDied)
+    assert "in its GPU pass, after the CPU's passes lived" in str(caught.value)
 
 
 def unrunnable_variant() -> str | None:

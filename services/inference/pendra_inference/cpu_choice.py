@@ -165,7 +165,10 @@ class VerdictCache:
         return str(self.path)
 
     def forget(self) -> None:
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:  # a cache path under a file, a read-only mount
+            logger.warning("cannot forget the CPU variant remembered in %s: %s", self.path, exc)
 
 
 # -- the decision --------------------------------------------------------------------------------
@@ -250,7 +253,7 @@ _decided: Verdict | None = None
 
 
 def decided() -> Verdict | None:
-    """The verdict this process serves with, once it has one (None when pinned or not yet)."""
+    """The verdict this process serves with, once it has chosen (None until then)."""
     with _decided_lock:
         return _decided
 

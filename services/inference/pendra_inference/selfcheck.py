@@ -49,6 +49,7 @@ CHILD_REFUSED = 3  # the child's exit status for a clear BackendError
 FAULT_SIGNALS = frozenset({"SIGILL", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGABRT", "SIGTRAP", "SIGSYS"})
 PROMPT = b"Pendra's self-check runs every kernel that serving runs, on this CPU, before it serves."
 DECODE_TOKENS = 8
+CPU_PASSES_DONE = "pendra-selfcheck: the CPU passes lived"
 _BUFFER_RE = re.compile(r"(\S+) model buffer size =\s*([\d.]+) MiB")
 
 
@@ -115,6 +116,9 @@ def _child(cpu_variant: str | None, threads: int) -> dict[str, Any]:
         path = write_selfcheck_model(Path(tmp) / "selfcheck.gguf")
         started = time.perf_counter()
         for layers, flash in passes:
+            if layers:  # what dies from here on is the GPU's, not the CPU variant's
+                sys.stderr.write(f"{CPU_PASSES_DONE}\n")
+                sys.stderr.flush()
             sizes.clear()
             llm = Llama(
                 str(path),
@@ -167,11 +171,13 @@ def run_selfcheck(
         child = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired as exc:
         raise BackendError(f"llama.cpp's self-check did not finish in {timeout_s:.0f} s") from exc
-    if child.returncode < 0:
-        name = signal_name(-child.returncode)
-        if name in FAULT_SIGNALS:
-            raise SelfCheckDied(variant, name)
-        raise BackendError(f"llama.cpp's self-check was killed by {name} (from outside: the OOM killer?)")
+    name = death_signal(child.returncode)
+    if name is not None:
+        if name not in FAULT_SIGNALS:
+            raise BackendError(f"llama.cpp's self-check was killed by {name} (from outside: the OOM killer?)")
+        if CPU_PASSES_DONE in child.stderr:  # the CPU variant ran everything; the GPU pass died
+            raise BackendError(f"{crash_message(name)} (in its GPU pass, after the CPU's passes lived)")
+        raise SelfCheckDied(variant, name)
     lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
     detail = lines[-1] if lines else f"exit status {child.returncode}"
     if child.returncode == CHILD_REFUSED:  # the child's own clear BackendError (a bad setting)
@@ -191,6 +197,25 @@ def run_selfcheck(
         )
     except (IndexError, ValueError, KeyError, TypeError) as exc:
         raise BackendError(f"llama.cpp's self-check gave no report ({exc}); {REBUILD}") from exc
+
+
+# Windows reports a crash as the exception's NTSTATUS in the exit code, not as a signal.
+_NTSTATUS_SIGNALS = {
+    0xC000001D: "SIGILL",  # STATUS_ILLEGAL_INSTRUCTION
+    0xC0000096: "SIGILL",  # STATUS_PRIVILEGED_INSTRUCTION
+    0xC0000005: "SIGSEGV",  # STATUS_ACCESS_VIOLATION
+    0xC0000094: "SIGFPE",  # STATUS_INTEGER_DIVIDE_BY_ZERO
+    0xC0000409: "SIGABRT",  # STATUS_STACK_BUFFER_OVERRUN (abort() and fast-fail)
+}
+
+
+def death_signal(returncode: int) -> str | None:
+    """The signal a child died of, by its exit status (None: it exited)."""
+    if returncode < 0:
+        return signal_name(-returncode)
+    if sys.platform == "win32":
+        return _NTSTATUS_SIGNALS.get(returncode & 0xFFFFFFFF)
+    return None
 
 
 def crash_cause(name: str) -> str:
