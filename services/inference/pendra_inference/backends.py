@@ -260,6 +260,11 @@ AMX_VARIANTS = frozenset({"sapphirerapids"})
 FAULT_VARIANTS_ENV = "PENDRA_TEST_SIGILL_VARIANTS"
 
 
+# Signals that say llama.cpp itself failed, as opposed to a process killed from outside (SIGKILL
+# from the OOM killer, SIGTERM from an operator).
+FAULT_SIGNALS = frozenset({"SIGILL", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGABRT", "SIGTRAP", "SIGSYS"})
+
+
 def signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name

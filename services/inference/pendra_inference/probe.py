@@ -39,13 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pendra_inference.backends import activate, signal_name
+from pendra_inference.backends import FAULT_SIGNALS, activate, signal_name
 from pendra_inference.engine import EngineConfig
 
 CHILD_FAILED = 3  # the child's exit status for a clean load or decode error
 LOG_TAIL_BYTES = 8 * 1024  # of the child's output, kept for the reason
-# Signals that say the file crashed llama.cpp (as opposed to the child being killed from outside).
-FILE_FAULTS = frozenset({"SIGSEGV", "SIGFPE", "SIGABRT", "SIGBUS", "SIGILL", "SIGTRAP", "SIGSYS"})
 _CAUSE_RE = re.compile(r"GGML_ASSERT|GGML_ABORT|error loading model|terminate called|what\(\)")
 _DETAIL_RE = re.compile(r"error|failed|exception", re.IGNORECASE)
 
@@ -109,7 +107,7 @@ def probe(
     detail = _detail(tail)
     if code < 0:
         name = signal_name(-code)
-        if name not in FILE_FAULTS:  # killed from outside: the OOM killer, an operator
+        if name not in FAULT_SIGNALS:  # killed from outside: the OOM killer, an operator
             hint = " (out of memory?)" if name == "SIGKILL" else ""
             return ProbeResult(f"the load probe was killed by {name}{hint}", seconds, lasting=False)
         reason = f"llama.cpp crashed loading it: {name}" + (f" ({detail})" if detail else "")

@@ -38,15 +38,13 @@ from typing import Any
 
 from pendra_shared import hostinfo
 
-from pendra_inference.backends import BackendError, signal_name, usable_cores
+from pendra_inference.backends import FAULT_SIGNALS, BackendError, signal_name, usable_cores
 
 REBUILD = (
     f"rebuild llama.cpp for this host: `{hostinfo.rebuild_command()}` in a Pendra checkout "
     "(add --gpu cpu to leave the GPU out), or use the image that matches it"
 )
 CHILD_REFUSED = 3  # the child's exit status for a clear BackendError
-# Signals that say llama.cpp itself failed (as opposed to the child being killed from outside).
-FAULT_SIGNALS = frozenset({"SIGILL", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGABRT", "SIGTRAP", "SIGSYS"})
 PROMPT = b"Pendra's self-check runs every kernel that serving runs, on this CPU, before it serves."
 DECODE_TOKENS = 8
 CPU_PASSES_DONE = "pendra-selfcheck: the CPU passes lived"
