@@ -62,6 +62,15 @@ class CatalogueEntry(BaseModel):
     parameters: str | None = None
     quantization: str | None = None
     context_length: int | None = Field(default=None, gt=0)
+    state_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Recurrent state of one sequence of a recurrent or hybrid model (Qwen3.5/3.6's Gated "
+            "DeltaNet layers), in bytes, as llama.cpp allocates it: what the console adds to the "
+            "file's size for the states and checkpoints a loaded model holds."
+        ),
+    )
     license: str | None = None
     description: str | None = None
     source: str = Field(default=BUNDLED, description="The catalogue this entry came from.")

@@ -222,6 +222,17 @@ class Settings(BaseSettings):
             "(a chat's next turn, a common system prompt)."
         ),
     )
+    checkpoint_budget_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Host memory for checkpoints of recurrent and hybrid models' states (Qwen3.5/3.6, "
+            "Granite 4 -h, Mamba) and of sliding-window models' last window (Gemma 2 and 3), which "
+            "let a new request reuse a cached prefix of such a model; counted in the model's memory. "
+            "Unset: room for two checkpoints per sequence; 0: none (only whole cached sequences are "
+            "reused)."
+        ),
+    )
     cpu_variant: str = Field(
         default="",
         description=(

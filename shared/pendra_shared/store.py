@@ -25,6 +25,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,6 +57,14 @@ _PROC_FD = Path("/proc/self/fd")
 # (file name, size, mtime_ns, inode): a file as it is now; any change of content or a replacement
 # gives another identity.
 FileIdentity = tuple[str, int, int, int]
+
+# (device, inode, mtime_ns, ctime_ns) of the store directory: creating, renaming or removing a GGUF
+# or a sidecar in it (installs, uninstalls, imports, hand-drops) changes it.
+StoreStamp = tuple[int, int, int, int]
+# A directory's times move in the file system's timestamp steps (a clock tick on Linux, up to
+# seconds on some network and FAT mounts): a second change within the step of the first leaves
+# them as they were. A stamp younger than this is not trusted to tell that a scan is current.
+STAMP_SETTLE_NS = 1_000_000_000
 
 
 def identity_of(name: str, st: os.stat_result) -> FileIdentity:
@@ -182,6 +191,7 @@ class Verification:
 class ScanResult:
     models: list[StoredModel]
     problems: list[str]  # store-level: orphaned sidecars and the like
+    stamp: StoreStamp | None = None  # the store directory, taken before the scan (see `stamp`)
 
     @property
     def valid(self) -> list[StoredModel]:
@@ -373,8 +383,26 @@ class ModelStore:
             return None
         return str(reason)[:1000] if recorded == identity else None
 
+    def stamp(self) -> StoreStamp | None:
+        """The store directory's stamp now; None when it is missing or changed within the last
+        `STAMP_SETTLE_NS` (too recently to tell a later change in the same timestamp step)."""
+        try:
+            st = os.stat(self.root)
+        except OSError:
+            return None
+        if abs(time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns)) < STAMP_SETTLE_NS:
+            return None
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+    def unchanged_since(self, scan: ScanResult) -> bool:
+        """Whether `scan` still lists the store as it is: no GGUF or sidecar has been created,
+        renamed or removed since it was taken. (A file rewritten in place does not show here: the
+        store watcher and the registry's loaded-file check see those.)"""
+        return scan.stamp is not None and self.stamp() == scan.stamp
+
     def scan(self) -> ScanResult:
         """Everything in the store, valid models first-come by name."""
+        stamp = self.stamp()  # before reading: a change made while it reads shows as a new stamp
         try:
             dirents = sorted(os.scandir(self.root), key=lambda d: d.name)
         except FileNotFoundError:
@@ -401,7 +429,7 @@ class ModelStore:
                 model.error = f"name {model.name!r} is already used by {seen[model.name].file_name}"
             else:
                 seen[model.name] = model
-        return ScanResult(models, problems)
+        return ScanResult(models, problems, stamp)
 
     def find(self, name: str, *, include_invalid: bool = False) -> StoredModel:
         """The model called `name` (also: its file name, or a family with one installed tag)."""

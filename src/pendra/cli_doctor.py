@@ -19,8 +19,8 @@ def doctor(
 ) -> None:
     """Check the llama.cpp build against this host: backends, CPU variant, devices, unused GPUs, disk."""
     from pendra_inference.backends import BackendError
-    from pendra_inference.cpu_choice import decide
-    from pendra_inference.doctor import summarize, summary_lines
+    from pendra_inference.cpu_choice import adopt, decide
+    from pendra_inference.doctor import model_lines, planned_models, summarize, summary_lines
 
     settings = load_settings()
     try:
@@ -29,10 +29,14 @@ def doctor(
     except BackendError as exc:
         check, verdict, error = None, None, str(exc)
     summary = summarize(settings, check, error, verdict=verdict)
+    if verdict is not None and error is None:
+        # The variant lives here: this process may load llama.cpp to size the models.
+        adopt(verdict)
+        summary["models"] = planned_models(settings)
     if as_json:
         print_json(summary)
     else:
-        for line in summary_lines(summary):
+        for line in [*summary_lines(summary), *model_lines(summary.get("models", []))]:
             out.print(line, markup=False)
     if error:
         raise typer.Exit(1)

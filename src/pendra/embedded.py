@@ -57,7 +57,10 @@ def create_embedded_app(settings: Settings) -> FastAPI:
     metrics = ServiceMetrics()
     runtime = InferenceRuntime(settings, metrics=metrics)
     store = ModelStore.from_settings(settings)
-    queue = LocalQueue(settings, store, InstallMetrics(metrics.registry))
+    # A job says `done` only once the registry lists its model (the store watcher would, later).
+    queue = LocalQueue(
+        settings, store, InstallMetrics(metrics.registry), before_done=runtime.registry.refresh
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -40,6 +40,17 @@ def test_fit_is_judged_against_the_budget_with_room_for_the_context() -> None:
     assert views.fit_for(100 * 1000**2, CPU).text.startswith("Fits: needs about 167.1 MB")  # 64 MiB at least
 
 
+def test_a_hybrid_models_states_count_in_its_fit() -> None:
+    from pendra_shared.catalogue import bundled_entries
+
+    qwen = {e.name: e for e in bundled_entries()}["qwen3.6:27b"]
+    assert qwen.state_bytes == 48 * (3 * (6144 + 2 * 16 * 128) + 128 * 6144) * 4  # 149.6 MiB
+    plain = views.fit_for(qwen.size_bytes, GPU)
+    hybrid = views.fit_for(qwen.size_bytes, GPU, qwen.state_bytes)
+    assert plain.text == "Fits: needs about 20.2 GB of 48.0 GB GPU memory"
+    assert hybrid.text == "Fits: needs about 21.1 GB of 48.0 GB GPU memory"  # 6 states of 157 MB more
+
+
 def test_with_a_gpu_the_gpus_memory_is_the_limit() -> None:
     assert views.fit_for(33 * GB, GPU).text == "Fits, tightly: needs about 39.6 GB of 48.0 GB GPU memory"
     assert views.fit_for(45 * GB, GPU).level == "too_big"  # fits the 96 GB budget, not the GPUs

@@ -3,12 +3,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 from pendra_shared.errors import InvalidModelName, ModelNotFound, StoreError
 from pendra_shared.sidecar import sidecar_path
-from pendra_shared.store import ModelStore
+from pendra_shared.store import STAMP_SETTLE_NS, ModelStore
 
 from tests.support.ggufs import write_gguf
 
@@ -154,6 +155,23 @@ def test_uninstall_removes_the_gguf_and_sidecar_and_nothing_else(store: ModelSto
     assert names(store) == {"keep:v1": "ready"}
     with pytest.raises(ModelNotFound, match="not in the store"):
         store.uninstall("drop:v1")
+
+
+def test_a_scan_tells_whether_the_store_changed_since(store: ModelStore, tmp_path: Path) -> None:
+    """What the inference registry asks before answering a listing from its last scan: a model
+    placed, renamed or removed since (by the fetcher, another process) makes it scan again, and
+    so does a directory changed within the file system's timestamp step."""
+    store.import_file(write_gguf(tmp_path / "a.gguf"), name="first:v1")
+    just_changed = store.scan()
+    assert just_changed.stamp is None and not store.unchanged_since(just_changed)
+    time.sleep(STAMP_SETTLE_NS / 1e9 + 0.1)
+    settled = store.scan()
+    assert settled.stamp is not None and store.unchanged_since(settled)
+    write_gguf(store.partial_dir / "second.gguf")  # a download's bytes: no new model yet
+    assert store.unchanged_since(settled)
+    os.replace(store.partial_dir / "second.gguf", store.root / "second.gguf")  # placed, as installs do
+    assert not store.unchanged_since(settled)
+    assert [m.name for m in store.scan().valid] == ["first:v1", "second"]
 
 
 @pytest.mark.parametrize("name", ["../models", "../../etc/passwd", "/etc/passwd", "x/../../y", "\x00"])

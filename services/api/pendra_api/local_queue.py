@@ -1,11 +1,13 @@
 """`pendra serve`'s install queue: asyncio tasks in this process running the same job code as the
 arq fetcher (`pendra_shared.jobs.run_install_job`), with the same retry, progress and cancel rules,
-and no Redis."""
+and no Redis. A finished install is reported `done` only after `before_done` (the inference
+registry's rescan, in `pendra serve`) has run: whoever sees `done` can use the model at once."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -21,8 +23,16 @@ logger = logging.getLogger(__name__)
 
 
 class LocalQueue:
-    def __init__(self, settings: Settings, store: ModelStore, metrics: InstallMetrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ModelStore,
+        metrics: InstallMetrics | None = None,
+        before_done: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        """`before_done`: awaited when an install has finished, before its job says `done`."""
         self.settings = settings
+        self.before_done = before_done
         self.store = store
         # Without a process registry (a queue of its own, in tests), metrics nobody scrapes.
         self.metrics = metrics or InstallMetrics(CollectorRegistry())
@@ -46,13 +56,25 @@ class LocalQueue:
 
     # JobSink
     async def save(self, job: Job) -> bool:
-        current = self._jobs.get(job.id)
-        if current is not None and (current.final or current.run != job.run):
-            return False  # cancelled, or replaced by a newer request: this run's news is old news
+        if not self._takes(job):
+            return False
+        if job.state == JobState.DONE and self.before_done is not None:
+            try:
+                await self.before_done()
+            except Exception:
+                logger.exception("%s: the step before reporting it done failed", job.id)
+            if not self._takes(job):
+                return False
         self._jobs[job.id] = job
         if job.final:
             self.metrics.ended(job)
         return True
+
+    def _takes(self, job: Job) -> bool:
+        """False when the record was cancelled, or replaced by a newer request: this run's news
+        is old news."""
+        current = self._jobs.get(job.id)
+        return current is None or not (current.final or current.run != job.run)
 
     async def cancel_requested(self, job_id: str) -> bool:
         return job_id in self._cancels

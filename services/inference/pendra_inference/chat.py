@@ -323,8 +323,49 @@ def plan(loaded: Loaded, req: ChatCompletionRequest, limits: RequestLimits | Non
         top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
     )
     stops_all = tuple(stops) + (() if raw is not None else tuple(template.stop))
-    completion = Completion(prompt, wanted, sampling, stops_all, req.n, req.cache_prompt, "chat")
+    marks: tuple[int, ...] = ()
+    if raw is None and scheduler.stateful and req.cache_prompt:
+        marks = _message_marks(loaded, template, messages, text, prompt, tools, limits)
+    completion = Completion(prompt, wanted, sampling, stops_all, req.n, req.cache_prompt, "chat", marks)
     return Plan(completion, tools)
+
+
+def _message_marks(
+    loaded: Loaded,
+    template: ChatTemplate,
+    messages: list[dict[str, Any]],
+    text: str,
+    prompt: list[int],
+    tools: list[dict[str, Any]] | None,
+    limits: RequestLimits,
+) -> tuple[int, ...]:
+    """Where this conversation's prompt may later diverge from another's (the end of the first
+    message, usually the system prompt) or from its own next version (the start of the last user
+    message): the token positions a recurrent model checkpoints at. A boundary counts only where the
+    template renders the earlier messages alone as a prefix of the prompt that tokenizes alike."""
+    engine = loaded.engine
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    marks = []
+    for k in sorted({1, *users[-1:]}):
+        if not 0 < k < len(messages):
+            continue
+        try:
+            head = template.render(
+                messages[:k],
+                bos=engine.bos_text,
+                eos=engine.eos_text,
+                tools=tools,
+                max_chars=limits.template_max_chars,
+                timeout_s=limits.template_timeout_s,
+                generation_prompt=False,
+            )
+        except TemplateRenderError:
+            continue  # (Qwen's templates refuse a conversation with no user message)
+        if head and text.startswith(head):
+            tokens = engine.tokenize_prompt(head)
+            if prompt[: len(tokens)] == tokens:
+                marks.append(len(tokens))
+    return tuple(marks)
 
 
 def _logit_bias(bias: dict[str, float] | None, n_vocab: int) -> dict[int, float] | None:

@@ -117,6 +117,10 @@ def _gib(n: int | None) -> str:
     return f"{n / 2**30:.1f} GiB" if n else "?"
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The summary as the short lines the start-up log and `pendra doctor` print."""
     lines = []
@@ -173,6 +177,56 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def planned_models(settings: Settings) -> list[dict[str, Any]]:
+    """What each installed chat model will hold once loaded, as the registry reckons it (its
+    budget and eviction use the same figure): weights, KV cache, recurrent states, checkpoints.
+    Loads llama.cpp's backends in this process: call only once the CPU variant is adopted."""
+    from pendra_shared.store import ModelStore
+
+    from pendra_inference.model_memory import memory_shape
+    from pendra_inference.registry import ModelRegistry
+
+    store = ModelStore(settings.models_dir)
+    registry = ModelRegistry(settings, store)
+    out = []
+    for model in store.scan().valid:
+        if model.purpose != "chat":
+            continue
+        config, total = registry.engine_config(model)
+        shape = memory_shape(model.path, **store.gguf_limits)
+        cells = config.n_ctx * config.parallel
+        out.append(
+            {
+                "name": model.name,
+                "memory_kind": shape.kind,
+                "memory_bytes": total,
+                "weights_bytes": model.size_bytes,
+                "kv_cells": cells,
+                "kv_bytes": shape.kv_bytes(cells),
+                "sequences": config.sequences,
+                "state_bytes": shape.state_bytes * config.sequences,
+                "checkpoint_bytes": config.checkpoint_bytes,
+            }
+        )
+    return out
+
+
+def model_lines(models: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for m in models:
+        parts = [
+            f"weights {_size(m['weights_bytes'])}",
+            f"KV cache {_size(m['kv_bytes'])} ({m['kv_cells']} cells)",
+        ]
+        if m["sequences"]:
+            parts.append(f"recurrent states {_size(m['state_bytes'])} ({m['sequences']} sequences)")
+        if m["checkpoint_bytes"]:
+            parts.append(f"checkpoints up to {_size(m['checkpoint_bytes'])}")
+        total = _size(m["memory_bytes"])
+        lines.append(f"model {m['name']} ({m['memory_kind']}): about {total} loaded: {', '.join(parts)}")
+    return lines
+
+
 def preflight(settings: Settings) -> dict[str, Any] | None:
     """Before a server listens: choose the CPU variant by the self-check (remembered, or found
     now), prove the build runs here and log what it runs on. Raises a BackendError (a
@@ -189,4 +243,12 @@ def preflight(settings: Settings) -> dict[str, Any] | None:
     return summary
 
 
-__all__ = ["BackendError", "preflight", "summarize", "summary_lines", "unused_gpus"]
+__all__ = [
+    "BackendError",
+    "model_lines",
+    "planned_models",
+    "preflight",
+    "summarize",
+    "summary_lines",
+    "unused_gpus",
+]

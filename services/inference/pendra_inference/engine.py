@@ -47,6 +47,8 @@ class EngineConfig:
     embedding: bool
     pooling: int | None = None  # llama.cpp pooling type for embedding models
     parallel: int = 1  # chat: sequences of n_ctx tokens in the scheduler's KV cache
+    sequences: int = 0  # chat: sequence ids of the scheduler's context (0: llama.cpp's maximum)
+    checkpoint_bytes: int = 0  # chat: host memory for recurrent-state checkpoints
     # Memory-map the weights. Off for files no pinned install verified: a mapped file truncated
     # in place kills the process with SIGBUS on the next page it touches.
     use_mmap: bool = True

@@ -66,7 +66,7 @@ SELFCHECK_MODEL = SelfCheckModel(
 )
 
 # Bytes per block and block length of the types written from random blocks (ggml-common.h).
-_BLOCKS = {"q4_k": (144, 256), "q5_k": (176, 256), "q6_k": (210, 256), "mxfp4": (17, 32)}
+BLOCKS = {"q4_k": (144, 256), "q5_k": (176, 256), "q6_k": (210, 256), "mxfp4": (17, 32)}
 
 
 def _half(value: float) -> Any:
@@ -75,12 +75,12 @@ def _half(value: float) -> Any:
     return np.array([value], dtype=np.float16).view(np.uint8)
 
 
-def _random_blocks(kind: str, shape: tuple[int, ...], rng: Any) -> Any:
+def random_blocks(kind: str, shape: tuple[int, ...], rng: Any) -> Any:
     """Random weights of a type gguf cannot quantize, as raw blocks with scales chosen so each
     weight is about 1/sqrt(row length) in size. `shape` is the tensor's, rows last."""
     import numpy as np
 
-    size, per_block = _BLOCKS[kind]
+    size, per_block = BLOCKS[kind]
     *outer, cols = shape
     n_blocks = int(np.prod(outer)) * (cols // per_block)
     raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
@@ -93,6 +93,20 @@ def _random_blocks(kind: str, shape: tuple[int, ...], rng: Any) -> Any:
     elif kind == "mxfp4":  # an E8M0 exponent, then 4-bit values
         raw[:, 0] = 120
     return raw.reshape(*outer, (cols // per_block) * size)
+
+
+def add_byte_vocab(writer: Any, n_vocab: int) -> None:
+    """A byte-level SentencePiece vocabulary padded to `n_vocab`: <unk>, BOS 1 and EOS 2 (control),
+    the 256 byte tokens, then plain ones."""
+    tokens = [b"<unk>", b"<s>", b"</s>", *(f"<0x{i:02X}>".encode() for i in range(256))]
+    tokens += [f"w{i}".encode() for i in range(n_vocab - len(tokens))]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_types([2, 3, 3, *([6] * 256), *([1] * (len(tokens) - 259))])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
 
 
 def write_llama_gguf(
@@ -130,23 +144,15 @@ def write_llama_gguf(
         writer.add_expert_used_count(shape.n_expert_used)
     f16 = weights == "f16"
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.MOSTLY_Q8_0)
-    tokens = [b"<unk>", b"<s>", b"</s>", *(f"<0x{i:02X}>".encode() for i in range(256))]
-    tokens += [f"w{i}".encode() for i in range(shape.n_vocab - len(tokens))]
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * len(tokens))
-    writer.add_token_types([2, 3, 3, *([6] * 256), *([1] * (len(tokens) - 259))])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
+    add_byte_vocab(writer, shape.n_vocab)
 
     def random(*dims: int) -> Any:
         return (rng.standard_normal(dims, dtype=np.float32) / np.sqrt(dims[-1])).astype(np.float32)
 
     def matrix(tensor: str, kind: str, *dims: int) -> None:
-        if kind in _BLOCKS:
+        if kind in BLOCKS:
             qtype = gguf.GGMLQuantizationType[kind.upper()]
-            writer.add_tensor(tensor, _random_blocks(kind, dims, rng), raw_dtype=qtype)
+            writer.add_tensor(tensor, random_blocks(kind, dims, rng), raw_dtype=qtype)
             return
         data = random(*dims)
         if kind == "f16":

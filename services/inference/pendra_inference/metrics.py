@@ -91,6 +91,27 @@ class InferenceMetrics:
             [MODEL],
             registry=r,
         )
+        self.checkpoints = Counter(
+            "pendra_checkpoints",
+            "Checkpoints of recurrent and hybrid models' states and sliding-window models' last "
+            "window: saved, restored (a prompt reused a cached prefix through one), evicted (pushed "
+            "out of PENDRA_CHECKPOINT_BUDGET_BYTES).",
+            [MODEL, "event"],
+            registry=r,
+        )
+        self.checkpoint_bytes = Gauge(
+            "pendra_checkpoint_bytes",
+            "Host memory held by a model's checkpoints (recurrent states, sliding windows).",
+            [MODEL],
+            registry=r,
+        )
+        self.sequences = Gauge(
+            "pendra_sequences",
+            "Sequence ids of a chat model's context (each holds a recurrent state on recurrent and "
+            "hybrid models).",
+            [MODEL],
+            registry=r,
+        )
         self.prompt_seconds = Counter(
             "pendra_prompt_seconds",
             "Seconds from admission to the first token, summed over requests.",
@@ -163,7 +184,8 @@ class InferenceMetrics:
         self.loaded_models = Gauge("pendra_loaded_models", "Models loaded in memory.", registry=r)
         self.model_memory = Gauge(
             "pendra_model_memory_bytes",
-            "Memory a loaded model holds (weights and KV cache), one series per loaded model.",
+            "Memory a loaded model holds (weights, KV cache, recurrent states and checkpoints), one "
+            "series per loaded model.",
             [MODEL, "purpose"],
             registry=r,
         )
@@ -181,6 +203,13 @@ class InferenceMetrics:
         self.generation_tokens.labels(model).inc(generated)
         self.prefix_queries.labels(model).inc(result.prompt_tokens)
         self.prefix_hits.labels(model).inc(result.cached_tokens)
+        for event, count in (
+            ("saved", result.checkpoints_saved),
+            ("restored", result.checkpoints_restored),
+            ("evicted", result.checkpoints_evicted),
+        ):
+            if count:
+                self.checkpoints.labels(model, event).inc(count)
         self.queue_time.labels(model).observe(result.queue_s)
         self.e2e.labels(model).observe(result.end_s)
         if result.first_token_s is not None:
@@ -241,6 +270,8 @@ class InferenceMetrics:
             self.kv_used,
             self.kv_usage,
             self.model_memory,
+            self.checkpoint_bytes,
+            self.sequences,
         ):
             gauge.clear()
         count = 0
@@ -255,6 +286,9 @@ class InferenceMetrics:
             self.kv_cells.labels(m.name).set(stats.kv_cells)
             self.kv_used.labels(m.name).set(stats.kv_cells_used)
             self.kv_usage.labels(m.name).set(stats.kv_cells_used / stats.kv_cells if stats.kv_cells else 0)
+            self.sequences.labels(m.name).set(stats.sequences)
+            if stats.memory_kind in ("recurrent", "hybrid", "swa"):
+                self.checkpoint_bytes.labels(m.name).set(stats.checkpoint_bytes)
         self.loaded_models.set(count)
 
 

@@ -37,7 +37,6 @@ from typing import Any
 
 from pendra_shared.api_errors import InvalidRequest, ModelNotFoundError, Unavailable, WrongPurpose
 from pendra_shared.config import Settings
-from pendra_shared.gguf_header import read_header
 from pendra_shared.store import (
     FileIdentity,
     ModelStore,
@@ -53,6 +52,7 @@ from pendra_inference.backends import activate, usable_cores
 from pendra_inference.embed_batcher import EmbedBatcher
 from pendra_inference.engine import POOLING, EngineConfig, LlamaEngine, gpu_offload_supported
 from pendra_inference.metrics import InferenceMetrics
+from pendra_inference.model_memory import MemoryShape, memory_shape
 from pendra_inference.probe import ProbeResult, probe
 from pendra_inference.scheduler import Scheduler, SchedulerConfig
 
@@ -113,6 +113,7 @@ class Loaded:
     in_flight: int = 0
     last_used: float = field(default_factory=time.monotonic)
     retired: bool = False
+    closed: bool = False  # unloaded: its engine is freed, and must never be freed again
     memo: dict[str, Any] = field(default_factory=dict)  # per-model results worth keeping (template)
 
     @property
@@ -175,7 +176,7 @@ class ModelRegistry:
                 same = await asyncio.to_thread(identity_of, loaded.model.path) == loaded.identity
             except OSError:
                 same = False
-            if not same:
+            if not same and not loaded.retired and not loaded.closed:  # (a refresh may have meanwhile)
                 self._scan = None  # the listing is stale too
                 await self._retire(loaded, "changed on disk")
 
@@ -185,7 +186,13 @@ class ModelRegistry:
         return self._scan
 
     async def valid_models(self) -> list[StoredModel]:
-        return (await self.scan()).valid
+        """The listing, scanned again when the store directory changed since the last scan: an
+        install another process finished is listed before the watcher reports it. (A request
+        naming a model need not: `find` scans again when the name is missing.)"""
+        scan = self._scan
+        if scan is None or not await asyncio.to_thread(self.store.unchanged_since, scan):
+            scan = await self.refresh()
+        return scan.valid
 
     async def find(self, name: str) -> StoredModel:
         model = by_name((await self.scan()).valid, name)
@@ -362,17 +369,48 @@ class ModelRegistry:
             n_threads=config.n_threads or usable_cores(),
             prefix_cache=bool(options.get("prefix_cache", s.prefix_cache)),
             flash_attention=flash_attention(str(options.get("flash_attention", s.flash_attention)), config),
+            n_seq_max=config.sequences,
+            checkpoint_budget_bytes=config.checkpoint_bytes,
         )
 
-    def parallel_for(self, model: StoredModel, n_ctx: int, gpu: bool) -> int:
+    def parallel_for(
+        self, model: StoredModel, n_ctx: int, gpu: bool, shape: MemoryShape | None = None
+    ) -> int:
         """Sequences of `n_ctx` tokens the model's cache holds: the setting or sidecar option, else as
-        many as a fair share of the memory budget allows (8 at most on a CPU, 32 on a GPU)."""
+        many as a fair share of the memory budget allows (8 at most on a CPU, 32 on a GPU). Each
+        sequence of a recurrent or hybrid model also costs its states, and of a recurrent, hybrid or
+        sliding-window model its share of the checkpoints (see `sequence_plan`)."""
         chosen = int(self._options(model).get("parallel", self.settings.parallel))
         if chosen > 0:
             return chosen
+        shape = shape or memory_shape(model.path, **self.store.gguf_limits)
         share = self.budget // max(1, self.settings.max_loaded_models) - model.size_bytes
-        per_sequence = max(1, kv_cache_bytes(model.path, n_ctx, **self.store.gguf_limits))
+        sequences, checkpoint_bytes = self.sequence_plan(model, shape, 1)
+        if self._checkpoint_setting(model) is not None:  # a set budget is paid once, not per sequence
+            share -= checkpoint_bytes
+            checkpoint_bytes = 0
+        per_sequence = max(1, shape.context_bytes(n_ctx, sequences) + checkpoint_bytes)
         return max(1, min(32 if gpu else 8, share // per_sequence))
+
+    def _checkpoint_setting(self, model: StoredModel) -> Any:
+        return self._options(model).get("checkpoint_budget_bytes", self.settings.checkpoint_budget_bytes)
+
+    def sequence_plan(self, model: StoredModel, shape: MemoryShape, parallel: int) -> tuple[int, int]:
+        """Sequence ids of the context (0: llama.cpp's 256) and bytes of checkpoints for a model whose
+        cache holds `parallel` sequences. llama.cpp allocates a recurrent state per sequence id up
+        front, so a recurrent or hybrid model gets two per sequence (one running, one cached for
+        the next turn) and, unless set, room for two checkpoints per id. A sliding-window model's
+        sequences hold no such state (llama.cpp's 256 ids); unless set, its checkpoints (one window
+        of its sliding-window layers each) get room for two per sequence of the cache."""
+        chosen = self._checkpoint_setting(model)
+        if shape.state_bytes:
+            sequences = min(256, 2 * parallel)
+            default = 2 * sequences * shape.state_bytes
+        elif shape.swa_state_bytes:
+            sequences, default = 0, 2 * parallel * shape.swa_state_bytes
+        else:
+            return 0, 0
+        return sequences, default if chosen is None else int(chosen)
 
     def engine_config(self, model: StoredModel) -> tuple[EngineConfig, int]:
         """How to load `model` (settings, overridden by its sidecar's options) and its memory."""
@@ -396,7 +434,10 @@ class ModelRegistry:
         gpu_layers = options.get("n_gpu_layers", s.n_gpu_layers)
         if gpu_layers is None:
             gpu_layers = -1 if self.gpu else 0
-        parallel = 1 if embedding else self.parallel_for(model, n_ctx, self.gpu and int(gpu_layers) != 0)
+        shape = memory_shape(model.path, **self.store.gguf_limits)
+        on_gpu = self.gpu and int(gpu_layers) != 0
+        parallel = 1 if embedding else self.parallel_for(model, n_ctx, on_gpu, shape)
+        sequences, checkpoint_bytes = (0, 0) if embedding else self.sequence_plan(model, shape, parallel)
         config = EngineConfig(
             n_ctx=n_ctx,
             n_batch=min(n_batch, n_ctx),
@@ -406,10 +447,12 @@ class ModelRegistry:
             embedding=embedding,
             pooling=pooling,
             parallel=parallel,
+            sequences=sequences,
+            checkpoint_bytes=checkpoint_bytes,
             use_mmap=model.trusted,
         )
-        kv_bytes = kv_cache_bytes(model.path, n_ctx * parallel, **self.store.gguf_limits)
-        return config, model.size_bytes + kv_bytes
+        context_bytes = shape.context_bytes(n_ctx * parallel, max(1, sequences))
+        return config, model.size_bytes + shape.overhead_bytes + context_bytes + checkpoint_bytes
 
     async def _make_room(self, name: str, needed: int) -> None:
         def used() -> int:
@@ -438,7 +481,11 @@ class ModelRegistry:
             await self._unload(loaded, reason)
 
     async def _unload(self, loaded: Loaded, reason: str) -> None:
-        """Unload `loaded`: idle, room, replaced or shutdown (the metrics' reasons)."""
+        """Unload `loaded`: idle, room, replaced or shutdown (the metrics' reasons). Two paths may
+        reach one model (a retirement while the file check awaits): it is freed once."""
+        if loaded.closed:
+            return
+        loaded.closed = True
         if self._loaded.get(loaded.name) is loaded:
             del self._loaded[loaded.name]  # (a retired model may have been replaced there already)
         self.metrics.model_unloaded(loaded.name, reason)
@@ -484,25 +531,3 @@ def flash_attention(setting: str, config: EngineConfig) -> bool | None:
     if setting == "off":
         return False
     return None if config.n_gpu_layers != 0 else False
-
-
-def kv_cache_bytes(path: Path, n_ctx: int, **limits: int) -> int:
-    """An estimate of the F16 KV cache for `n_ctx` tokens, from the GGUF header (read with the
-    store's `limits`, so a file the store accepts is measured, not taken as 0)."""
-    try:
-        meta = read_header(path, **limits).metadata
-    except (OSError, ValueError):
-        return 0
-    arch = meta.get("general.architecture", "")
-
-    def num(key: str, default: int = 0) -> int:
-        value = meta.get(f"{arch}.{key}", default)
-        if isinstance(value, list):
-            value = max(value) if value else default
-        return int(value) if isinstance(value, int | float) else default
-
-    layers = num("block_count")
-    heads = num("attention.head_count", 1) or 1
-    kv_heads = num("attention.head_count_kv", heads) or heads
-    head_dim = num("attention.key_length", num("embedding_length") // heads)
-    return 2 * layers * n_ctx * kv_heads * head_dim * 2

@@ -27,6 +27,7 @@ from pendra_inference.protocol import (
 )
 from pendra_inference.rerank import RerankRequest
 from pendra_inference.responses import ResponseRequest
+from pendra_inference.scheduler import Scheduler
 from pendra_inference.state import AppState
 from pendra_inference.tokens import DetokenizeRequest, TokenizeRequest
 
@@ -117,9 +118,23 @@ def status_report(state: AppState) -> dict[str, Any]:
                 "memory_bytes": m.memory_bytes,
                 "in_flight": m.in_flight,
                 "idle_s": 0.0 if m.in_flight else round(now - m.last_used, 1),
+                **_memory_facts(m.runner),
             }
             for m in registry.loaded_models()
         ],
+    }
+
+
+def _memory_facts(runner: Any) -> dict[str, Any]:
+    """A chat model's memory kind, sequence ids and checkpoints (see model_memory.py)."""
+    if not isinstance(runner, Scheduler):
+        return {}
+    stats = runner.stats()
+    return {
+        "memory_kind": stats.memory_kind,
+        "sequences": stats.sequences,
+        "checkpoints": stats.checkpoints,
+        "checkpoint_bytes": stats.checkpoint_bytes,
     }
 
 

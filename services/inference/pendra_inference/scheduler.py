@@ -8,12 +8,16 @@ to others; there is no fixed slot count. Its thread repeats one step:
 1. drop requests whose client left, and fail those that waited too long;
 2. admit waiting requests: reuse the longest prefix any sequence holds, running or finished
    (`llama_memory_seq_cp` shares cells, it copies nothing), and evict finished sequences, least
-   recently used first, only when their cells are needed;
+   recently used first, only when their cells are needed; where the prefix of a sequence cannot be
+   shared by its cells alone (a recurrent state, a sliding window's reused cells), the prefix ends
+   at a checkpoint, restored into the new sequence (see checkpoints.py);
 3. build one batch: the pending token of every generating sequence, then prompt chunks of newly
-   admitted ones, at most `prefill_budget` tokens while others generate (chunked prefill);
+   admitted ones, at most `prefill_budget` tokens while others generate (chunked prefill); a chunk
+   ends where a checkpoint is to be saved;
 4. `llama_decode` it once (the GIL is released meanwhile);
-5. sample every sequence whose row has logits with its own sampler chain, detokenize, check stop
-   strings and limits; an `n` > 1 request forks its prompt's cells to its other choices here;
+5. save the checkpoints the chunks reached; sample every sequence whose row has logits with its own
+   sampler chain, detokenize, check stop strings and limits; an `n` > 1 request forks its prompt's
+   cells to its other choices here;
 6. hand the step's deltas to the event loop in one `call_soon_threadsafe`.
 
 Nothing else touches the context. The event loop only submits tickets and reads their queues.
@@ -35,11 +39,18 @@ import llama_cpp
 import numpy as np
 from pendra_shared.api_errors import APIError, InvalidRequest, Overloaded, Unavailable
 
+from pendra_inference.checkpoints import Checkpoint, CheckpointStore
 from pendra_inference.detokenize import TextStream
+from pendra_inference.model_memory import HYBRID, RECURRENT, SWA, kind_of
 from pendra_inference.sampling import Candidates, Sampler, logprobs_of
 from pendra_inference.sequence import ClientGone, Completion, Delta, Result, Sequence, Ticket, TokenLogprob
 
 logger = logging.getLogger(__name__)
+
+# A checkpointed model's prefill saves a checkpoint this many tokens before the end of the prompt: a
+# chat's next turn resends the prompt, but the template writes the answer after fewer or other
+# tokens than the generation prompt (ChatML's `<|im_start|>assistant\n<think>\n`: 5 tokens).
+CHECKPOINT_BEFORE_END = 6
 
 # Told of every request the scheduler finishes (stopped, at its limit, or aborted), with what the
 # scheduler measured; runs on the scheduler's thread, so it must be quick.
@@ -62,6 +73,12 @@ class SchedulerConfig:
     # with it); but llama.cpp's CPU flash attention takes different paths for different batch
     # shapes, so a sequence's logits then depend on its batch-mates. None: llama.cpp decides.
     flash_attention: bool | None = None  # None: llama.cpp decides
+    # Sequences the context holds, running and cached (0: llama.cpp's maximum, 256). llama.cpp
+    # allocates a recurrent state for each, so the registry sizes it for recurrent and hybrid models.
+    n_seq_max: int = 0
+    # Host memory for checkpoints of recurrent and hybrid models' states and of sliding-window
+    # models' last window (see checkpoints.py).
+    checkpoint_budget_bytes: int = 0
 
 
 @dataclass
@@ -70,6 +87,9 @@ class _Request:
     seqs: list[Sequence]
     admitted_at: float
     cached_tokens: int = 0
+    checkpoints_saved: int = 0
+    checkpoints_restored: int = 0
+    checkpoints_evicted: int = 0
     first_token_at: float | None = None
     last_token_at: float | None = None
     intervals: list[float] = field(default_factory=list)  # between consecutive tokens of a choice
@@ -91,6 +111,13 @@ class SchedulerStats:
     prefix_hit_tokens: int = 0
     prompt_tokens: int = 0  # prompt tokens offered (cached or not)
     decode_seconds: float = 0.0  # in llama_decode
+    memory_kind: str = "attention"  # attention, swa, recurrent or hybrid (see model_memory.py)
+    sequences: int = 0  # sequence ids of the context (n_seq_max)
+    checkpoints: int = 0  # checkpoints held (recurrent states, sliding windows)
+    checkpoint_bytes: int = 0
+    checkpoints_saved: int = 0
+    checkpoints_restored: int = 0
+    checkpoints_evicted: int = 0
     sample_seconds: float = 0.0  # choosing tokens, detokenizing, handing them out
 
 
@@ -109,7 +136,18 @@ class Scheduler:
         self.vocab = vocab
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
         self.n_swa = int(llama_cpp.llama_model_n_swa(model))
-        self.n_seq_max = int(llama_cpp.llama_max_parallel_sequences())
+        self.kind = kind_of(model)
+        # A recurrent state cannot be cut back to a position: shared whole, or from a checkpoint.
+        self.stateful = self.kind in (RECURRENT, HYBRID)
+        most = int(llama_cpp.llama_max_parallel_sequences())
+        self.n_seq_max = min(config.n_seq_max, most) if config.n_seq_max > 0 else most
+        if self.stateful and config.n_seq_max <= 0:
+            # The registry read no recurrent state from the file's header: llama.cpp's 256 states
+            # could take many GB. Two per sequence of the cache, as the registry would have given.
+            self.n_seq_max = min(most, 2 * config.parallel)
+            logger.warning("%s: a %s model with no sequence count: %d", name, self.kind, self.n_seq_max)
+        checkpointed = self.stateful or self.kind == SWA
+        self.checkpoints = CheckpointStore(config.checkpoint_budget_bytes if checkpointed else 0)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = config.n_ctx * config.parallel
         params.n_batch = max(config.n_batch, self.n_seq_max)
@@ -135,7 +173,7 @@ class Scheduler:
         self._running: list[_Request] = []
         self._cached: collections.OrderedDict[int, list[int]] = collections.OrderedDict()  # LRU first
         self._free_ids = list(range(self.n_seq_max))
-        self._stats = SchedulerStats(kv_cells=self.capacity)
+        self._stats = SchedulerStats(kv_cells=self.capacity, memory_kind=self.kind, sequences=self.n_seq_max)
         self._thread = threading.Thread(target=self._run, name=f"pendra-scheduler-{name}", daemon=True)
         self._thread.start()
 
@@ -145,6 +183,12 @@ class Scheduler:
         """Queue a completion; raises Overloaded when the queue is full. Call on the event loop."""
         if completion.cells > self.capacity:
             raise Unavailable(f"the request needs {completion.cells} KV cells; the cache has {self.capacity}")
+        if completion.n > self.n_seq_max:
+            raise InvalidRequest(
+                f"n={completion.n} asks for more choices than the {self.n_seq_max} sequences "
+                f"'{self.name}' holds at once",
+                param="n",
+            )
         ticket = Ticket(completion)
         with self._cond:
             if self._closing:
@@ -182,6 +226,7 @@ class Scheduler:
                 seq.sampler.close()
         self._waiting.clear()
         self._running.clear()
+        self.checkpoints.clear()
         llama_cpp.llama_batch_free(self.batch)
         llama_cpp.llama_free(self.ctx)
         self.ctx = None
@@ -267,6 +312,8 @@ class Scheduler:
                 n = ticket.completion.n
                 if self._reserved() + need > self.capacity:
                     return  # wait for running requests to finish (oldest first, no overtaking)
+                if len(self._free_ids) + len(self._cached) < n:
+                    return  # every sequence id runs a request (a recurrent model holds few): wait
                 self._waiting.popleft()
             try:
                 self._start(ticket, need, n)
@@ -283,13 +330,16 @@ class Scheduler:
             self._post(ticket, InvalidRequest(str(exc)))
             return
         reuse = self.config.prefix_cache and completion.cache_prompt
-        source, shared, in_flight = self._longest_prefix(prompt) if reuse else (None, 0, None)
+        source, shared, in_flight, checkpoint = (
+            self._longest_prefix(prompt) if reuse else (None, 0, None, None)
+        )
         if in_flight is not None:
             source = None  # shared later, when `in_flight` has decoded it (see _resolve_waits)
         ids: list[int] = []
         if (
             source is not None
             and source in self._cached
+            and checkpoint is None
             and (shared >= len(self._cached[source]) or len(self._free_ids) < n)
         ):
             # A finished sequence holds the prefix and nothing more worth keeping (or there is no
@@ -302,6 +352,19 @@ class Scheduler:
                 self._free_ids.append(source)
                 shared = 0
             del tokens
+        restored = False
+        short = len(self._free_ids) < n
+        if source is not None and source in self._cached and checkpoint is not None and short:
+            # No free id but the holder's: it becomes this request's sequence, its recurrent part
+            # (or last window) the checkpoint's and its cells cut back to the checkpoint.
+            del self._cached[source]
+            restored = self._restore(source, checkpoint)
+            if restored:
+                llama_cpp.llama_memory_seq_rm(self.memory, source, shared, -1)
+            else:
+                shared = 0
+            ids.append(source)
+            checkpoint = None
         # Ids first (never evicting the prefix's holder before its cells are shared) ...
         if source is not None and source in self._cached:
             self._cached.move_to_end(source)  # recently useful: evicted last
@@ -318,39 +381,62 @@ class Scheduler:
         self._free_ids.sort()
         while len(ids) < n:
             ids.append(self._free_ids.pop(0))
-        first = ids[0]
-        if shared and source is not None and source != first:
-            llama_cpp.llama_memory_seq_rm(self.memory, first, -1, -1)
-            llama_cpp.llama_memory_seq_cp(self.memory, source, first, 0, shared)
-        elif not shared or in_flight is not None:
-            llama_cpp.llama_memory_seq_rm(self.memory, first, -1, -1)
-        # ... then cells: finished sequences go, least recently used first, when theirs are needed.
-        while self._reserved() + need + self._cached_cells() > self.capacity and self._evict():
-            pass
-        seqs = []
-        for index, (seq_id, sampler) in enumerate(zip(ids, samplers, strict=True)):
-            seq = Sequence(ticket, index, seq_id, sampler, TextStream(completion.stops), tokens=[])
-            if index == 0:
-                seq.tokens = list(prompt[:shared])
-                seq.prefill = list(prompt[shared:])
-                if in_flight is not None:
-                    seq.tokens = []
-                    seq.extra["wait"] = (in_flight, shared)
-                    in_flight.extra.setdefault("cuts", set()).add(shared)
-            seqs.append(seq)
-        now = time.monotonic()
-        req = _Request(ticket, seqs, admitted_at=now, cached_tokens=shared)
+        try:
+            first = ids[0]
+            if shared and source is not None and source != first:
+                llama_cpp.llama_memory_seq_rm(self.memory, first, -1, -1)
+                llama_cpp.llama_memory_seq_cp(self.memory, source, first, 0, shared)
+            elif not shared or in_flight is not None or checkpoint is not None:
+                llama_cpp.llama_memory_seq_rm(self.memory, first, -1, -1)
+            if checkpoint is not None:
+                restored = self._restore(first, checkpoint)
+                shared = shared if restored else 0
+            # ... then cells: finished sequences go, least recently used first, when theirs are needed.
+            while self._reserved() + need + self._cached_cells() > self.capacity and self._evict():
+                pass
+            seqs = []
+            for index, (seq_id, sampler) in enumerate(zip(ids, samplers, strict=True)):
+                seq = Sequence(ticket, index, seq_id, sampler, TextStream(completion.stops), tokens=[])
+                if index == 0:
+                    seq.tokens = list(prompt[:shared])
+                    seq.prefill = list(prompt[shared:])
+                    if in_flight is not None:
+                        seq.tokens = []
+                        seq.extra["wait"] = (in_flight, shared)
+                        in_flight.extra.setdefault("cuts", set()).add(shared)
+                    # A sliding window's cells are reused once a sequence outgrows it.
+                    outgrows = self.kind == SWA and len(prompt) + completion.max_tokens >= self.n_swa
+                    if (self.stateful or outgrows) and reuse and self.checkpoints.budget_bytes:
+                        seq.extra["marks"] = self._marks(completion, shared)
+                seqs.append(seq)
+            now = time.monotonic()
+            req = _Request(ticket, seqs, now, cached_tokens=shared, checkpoints_restored=int(restored))
+        except BaseException:
+            # Whatever failed, the ids go back (a recurrent model has few: one lost would stall it).
+            for seq_id in ids:
+                llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+                self._free_ids.append(seq_id)
+            for sampler in samplers:
+                sampler.close()
+            raise
         self._running.append(req)
         self._stats.prefix_hit_tokens += shared
         self._stats.prompt_tokens += len(prompt)
         self._post(ticket, None)
 
-    def _longest_prefix(self, prompt: list[int]) -> tuple[int | None, int, Sequence | None]:
-        """The sequence holding the longest prefix of `prompt` that may be shared, its length, and
-        the running sequence still decoding it (None when the cells are there already). At least
-        one prompt token is always left to decode (its logits start the answer)."""
-        best: tuple[int | None, int, Sequence | None] = (None, 0, None)
+    def _longest_prefix(
+        self, prompt: list[int]
+    ) -> tuple[int | None, int, Sequence | None, Checkpoint | None]:
+        """The sequence holding the longest prefix of `prompt` that may be shared, its length, the
+        running sequence still decoding it (None when the cells are there already), and the
+        checkpoint to restore at that length (a recurrent or hybrid model's state, a sliding-window
+        model's last window). At least one prompt token is always left to decode (its logits start
+        the answer)."""
+        best: tuple[int | None, int, Sequence | None, Checkpoint | None] = (None, 0, None, None)
         limit = len(prompt) - 1
+        matches = self.checkpoints.matching(prompt, limit) if self.checkpoints.budget_bytes else []
+        if self.kind == RECURRENT and matches:  # nothing but the state: no cells to share
+            best = (None, len(matches[0].tokens), None, matches[0])
         holders: list[tuple[int, list[int], Sequence | None]] = [
             (s, t, None) for s, t in self._cached.items()
         ]
@@ -364,15 +450,64 @@ class Scheduler:
                 continue
             size = _common_prefix(tokens, prompt, limit)
             in_flight = source is not None and size > source.n_past
-            # With sliding-window attention, cells a sequence no longer sees may be overwritten;
-            # a strict prefix of a sequence longer than the window may have lost some of them.
-            # (A prefix still being decoded is shared the moment its last token is.)
             held = source.n_past if source is not None else len(tokens)
-            if not in_flight and self.n_swa and size < held and held > self.n_swa:
-                continue
-            if size > best[1]:
-                best = (seq_id, size, source if in_flight else None)
+            restore = None
+            # A recurrent state is shared whole (it is at `held`), or from a checkpoint at a
+            # position whose attention cells this sequence holds. With sliding-window attention,
+            # cells a sequence no longer sees (its next token is `n_swa` or more positions on) may
+            # be reused: a strict prefix of a sequence as long as the window may have lost some of
+            # them, and its last window comes from a checkpoint too. (A prefix still being decoded
+            # is shared the moment its last token is.)
+            outgrown = self.kind == SWA and held >= self.n_swa
+            if (self.stateful or outgrown) and not in_flight and size < held:
+                fit = next((c for c in matches if len(c.tokens) <= size), None)
+                if self.kind == RECURRENT or fit is None:
+                    continue
+                size, restore = len(fit.tokens), fit
+            if size > best[1] or (size == best[1] and best[3] is not None and restore is None):
+                best = (seq_id, size, source if in_flight else None, restore)
         return best
+
+    def _restore(self, seq_id: int, checkpoint: Checkpoint) -> bool:
+        """Put `checkpoint` into `seq_id`, whose attention cells (if any) hold its tokens: the
+        recurrent state, or the sliding-window layers' cells of the last window, which replace the
+        ones `seq_id` was given (llama.cpp then reports that cache's positions). On any failure the
+        sequence is emptied and the prompt is decoded whole."""
+        at = len(checkpoint.tokens)
+        if (
+            self.checkpoints.restore(self.ctx, seq_id, checkpoint)
+            and int(llama_cpp.llama_memory_seq_pos_max(self.memory, seq_id)) == at - 1
+        ):
+            self.checkpoints.used(checkpoint)
+            return True
+        logger.warning(
+            "%s: restoring a checkpoint of %d tokens failed; decoding the prompt whole", self.name, at
+        )
+        self.checkpoints.drop(checkpoint)  # it would fail again
+        llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+        return False
+
+    def _marks(self, completion: Completion, shared: int) -> set[int]:
+        """Where a checkpointed model's prefill stops to save a checkpoint: where the caller says a
+        later request may diverge (the end of the system prompt, the last user message), and a few
+        tokens before the end of the prompt (a chat's next turn resends this prompt, and the
+        generation prompt's last tokens often differ from how the template writes the answer)."""
+        prompt = completion.prompt
+        marks = {*completion.marks, *self._message_starts(prompt), len(prompt) - CHECKPOINT_BEFORE_END}
+        return {m for m in marks if shared < m < len(prompt) and not self.checkpoints.has(prompt[:m])}
+
+    def _message_starts(self, prompt: list[int]) -> tuple[int, ...]:
+        """The end of the first message (a system prompt, shared by many conversations) and the
+        start of the last user message, found where the template's message-start token (the
+        prompt's first control token, ChatML's `<|im_start|>`) opens the second and the
+        second-to-last messages."""
+        bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        head = prompt[1:3] if prompt and prompt[0] == bos else prompt[:2]
+        opener = next((t for t in head if llama_cpp.llama_vocab_is_control(self.vocab, t)), None)
+        if opener is None:
+            return ()
+        starts = [i for i, token in enumerate(prompt) if token == opener]
+        return (starts[1], starts[-2]) if len(starts) >= 3 else ()
 
     def _cached_cells(self) -> int:
         return sum(len(t) for t in self._cached.values())
@@ -399,16 +534,30 @@ class Scheduler:
                 continue
             source, size = wait
             prompt = req.ticket.completion.prompt
-            if source.finish is None and source.n_past >= size and source.tokens[:size] == prompt[:size]:
+            exact = self.stateful or self.kind == SWA  # (cuts end chunks there: == is what happens)
+            reached = source.n_past == size if exact else source.n_past >= size
+            if source.finish is None and reached and source.tokens[:size] == prompt[:size]:
                 llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
                 llama_cpp.llama_memory_seq_cp(self.memory, source.seq_id, seq.seq_id, 0, size)
                 seq.tokens = list(prompt[:size])
                 del seq.extra["wait"]
-            elif source.finish is not None or source not in (s for r in self._running for s in r.seqs):
+            elif (
+                source.finish is not None
+                or source not in (s for r in self._running for s in r.seqs)
+                or (self.stateful and source.n_past > size)  # its state has moved past the prefix
+            ):
                 seq.tokens, seq.prefill = [], list(prompt)
                 self._stats.prefix_hit_tokens -= req.cached_tokens
                 req.cached_tokens = 0
                 del seq.extra["wait"]
+
+    def _save_checkpoint(self, seq: Sequence) -> None:
+        stats = self.checkpoints.stats
+        saved, evicted = stats.saved, stats.evicted
+        self.checkpoints.save(self.ctx, seq.seq_id, seq.tokens)
+        req = next(r for r in self._running if r.ticket is seq.ticket)
+        req.checkpoints_saved += stats.saved - saved
+        req.checkpoints_evicted += stats.evicted - evicted
 
     def _fill_batch(self) -> list[Sequence]:
         batch = self.batch
@@ -431,7 +580,9 @@ class Scheduler:
             if not seq.prefill or budget <= 0 or "wait" in seq.extra:
                 continue
             # End a chunk where a waiting request's shared prefix ends, so it can share from there.
-            cuts = [c - seq.n_past for c in seq.extra.get("cuts", ()) if c > seq.n_past]
+            # (A checkpointed model's prefill also stops where it saves a checkpoint.)
+            stops = (*seq.extra.get("cuts", ()), *seq.extra.get("marks", ()))
+            cuts = [c - seq.n_past for c in stops if c > seq.n_past]
             chunk = seq.prefill[: min([budget, *cuts])]
             last = len(chunk) == len(seq.prefill)
             for j, token in enumerate(chunk):
@@ -470,6 +621,8 @@ class Scheduler:
             if chunk:
                 seq.tokens.extend(seq.prefill[:chunk])
                 del seq.prefill[:chunk]
+                if seq.n_past in seq.extra.get("marks", ()):
+                    self._save_checkpoint(seq)
             elif seq.pending is not None:
                 seq.tokens.append(seq.pending)
                 seq.pending = None
@@ -566,6 +719,9 @@ class Scheduler:
         result = Result(
             prompt_tokens=len(ticket.completion.prompt),
             cached_tokens=req.cached_tokens,
+            checkpoints_saved=req.checkpoints_saved,
+            checkpoints_restored=req.checkpoints_restored,
+            checkpoints_evicted=req.checkpoints_evicted,
             completion_tokens=[s.generated for s in req.seqs],
             queue_s=req.admitted_at - ticket.submitted_at,
             first_token_s=None if req.first_token_at is None else req.first_token_at - ticket.submitted_at,
@@ -594,6 +750,10 @@ class Scheduler:
         stats.kv_cells_reserved = self._reserved()
         held = sum(s.n_past for r in self._running for s in r.seqs) + self._cached_cells()
         stats.kv_cells_used = min(held, self.capacity)
+        saved = self.checkpoints.stats
+        stats.checkpoints, stats.checkpoint_bytes = saved.held, saved.held_bytes
+        stats.checkpoints_saved, stats.checkpoints_restored = saved.saved, saved.restored
+        stats.checkpoints_evicted = saved.evicted
 
     def _fail_running(self, exc: Exception) -> None:
         error = exc if isinstance(exc, APIError) else APIError(f"generation failed: {exc}")

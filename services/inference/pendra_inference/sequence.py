@@ -39,6 +39,9 @@ class Completion:
     n: int = 1
     cache_prompt: bool = True  # may start from a cached prefix (llama-server's name)
     endpoint: str = "chat"  # the API that asked, for the metrics
+    # Prompt positions where a later request may diverge (the end of the system prompt, the start
+    # of the last user message): a recurrent model's scheduler saves its state there.
+    marks: tuple[int, ...] = ()
 
     @property
     def cells(self) -> int:
@@ -72,6 +75,10 @@ class Result:
     decode_s: float  # first to last sampled token
     end_s: float = 0.0  # submitted to finished
     intervals: list[float] = field(default_factory=list)  # between consecutive tokens of each choice
+    # Recurrent-state checkpoints this request saved, restored, and pushed out of the budget.
+    checkpoints_saved: int = 0
+    checkpoints_restored: int = 0
+    checkpoints_evicted: int = 0
 
 
 class Ticket:

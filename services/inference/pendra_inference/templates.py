@@ -141,6 +141,7 @@ class ChatTemplate:
         tools: list[dict[str, Any]] | None = None,
         max_chars: int = DEFAULT_MAX_CHARS,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        generation_prompt: bool = True,
     ) -> str:
         """The prompt for `messages`, or TemplateRenderError; at most `max_chars` characters and
         `timeout_s` seconds (see `template_sandbox` for what is checked, and when)."""
@@ -148,7 +149,7 @@ class ChatTemplate:
             "messages": messages,
             "bos_token": bos,
             "eos_token": eos,
-            "add_generation_prompt": True,
+            "add_generation_prompt": generation_prompt,
             "tools": tools if self.supports_tools else None,
         }
         try:

@@ -19,6 +19,10 @@ from pendra_shared.jobs import Job, JobState
 # registry's own figure, once loaded, is on the overview.
 OVERHEAD_RATIO = 0.2
 OVERHEAD_MIN = 64 * 1024**2
+# A recurrent or hybrid model (Qwen3.6) also holds a recurrent state per sequence id and its
+# checkpoints: at the least, one running and one cached sequence and two checkpoints for each (see
+# the inference registry's `sequence_plan`).
+STATES_AT_LEAST = 6
 TIGHT_RATIO = 0.8  # past this share of the budget a model fits only with little else loaded
 
 # A failed install's error code, said in words for a person (the code itself is shown beside them).
@@ -64,18 +68,19 @@ class Fit:
     text: str
 
 
-def memory_needed(size_bytes: int) -> int:
-    return size_bytes + max(int(size_bytes * OVERHEAD_RATIO), OVERHEAD_MIN)
+def memory_needed(size_bytes: int, state_bytes: int | None = None) -> int:
+    states = STATES_AT_LEAST * (state_bytes or 0)
+    return size_bytes + max(int(size_bytes * OVERHEAD_RATIO), OVERHEAD_MIN) + states
 
 
-def fit_for(size_bytes: int | None, status: dict[str, Any] | None) -> Fit:
+def fit_for(size_bytes: int | None, status: dict[str, Any] | None, state_bytes: int | None = None) -> Fit:
     """Judge against the registry's memory budget and, where models are offloaded to a GPU, the
     GPU memory as well (the registry loads every layer onto it)."""
     if size_bytes is None:
         return Fit("unknown", "Size unknown")
     if not status:
         return Fit("unknown", "Memory unknown: the inference service is not answering")
-    need = memory_needed(size_bytes)
+    need = memory_needed(size_bytes, state_bytes)
     budget = int(status.get("memory_budget_bytes") or 0)
     limits = [("memory budget", budget)] if budget else []
     gpu_memory = sum(
@@ -165,7 +170,12 @@ def group(
     for entry in entries:
         family = families.setdefault(entry.ref.family, Family(entry.ref.family))
         family.variants.append(
-            Variant(entry, entry.name in installed, fit_for(entry.size_bytes, status), latest.get(entry.name))
+            Variant(
+                entry,
+                entry.name in installed,
+                fit_for(entry.size_bytes, status, entry.state_bytes),
+                latest.get(entry.name),
+            )
         )
     for family in families.values():
         family.variants.sort(key=lambda v: (v.entry.size_bytes is None, v.entry.size_bytes or 0, v.name))

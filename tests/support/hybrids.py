@@ -1,0 +1,37 @@
+"""Tiny random-weight GGUFs of llama.cpp's hybrid architectures (`pendra_inference.gguf_hybrid`),
+with the real tokenizers and chat templates kept in `tests/data/llama.cpp/`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pendra_inference.gguf_hybrid import (
+    GRANITE_HYBRID_TINY,
+    QWEN35_TINY,
+    QWEN35MOE_TINY,
+    HybridShape,
+    write_hybrid_gguf,
+)
+from pendra_inference.gguf_vocab import tokenizer_files
+
+LLAMA_CPP_DATA = Path(__file__).resolve().parents[1] / "data" / "llama.cpp"
+
+
+def write_hybrid(path: Path, arch: str, shape: HybridShape, *, seed: int = 0) -> Path:
+    vocab, template = tokenizer_files(arch, LLAMA_CPP_DATA)
+    name = f"tiny random {arch}"
+    return write_hybrid_gguf(
+        path, arch, shape, vocab=vocab, chat_template=template.read_text(), name=name, seed=seed
+    )
+
+
+def write_qwen35(path: Path, moe: bool = False, shape: HybridShape | None = None, *, seed: int = 0) -> Path:
+    """A Qwen3.5/3.6 file (`qwen35`, or `qwen35moe` with `moe`), tiny unless `shape` is given."""
+    if moe:
+        return write_hybrid(path, "qwen35moe", shape or QWEN35MOE_TINY, seed=seed)
+    return write_hybrid(path, "qwen35", shape or QWEN35_TINY, seed=seed)
+
+
+def write_granite_hybrid(path: Path, shape: HybridShape = GRANITE_HYBRID_TINY, *, seed: int = 0) -> Path:
+    """A Granite 4.0 "-h" file (`granitehybrid`: Mamba-2 and attention layers)."""
+    return write_hybrid(path, "granitehybrid", shape, seed=seed)
