@@ -10,6 +10,10 @@ string is held back too: it is sent once the next pieces show it is not a stop s
 from __future__ import annotations
 
 import codecs
+import ctypes
+from typing import Any
+
+import llama_cpp
 
 
 class TextStream:
@@ -57,3 +61,32 @@ class TextStream:
                     longest = size
                     break
         return longest
+
+
+def token_bytes(vocab: Any, token: int, buffer: Any = None, special: bool = True) -> bytes:
+    """The bytes of one token's piece (special tokens written out unless `special` is off), however
+    long it is: llama.cpp says how long when the buffer is too short (a negative size), and is
+    asked again. `buffer`: a `ctypes.create_string_buffer` to reuse (the scheduler's, for every
+    sampled token). Every path from token ids to text goes through here or `tokens_bytes`."""
+    buffer = buffer if buffer is not None else ctypes.create_string_buffer(64)
+    size = int(llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, special))
+    if size < 0:
+        buffer = ctypes.create_string_buffer(-size)
+        size = int(llama_cpp.llama_token_to_piece(vocab, token, buffer, -size, 0, special))
+    raw: bytes = buffer.raw
+    return raw[: max(0, size)]
+
+
+def tokens_bytes(vocab: Any, tokens: list[int]) -> bytes:
+    """The bytes of a token sequence, as llama.cpp's own `llama_detokenize` writes them (special
+    tokens written out, nothing removed): what llama-server's /detokenize gives."""
+    if not tokens:
+        return b""
+    ids = (llama_cpp.llama_token * len(tokens))(*tokens)
+    buffer = ctypes.create_string_buffer(max(64, 8 * len(tokens)))
+    size = int(llama_cpp.llama_detokenize(vocab, ids, len(tokens), buffer, len(buffer), False, True))
+    if size < 0:
+        buffer = ctypes.create_string_buffer(-size)
+        size = int(llama_cpp.llama_detokenize(vocab, ids, len(tokens), buffer, -size, False, True))
+    raw: bytes = buffer.raw
+    return raw[: max(0, size)]

@@ -21,6 +21,7 @@ from llama_cpp import Llama
 from pendra_shared.gguf_info import RANK_POOLING
 
 from pendra_inference.backends import activate
+from pendra_inference.detokenize import token_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class LlamaEngine:
     def token_text(self, token: int) -> str:
         if token < 0:
             return ""
-        return self.llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
+        return token_bytes(self.vocab, token).decode("utf-8", errors="ignore")
 
     @property
     def bos_text(self) -> str:

@@ -40,7 +40,7 @@ import numpy as np
 from pendra_shared.api_errors import APIError, InvalidRequest, Overloaded, Unavailable
 
 from pendra_inference.checkpoints import Checkpoint, CheckpointStore
-from pendra_inference.detokenize import TextStream
+from pendra_inference.detokenize import TextStream, token_bytes
 from pendra_inference.model_memory import HYBRID, RECURRENT, SWA, kind_of
 from pendra_inference.sampling import Candidates, Sampler, logprobs_of
 from pendra_inference.sequence import ClientGone, Completion, Delta, Result, Sequence, Ticket, TokenLogprob
@@ -696,12 +696,7 @@ class Scheduler:
         return piece.decode("utf-8", errors="replace"), logprob, list(piece)
 
     def _token_piece(self, token: int) -> bytes:
-        size = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
-        if size < 0:
-            buf = ctypes.create_string_buffer(-size)
-            size = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -size, 0, False)
-            return buf.raw[:size]
-        return self._piece.raw[:size]
+        return token_bytes(self.vocab, token, self._piece, special=False)
 
     def _finish(
         self, req: _Request, now: float, post: bool = True

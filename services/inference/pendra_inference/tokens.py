@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from pendra_shared.api_errors import InvalidRequest
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from pendra_inference.detokenize import token_bytes, tokens_bytes
 from pendra_inference.engine import LlamaEngine
 from pendra_inference.protocol import MAX_MODEL_NAME
 from pendra_inference.registry import ModelRegistry
@@ -39,7 +40,7 @@ class DetokenizeRequest(BaseModel):
 
 
 def _piece(engine: LlamaEngine, token: int) -> str | list[int]:
-    raw = bytes(engine.llm.detokenize([token], special=True))
+    raw = token_bytes(engine.vocab, token)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -80,7 +81,7 @@ class TokenService:
             _check_ids(engine, req.tokens)
 
             def run() -> str:
-                raw = bytes(engine.llm.detokenize(req.tokens, special=True))
+                raw = tokens_bytes(engine.vocab, req.tokens)
                 return raw.decode("utf-8", errors="replace")
 
             return {"content": await asyncio.to_thread(run)}
