@@ -310,6 +310,14 @@ class Settings(BaseSettings):
         ge=1024,
         description="Most characters a chat template may render for one request; past it: 400.",
     )
+    reasoning_format: Literal["auto", "none"] = Field(
+        default="auto",
+        description=(
+            "What a thinking model's reasoning becomes: auto, a message's reasoning_content (Ollama: "
+            "message.thinking); none, left inline in the content, tags and all (llama-server's "
+            "--reasoning-format none). A request's reasoning_format overrides it."
+        ),
+    )
     template_timeout_s: float = Field(
         default=1.0,
         gt=0,

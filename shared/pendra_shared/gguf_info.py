@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +88,19 @@ class GGUFFacts:
     has_chat_template: bool
     license: str | None
     gguf_version: int
+    # `tokenizer.chat_template` as read within the header's string limit: what the model can do
+    # (tools, thinking) is read from it. Not in `as_dict` (`has_chat_template` says whether there
+    # is one): listings stay small.
+    chat_template: str | None = field(default=None, repr=False)
 
     @property
     def purpose(self) -> str:
         return infer_purpose(self.architecture, self.pooling_type)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "purpose": self.purpose}
+        data = asdict(self)
+        del data["chat_template"]
+        return {**data, "purpose": self.purpose}
 
 
 def infer_purpose(architecture: str, pooling_type: int | None) -> str:
@@ -198,4 +204,5 @@ def gguf_facts(header: GGUFHeader) -> GGUFFacts:
         has_chat_template="tokenizer.chat_template" in meta,
         license=text("general.license"),
         gguf_version=header.version,
+        chat_template=text("tokenizer.chat_template"),
     )

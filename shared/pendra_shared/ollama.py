@@ -68,11 +68,12 @@ def digest(model: StoredModel) -> str:
 
 
 def capabilities(model: StoredModel) -> list[str]:
-    """Ollama's capability words: `completion` (and `tools`) for chat models, `embedding` for
-    embedding models (and rerankers, which Ollama has no word for)."""
+    """Ollama's capability words: `embedding` for embedding models (and rerankers, which Ollama
+    has no word for); for chat models `completion`, and `tools` and `thinking` where the chat
+    template they are served with knows them (`StoredModel.capabilities`)."""
     if model.purpose in ("embedding", "rerank"):
         return ["embedding"]
-    return ["completion", "tools"]
+    return model.capabilities
 
 
 def tag(model: StoredModel) -> dict[str, Any]:

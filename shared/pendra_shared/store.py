@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pendra_shared import chat_family
 from pendra_shared.config import Settings
 from pendra_shared.errors import InvalidModelName, ModelNotFound, StoreError
 from pendra_shared.fsutil import CHUNK, atomic_write_bytes, exclusive_lock, fsync_dir, temp_path_for
@@ -140,6 +141,24 @@ class StoredModel:
     @property
     def origin(self) -> str:
         return "sidecar" if self.sidecar is not None else "hand-dropped"
+
+    @property
+    def capabilities(self) -> list[str]:
+        """Ollama's words for what the model can do (completion, tools, thinking, embedding), read
+        from the chat template the inference service renders with: a sidecar's
+        `options.chat_template`, else the file's own (the templates it falls back to for a file
+        without one know neither tools nor thinking). A sidecar's `options.chat_format` names the
+        family instead of the template's markers. Empty for an invalid file."""
+        if not self.valid:
+            return []
+        options = self.sidecar.options if self.sidecar else {}
+        template = options.get("chat_template")
+        if not isinstance(template, str) or not template:
+            template = self.facts.chat_template if self.facts else None
+        override = options.get("chat_format")
+        return chat_family.capabilities(
+            template, self.purpose or "", override=override if isinstance(override, str) else None
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -2,7 +2,8 @@
 real `pendra serve` with the real Gemma model, installing from a local HTTP catalogue.
 
 The tests run in file order on one server: search, install (two at once, watched to the end), a
-failure, a cancel after a reload, chat, embeddings, the overview's live figures, uninstall. Each
+failure, a cancel after a reload, chat, embeddings, the overview's live figures, uninstall, and last
+a thinking model's reasoning (a tiny random-weight Qwen3.5 dropped into the store). Each
 page's devtools console must stay free of errors (a Content-Security-Policy refusal would show
 there), and axe-core must find no serious accessibility violation. Screenshots land in
 docs/images/console, which the README links to.
@@ -12,13 +13,17 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from pendra_shared.store import ModelStore
 from playwright.sync_api import expect
 
 from tests.console.conftest import HOSTILE, Console
 from tests.support.browser import PageLog, axe_violations, describe_violations, screenshot
+from tests.support.hybrids import write_qwen35
 
 expect.set_options(timeout=30_000)
 
@@ -354,3 +359,76 @@ def test_pages_fit_a_phone_and_follow_dark_mode(browser: Any, console: Console) 
     page.goto(console.url + "/console/")
     assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(247, 248, 250)"
     light.close()
+
+
+THINKER = "qwen35:tiny"
+
+
+def listed(console: Console, name: str, timeout_s: float = 30) -> None:
+    """Wait until the inference side lists `name` (it rescans a store that changed)."""
+    deadline = time.monotonic() + timeout_s
+    while name not in {m["id"] for m in httpx.get(console.url + "/v1/models").json()["data"]}:
+        assert time.monotonic() < deadline, f"{name} was never listed"
+        time.sleep(0.2)
+
+
+def test_a_thinking_model_shows_its_reasoning_folded_above_the_answer(
+    page: Any, console: Console, tmp_path: Path
+) -> None:
+    """Qwen3.5's real chat template on random weights: its prompt ends in `<think>`, so all it
+    writes is reasoning, which streams into a closed "Thinking" fold above the answer; its row
+    says it thinks. Last in the file, so that the tests before it see one chat model."""
+    store = ModelStore(console.store)
+    store.import_file(write_qwen35(tmp_path / "qwen35.gguf"), name=THINKER, purpose="chat")
+    try:
+        log = open_page(page, console, "/console/models")
+        expect(installed_row(page, THINKER).locator(".badge.cap")).to_have_text(["tools", "thinking"])
+        # Gemma's template (installed by the tests before) neither thinks nor calls tools.
+        expect(page.locator("#installed .badge.cap", has_text="thinking")).to_have_count(1)
+        violations = axe_violations(page)
+        assert not violations, describe_violations(violations)
+
+        listed(console, THINKER)
+        page.goto(console.url + "/console/playground")
+        expect(page.locator(f'#chat-model option[value="{THINKER}"]')).to_have_count(1)
+        page.select_option("#chat-model", THINKER)
+        page.fill("#chat-temperature", "0")
+        page.fill("#chat-max-tokens", "24")
+        page.fill("#chat-input", "Why is the sea blue?")
+        # The fold as it streams: its reasoning's length, whether it is open, where it sits.
+        page.evaluate(
+            """() => {
+                window.folds = [];
+                const transcript = document.getElementById('transcript');
+                new MutationObserver(() => {
+                    const turn = transcript.querySelector('.turn.assistant.streaming');
+                    const fold = turn && turn.querySelector('details.thinking');
+                    if (fold) window.folds.push({
+                        length: fold.querySelector('.reasoning').textContent.length,
+                        open: fold.open,
+                        above: fold.nextElementSibling === turn.querySelector('.text'),
+                    });
+                }).observe(transcript, {subtree: true, childList: true, characterData: true});
+            }"""
+        )
+        page.keyboard.press("Enter")
+        answer = page.locator("#transcript .turn.assistant").last
+        expect(answer.locator(".stats")).to_contain_text(re.compile(r"\d+ tokens · finish: (length|stop)"))
+        folds = page.evaluate("window.folds")
+        grown = sorted({f["length"] for f in folds if f["length"] > 0})
+        assert len(grown) >= 3, f"the reasoning did not arrive piece by piece: lengths seen {grown}"
+        assert not any(f["open"] for f in folds) and all(f["above"] for f in folds)
+        fold = answer.locator("details.thinking")
+        expect(fold).to_have_count(1)
+        expect(fold.locator("summary")).to_have_text("Thinking")
+        reasoning = fold.locator(".reasoning")
+        expect(reasoning).to_be_hidden()  # folded until asked for
+        fold.locator("summary").click()
+        expect(reasoning).to_be_visible()
+        assert reasoning.evaluate("e => e.textContent.length") == grown[-1]
+        assert answer.locator(".text").inner_text() == ""  # no </think>: the answer never began
+        violations = axe_violations(page)
+        assert not violations, describe_violations(violations)
+        log.assert_clean()
+    finally:
+        store.uninstall(THINKER)

@@ -208,8 +208,12 @@ def test_named_tool_choice_streams_a_tool_call(client: openai.OpenAI) -> None:
     )
     for chunk in chunks:
         validate(chunk.model_dump(exclude_unset=True), "CreateChatCompletionStreamResponse")
-    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert [c.function.name for c in calls if c.function] == ["get_weather"]
+    pieces = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    # As OpenAI streams a call: its id, type and name first, then pieces of its arguments.
+    assert pieces[0].id and pieces[0].type == "function" and pieces[0].function.name == "get_weather"
+    assert all(p.index == 0 and p.id is None and p.function.name is None for p in pieces[1:])
+    arguments = "".join(p.function.arguments or "" for p in pieces)
+    assert isinstance(json.loads(arguments), dict)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 

@@ -18,8 +18,8 @@ import llama_cpp
 import numpy as np
 import pytest
 from pendra_inference.backends import activate
+from pendra_inference.formats.templates import ChatTemplate
 from pendra_inference.gguf_hybrid import QWEN36_27B_DELTANET
-from pendra_inference.templates import ChatTemplate
 
 from tests.support.hybrids import write_granite_hybrid, write_qwen35
 

@@ -536,18 +536,29 @@ def test_tools_at_the_limits_are_fine(http: httpx.Client) -> None:
 
 def test_tool_call_parsing_of_hostile_model_output_is_linear() -> None:
     """A model can be talked into printing `<tool_call>` and then thousands of spaces, or `[`s:
-    parsing its output must not backtrack (the old pattern took 59 s for 5000 spaces)."""
-    from pendra_inference.chat import parse_tool_calls
+    parsing its output must not backtrack (the old pattern took 59 s for 5000 spaces), whole or
+    streamed piece by piece (each piece parses the text so far again)."""
+    from pendra_inference.formats import Splitter, Turn, for_template
 
     tools = [{"type": "function", "function": {"name": "f"}}]
+    hermes, generic = for_template("<tool_call>"), for_template("", native=False)
     for text in ("<tool_call>" + " " * 100_000, "<tool_call>" + "\n" * 100_000 + "x", "[" * 100_000):
-        started = time.monotonic()
-        assert parse_tool_calls(text, tools) == []
-        assert time.monotonic() - started < 0.5
+        for fmt in (hermes, generic):
+            started = time.monotonic()
+            assert fmt.parse(text, Turn(tools).schemas(), False, partial=False).calls == []
+            assert time.monotonic() - started < 0.5
+    streamed = Splitter(hermes, Turn(tools), "")
+    started = time.monotonic()
+    for piece in ["<tool_call>", '{"name": "f", "arguments": '] + ["["] * 5000 + [" "] * 5000:
+        streamed.feed(piece)
+    streamed.finish()
+    assert streamed.calls == [] and time.monotonic() - started < 5
     deep = '{"name": "f", "arguments": ' + "[" * 100 + "]" * 100 + "}"
-    assert parse_tool_calls(deep, tools) == []  # nested past 64: not taken as a call
-    (call,) = parse_tool_calls('<tool_call> {"name": "f", "arguments": {"a": 1}} </tool_call>', tools)
-    assert call.function.name == "f" and json.loads(call.function.arguments) == {"a": 1}
+    assert generic.parse(deep, Turn(tools).schemas(), False, partial=False).calls == []  # nested past 64
+    (call,) = hermes.parse(
+        '<tool_call> {"name": "f", "arguments": {"a": 1}} </tool_call>', Turn(tools).schemas(), False, False
+    ).calls
+    assert call.name == "f" and json.loads(call.arguments) == {"a": 1}
 
 
 # -- A15: unknown fields are ignored, and reach nothing -------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from pendra_shared.store import ModelStore
 
 from tests.inference.conftest import CHAT, GEMMA_EMBED
+from tests.support.hybrids import write_qwen35
 from tests.support.openai_schemas import validate
 from tests.support.server import ServerProcess
 
@@ -43,6 +44,26 @@ def test_models_list_and_retrieve(client: openai.OpenAI, server: ServerProcess) 
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("ghost:1")
     assert missing.value.code == "model_not_found"
+
+
+def test_models_carry_what_their_chat_template_can_do(
+    client: openai.OpenAI, server: ServerProcess, served_store: Path, tmp_path: Path
+) -> None:
+    """`capabilities` (Ollama's words) from each model's chat template and purpose: Gemma's knows
+    neither tools nor thinking, Qwen3.5's both."""
+    store = ModelStore(served_store)
+    store.import_file(write_qwen35(tmp_path / "qwen35.gguf"), name="qwen35:tiny", purpose="chat")
+    try:
+        wait_for(lambda: "qwen35:tiny" in model_ids(client))
+        by_id = {m["id"]: m for m in httpx.get(f"{server.base_url}/v1/models").json()["data"]}
+        assert by_id[CHAT]["capabilities"] == ["completion"]
+        assert by_id[GEMMA_EMBED]["capabilities"] == ["embedding"]
+        assert {"completion", "tools", "thinking"} <= set(by_id["qwen35:tiny"]["capabilities"])
+        one = httpx.get(f"{server.base_url}/v1/models/qwen35:tiny").json()
+        assert one["capabilities"] == by_id["qwen35:tiny"]["capabilities"]
+    finally:
+        store.uninstall("qwen35:tiny")
+    wait_for(lambda: "qwen35:tiny" not in model_ids(client))
 
 
 def test_invalid_files_are_not_listed(client: openai.OpenAI, served_store: Path) -> None:

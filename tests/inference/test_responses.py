@@ -109,6 +109,8 @@ def test_a_function_call_and_its_result(client: openai.OpenAI, server: ServerPro
         ({"previous_response_id": "resp_123"}, "previous_response_id"),
         ({"tools": [{"type": "web_search"}]}, "tools[0]"),
         ({"input": [{"type": "image", "url": "x"}]}, "input[0]"),
+        ({"input": [{"type": "reasoning", "id": "rs_1", "summary": [{"type": "x"}]}]}, "input[0]"),
+        ({"reasoning": {"effort": "extreme"}}, "reasoning.effort"),
     ],
 )
 def test_what_pendra_keeps_no_state_for_is_refused(

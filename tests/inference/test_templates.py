@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from pendra_inference.templates import TemplateRenderError, choose_template
+from pendra_inference.formats.templates import TemplateRenderError, choose_template
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from pendra_shared.errors import InvalidModelName, ModelNotFound, StoreError
-from pendra_shared.sidecar import sidecar_path
+from pendra_shared.sidecar import sidecar_path, write_sidecar
 from pendra_shared.store import STAMP_SETTLE_NS, ModelStore
 
 from tests.support.ggufs import write_gguf
@@ -203,6 +203,40 @@ def test_import_copies_with_sha256_and_sidecar(store: ModelStore, gemma_path: Pa
     assert model.sidecar.purpose == "chat"
     with pytest.raises(StoreError, match="already exists"):
         store.import_file(gemma_path, name="gemma3:270m-local")
+
+
+# What Qwen-style templates write: tool calls in <tool_call> tags, reasoning after <think>.
+THINKING_TEMPLATE = (
+    "{% if tools %}<tools>{{ tools | tojson }}</tools><tool_call>{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>{% endfor %}"
+    "<|im_start|>assistant\n<think>\n"
+)
+
+
+def test_capabilities_come_from_the_chat_template_a_sidecar_may_replace(
+    store: ModelStore, tmp_path: Path
+) -> None:
+    write_gguf(store.root / "plain.gguf")
+    write_gguf(store.root / "thinker.gguf", chat_template=THINKING_TEMPLATE)
+    write_gguf(store.root / "encoder.gguf", arch="bert")
+    (store.root / "junk.gguf").write_bytes(b"not a model")
+    found = {m.name: m.capabilities for m in store.scan().models}
+    assert found == {
+        "plain": ["completion"],
+        "thinker": ["completion", "tools", "thinking"],
+        "encoder": ["embedding"],
+        "junk": [],
+    }
+    assert "chat_template" not in store.find("thinker").as_dict()["facts"]  # listings stay small
+    # A sidecar's options: its own template, or a family named outright.
+    model = store.import_file(write_gguf(tmp_path / "other.gguf"), name="other:1")
+    assert model.sidecar is not None
+    write_sidecar(
+        model.path, model.sidecar.model_copy(update={"options": {"chat_template": THINKING_TEMPLATE}})
+    )
+    assert store.find("other:1").capabilities == ["completion", "tools", "thinking"]
+    write_sidecar(model.path, model.sidecar.model_copy(update={"options": {"chat_format": "harmony"}}))
+    assert store.find("other:1").capabilities == ["completion", "thinking"]
 
 
 def test_import_move_and_default_name(store: ModelStore, tmp_path: Path) -> None:

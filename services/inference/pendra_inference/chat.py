@@ -23,6 +23,10 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from pendra_shared import jsonbody
 from pendra_shared.api_errors import APIError, ContextLengthExceeded, InvalidRequest, error_body
 
+from pendra_inference.formats import Format, Splitter, Turn, for_template
+from pendra_inference.formats.base import Thinking
+from pendra_inference.formats.grammar import Grammar
+from pendra_inference.formats.templates import ChatTemplate, TemplateRenderError, choose_template
 from pendra_inference.limits import RequestLimits, check_chat, check_grammar, surely_longer
 from pendra_inference.metrics import InferenceMetrics, Outcome, counted
 from pendra_inference.protocol import (
@@ -31,26 +35,24 @@ from pendra_inference.protocol import (
     Choice,
     ChoiceLogprobs,
     ChoiceMessage,
+    CompletionTokensDetails,
     FinishReason,
     PromptTokensDetails,
+    Tool,
     ToolCall,
-    ToolCallFunction,
     Usage,
 )
 from pendra_inference.registry import Loaded, ModelRegistry
 from pendra_inference.sampling import SamplingParams
 from pendra_inference.scheduler import Scheduler
 from pendra_inference.sequence import Completion, Delta, Result, Ticket, TokenLogprob
-from pendra_inference.templates import ChatTemplate, TemplateRenderError, choose_template
 
 logger = logging.getLogger(__name__)
 
 # Names the backend, so a client comparing seeds can tell when it changed.
 FINGERPRINT = f"fp_pendra_llama_cpp_{llama_cpp.__version__}"
 _TOKEN_ID_RE = re.compile(r"[0-9]{1,10}")
-# No \s* around the group: with it, a long run of spaces after <tool_call> backtracks quadratically.
-_TOOL_TAG_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
-# Deepest JSON taken from a tool call's arguments or a model's tool-call output.
+# Deepest JSON taken from a tool call's arguments in the history.
 _TOOL_JSON_DEPTH = 64
 
 
@@ -58,10 +60,17 @@ _TOOL_JSON_DEPTH = 64
 class Plan:
     completion: Completion
     tools: list[dict[str, Any]] | None
+    fmt: Format = field(default_factory=Format)
+    turn: Turn = field(default_factory=Turn)
+    text: str = ""  # the rendered prompt
+    split: bool = True  # reasoning and calls out of the content (False: inline, as generated)
 
     @property
     def prompt(self) -> list[int]:
         return self.completion.prompt
+
+    def splitter(self) -> Splitter:
+        return Splitter(self.fmt, self.turn, self.text, self.split)
 
 
 def _text_content(content: Any, index: int) -> str:
@@ -91,7 +100,9 @@ def _messages(
         entry: dict[str, Any] = {"role": role, "content": content}
         if template.native:
             if msg.tool_calls:
-                entry["tool_calls"] = msg.tool_calls
+                entry["tool_calls"] = [_history_call(c) for c in msg.tool_calls]
+            if msg.reasoning_content:  # Qwen's and DeepSeek's templates read the first, gpt-oss's the second
+                entry["reasoning_content"] = entry["thinking"] = msg.reasoning_content
             if msg.tool_call_id:
                 entry["tool_call_id"] = msg.tool_call_id
             if msg.name:
@@ -121,6 +132,15 @@ def _messages(
     return out
 
 
+def _history_call(call: dict[str, Any]) -> dict[str, Any]:
+    """A call given back in the history, its arguments as an object: the templates iterate them
+    (Qwen3.5's `arguments|items`) or write them with `tojson`, which would quote a string."""
+    function = dict(call.get("function") or {})
+    if "arguments" in function:
+        function["arguments"] = _loads(function["arguments"])
+    return {**call, "function": function}
+
+
 def _loads(value: Any) -> Any:
     if isinstance(value, str):
         try:
@@ -130,32 +150,58 @@ def _loads(value: Any) -> Any:
     return value
 
 
-def _tool_grammar(tools: list[dict[str, Any]], choice: Any) -> str | None:
-    """A grammar that makes the output one JSON tool call, for `required` or a named tool."""
+def _tool(tool: Tool) -> dict[str, Any]:
+    """A tool as the templates read it: a description and parameters always there (gpt-oss's
+    template adds `tool.description` to a string), nothing null."""
+    fn = tool.function
+    return {
+        "type": "function",
+        "function": {
+            "name": fn.name,
+            "description": fn.description or "",
+            "parameters": {"type": "object", "properties": {}} if fn.parameters is None else fn.parameters,
+        },
+    }
+
+
+def _forced_names(tools: list[dict[str, Any]], choice: Any) -> list[str] | None:
+    """The tools a forced call may name (`required`, or one named tool), None when not forced."""
     names = [t["function"]["name"] for t in tools]
     if isinstance(choice, dict):
         wanted = choice.get("function", {}).get("name")
         if wanted not in names:
             raise InvalidRequest(f"tool_choice names {wanted!r}, which is not in tools", param="tool_choice")
-        names = [wanted]
-    elif choice != "required":
-        return None
-    variants = []
-    for tool in tools:
-        fn = tool["function"]
-        if fn["name"] in names:
-            variants.append(
-                {
-                    "type": "object",
-                    "properties": {
-                        "name": {"const": fn["name"]},
-                        "arguments": fn.get("parameters") or {"type": "object"},
-                    },
-                    "required": ["name", "arguments"],
-                }
-            )
-    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
-    return _schema_grammar(schema, "tools")
+        return [wanted]
+    return names if choice == "required" else None
+
+
+def _call_grammar(fmt: Format, turn: Turn, names: list[str], parallel: bool, thinking: Thinking) -> str:
+    """GBNF for a forced call in the model family's own syntax (checked like any grammar)."""
+    try:
+        grammar = fmt.call_grammar(turn, names, parallel, thinking)
+    except RecursionError:
+        raise InvalidRequest("tools: a parameters schema nests too deeply", param="tools") from None
+    except Exception as exc:  # the converter raises many types for unsupported schemas
+        raise InvalidRequest(f"tools: unsupported JSON schema: {str(exc)[:200]}", param="tools") from None
+    check_grammar(grammar, "tools")
+    return grammar
+
+
+def _content_grammar(fmt: Format, schema: Any, thinking: Thinking) -> str:
+    """GBNF for an answer of `schema` after a thinking model's reasoning."""
+    g = Grammar()
+    try:
+        grammar = g.build(fmt.content_rule(g, g.json(schema, "answer"), thinking))
+    except RecursionError:
+        raise InvalidRequest(
+            "response_format: the JSON schema nests too deeply", param="response_format"
+        ) from None
+    except Exception as exc:
+        raise InvalidRequest(
+            f"response_format: unsupported JSON schema: {str(exc)[:200]}", param="response_format"
+        ) from None
+    check_grammar(grammar, "response_format")
+    return grammar
 
 
 def _schema_grammar(schema: Any, param: str) -> str:
@@ -198,34 +244,14 @@ def _tool_prompt(tools: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def parse_tool_calls(text: str, tools: list[dict[str, Any]]) -> list[ToolCall]:
-    """Tool calls in a model's output: <tool_call> blocks (Hermes/Qwen) or a bare JSON object."""
-    names = {t["function"]["name"] for t in tools}
-    candidates = _TOOL_TAG_RE.findall(text) or [text]
-    calls = []
-    for raw in candidates:
-        try:
-            data = jsonbody.loads(raw.strip().encode(), _TOOL_JSON_DEPTH)
-        except ValueError:  # not JSON, or nested past _TOOL_JSON_DEPTH
-            continue
-        for item in data if isinstance(data, list) else [data]:
-            if not isinstance(item, dict) or item.get("name") not in names:
-                continue
-            args = item.get("arguments", item.get("parameters", {}))
-            calls.append(
-                ToolCall(
-                    id=f"call_{uuid.uuid4().hex[:24]}",
-                    function=ToolCallFunction(
-                        name=item["name"], arguments=args if isinstance(args, str) else json.dumps(args)
-                    ),
-                )
-            )
-    return calls
-
-
-def plan(loaded: Loaded, req: ChatCompletionRequest, limits: RequestLimits | None = None) -> Plan:
+def plan(
+    loaded: Loaded,
+    req: ChatCompletionRequest,
+    limits: RequestLimits | None = None,
+    reasoning_format: str = "auto",
+) -> Plan:
     """Everything before generation; runs in a thread (tokenizing and grammars take time).
-    `check_chat` has passed."""
+    `check_chat` has passed. `reasoning_format` is the server's default (none: reasoning inline)."""
     limits = limits or RequestLimits()
     engine = loaded.engine
     scheduler = cast(Scheduler, loaded.runner)
@@ -239,30 +265,17 @@ def plan(loaded: Loaded, req: ChatCompletionRequest, limits: RequestLimits | Non
             options.get("chat_template"),
             loaded.name,
         )
-    tools = [t.model_dump() for t in req.tools] if req.tools and req.tool_choice != "none" else None
-    grammar: str | None = None
-    if tools:
-        grammar = _tool_grammar(tools, req.tool_choice or "auto")
-    fmt = req.response_format
-    if fmt is not None and fmt.type != "text":
-        if grammar is not None:
-            raise InvalidRequest(
-                "response_format cannot be combined with a forced tool call", param="response_format"
-            )
-        if fmt.type == "json_object":
-            grammar = JSON_GBNF
-        else:
-            schema = (fmt.json_schema or {}).get("schema")
-            if not isinstance(schema, dict):
-                raise InvalidRequest(
-                    "response_format.json_schema.schema must be a JSON schema object", param="response_format"
-                )
-            grammar = _schema_grammar(schema, "response_format")
-    if grammar is not None:
-        _check_grammar(loaded, grammar, "response_format" if fmt is not None else "tools")
+    fmt = loaded.memo.get("format")
+    if fmt is None:
+        fmt = loaded.memo["format"] = for_template(
+            template.source, options.get("chat_format"), template.native
+        )
+    tools = [_tool(t) for t in req.tools] if req.tools and req.tool_choice != "none" else None
+    turn = _turn(req, tools)
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     raw = req._raw_prompt
+    messages: list[dict[str, Any]] = []
     if raw is not None:
         text = raw  # given as it is: no template, and none of its stop strings
     else:
@@ -276,9 +289,13 @@ def plan(loaded: Loaded, req: ChatCompletionRequest, limits: RequestLimits | Non
                 tools=tools,
                 max_chars=limits.template_max_chars,
                 timeout_s=limits.template_timeout_s,
+                variables=fmt.template_vars(turn) if template.native else None,
             )
         except TemplateRenderError as exc:
             raise InvalidRequest(str(exc), param="messages") from None
+    # A forced call or format starts with the reasoning unless the prompt or the client ruled it out.
+    thinking: Thinking = "off" if raw is not None or turn.thinking is False else fmt.thinking(text)
+    grammar = _grammar(loaded, req, fmt, turn, thinking)
     n_ctx = engine.n_ctx
     if surely_longer(loaded, text, n_ctx):
         raise ContextLengthExceeded(
@@ -325,9 +342,71 @@ def plan(loaded: Loaded, req: ChatCompletionRequest, limits: RequestLimits | Non
     stops_all = tuple(stops) + (() if raw is not None else tuple(template.stop))
     marks: tuple[int, ...] = ()
     if raw is None and scheduler.stateful and req.cache_prompt:
-        marks = _message_marks(loaded, template, messages, text, prompt, tools, limits)
-    completion = Completion(prompt, wanted, sampling, stops_all, req.n, req.cache_prompt, "chat", marks)
-    return Plan(completion, tools)
+        variables = fmt.template_vars(turn) if template.native else None
+        marks = _message_marks(loaded, template, messages, text, prompt, tools, limits, variables)
+    completion = Completion(
+        prompt, wanted, sampling, stops_all, req.n, req.cache_prompt, "chat", marks, _shown(loaded, fmt)
+    )
+    split = raw is None and (req.reasoning_format or reasoning_format) != "none"
+    return Plan(completion, tools if raw is None else None, fmt, turn, text, split)
+
+
+def _turn(req: ChatCompletionRequest, tools: list[dict[str, Any]] | None) -> Turn:
+    """The request's wishes for the family: `chat_template_kwargs` as given, `enable_thinking` from
+    it or from `reasoning_effort: "none"`."""
+    kwargs = dict(req.chat_template_kwargs or {})
+    thinking = kwargs.pop("enable_thinking", None)
+    if not isinstance(thinking, bool):
+        thinking = False if req.reasoning_effort == "none" else None
+    return Turn(tools, thinking, req.reasoning_effort, kwargs)
+
+
+def _grammar(
+    loaded: Loaded, req: ChatCompletionRequest, fmt: Format, turn: Turn, thinking: Thinking
+) -> str | None:
+    """The grammar a forced tool call or a response_format asks for, in the family's syntax and
+    after its reasoning; compiled once here so a grammar llama.cpp refuses is the caller's 400."""
+    grammar: str | None = None
+    names = _forced_names(turn.tools, req.tool_choice or "auto") if turn.tools else None
+    if names:
+        parallel = req.parallel_tool_calls is not False and fmt.name != "generic"
+        grammar = _call_grammar(fmt, turn, names, parallel, thinking)
+    fmt_req = req.response_format
+    if fmt_req is not None and fmt_req.type != "text":
+        if grammar is not None:
+            raise InvalidRequest(
+                "response_format cannot be combined with a forced tool call", param="response_format"
+            )
+        if fmt_req.type == "json_object":
+            schema: Any = {"type": "object"}
+        else:
+            schema = (fmt_req.json_schema or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise InvalidRequest(
+                    "response_format.json_schema.schema must be a JSON schema object", param="response_format"
+                )
+        if fmt.thinks and req._raw_prompt is None:
+            grammar = _content_grammar(fmt, schema, thinking)
+        else:
+            grammar = (
+                JSON_GBNF if fmt_req.type == "json_object" else _schema_grammar(schema, "response_format")
+            )
+    if grammar is not None:
+        _check_grammar(loaded, grammar, "response_format" if fmt_req is not None else "tools")
+    return grammar
+
+
+def _shown(loaded: Loaded, fmt: Format) -> frozenset[int]:
+    """The special tokens of the family's syntax, written out in the output for its parser."""
+    shown = loaded.memo.get("shown")
+    if shown is None:
+        ids = set()
+        for text in fmt.preserved:
+            tokens = loaded.engine.tokenize(text, add_bos=False, special=True)
+            if len(tokens) == 1:
+                ids.add(tokens[0])
+        shown = loaded.memo["shown"] = frozenset(ids)
+    return cast(frozenset[int], shown)
 
 
 def _message_marks(
@@ -338,6 +417,7 @@ def _message_marks(
     prompt: list[int],
     tools: list[dict[str, Any]] | None,
     limits: RequestLimits,
+    variables: dict[str, Any] | None,
 ) -> tuple[int, ...]:
     """Where this conversation's prompt may later diverge from another's (the end of the first
     message, usually the system prompt) or from its own next version (the start of the last user
@@ -358,6 +438,7 @@ def _message_marks(
                 max_chars=limits.template_max_chars,
                 timeout_s=limits.template_timeout_s,
                 generation_prompt=False,
+                variables=variables,
             )
         except TemplateRenderError:
             continue  # (Qwen's templates refuse a conversation with no user message)
@@ -397,21 +478,32 @@ def _logprobs_json(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
     ]
 
 
-def _usage(result: Result) -> Usage:
+def _usage(result: Result, reasoning_tokens: int = 0) -> Usage:
     completion = sum(result.completion_tokens)
     return Usage(
         prompt_tokens=result.prompt_tokens,
         completion_tokens=completion,
         total_tokens=result.prompt_tokens + completion,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning_tokens),
     )
+
+
+def _reasoning_tokens(loaded: Loaded, splitters: list[Splitter]) -> int:
+    """The reasoning's tokens, counted again from its text (with its two tags): what the model
+    spent thinking, as OpenAI's `completion_tokens_details.reasoning_tokens` reports it."""
+    total = 0
+    for s in splitters:
+        if s.sent.reasoning:
+            total += len(loaded.engine.tokenize(s.sent.reasoning, add_bos=False, special=False)) + 2
+    return total
 
 
 @dataclass
 class _Answer:
     """One choice as it is assembled from deltas."""
 
-    text: list[str] = field(default_factory=list)
+    splitter: Splitter
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: str = "stop"
 
@@ -446,6 +538,7 @@ class ChatService:
         self.registry = registry
         self.metrics = metrics or registry.metrics
         self.limits = RequestLimits.from_settings(registry.settings)
+        self.reasoning_format = registry.settings.reasoning_format
         self._background: set[asyncio.Task[None]] = set()
 
     async def _submit(
@@ -471,39 +564,45 @@ class ChatService:
         check_chat(req, self.limits)
         async with self.registry.use(req.model, "chat", req.keep_alive) as loaded:
             with counted(self.metrics, req.model, "chat") as outcome:
-                p = await asyncio.to_thread(plan, loaded, req, self.limits)
+                p = await asyncio.to_thread(plan, loaded, req, self.limits, self.reasoning_format)
                 ticket, watch = await self._submit(loaded, p, is_disconnected)
-                answers = [_Answer() for _ in range(req.n)]
+                answers = [_Answer(p.splitter()) for _ in range(req.n)]
                 try:
                     async for item in ticket.deltas():
                         answer = answers[item.index]
-                        answer.text.append(item.text)
+                        answer.splitter.feed(item.text)
                         if item.logprobs:
                             answer.logprobs.extend(item.logprobs)
                         if item.finish_reason:
                             answer.finish = item.finish_reason
+                            answer.splitter.finish()
                     left = ticket.cancelled.is_set()  # the client went away: the scheduler stopped it
                 finally:
                     watch.cancel()
                     ticket.cancel()  # a no-op when the request is done; frees it when we were cancelled
                 outcome.reason = "abort" if left else answers[0].finish
-                if p.tools and parse_tool_calls("".join(answers[0].text), p.tools):
+                if answers[0].splitter.sent.calls and outcome.reason != "length":
                     outcome.reason = "tool_calls"
+                reasoning_tokens = _reasoning_tokens(loaded, [a.splitter for a in answers])
         result = cast(Result, ticket.result)
         choices = []
         for index, answer in enumerate(answers):
-            content: str | None = "".join(answer.text)
+            sent = answer.splitter.sent
             finish = "stop" if answer.finish == "abort" else answer.finish
-            calls = parse_tool_calls(content or "", p.tools) if p.tools else []
-            if calls:
-                content, finish = None, "tool_calls"
+            calls = [ToolCall.model_validate(c) for c in answer.splitter.calls]
+            if calls and finish != "length":  # a cut answer says so, whatever calls it holds
+                finish = "tool_calls"
             logprobs = None
             if req.logprobs:
                 logprobs = ChoiceLogprobs.model_validate({"content": _logprobs_json(answer.logprobs)})
             choices.append(
                 Choice(
                     index=index,
-                    message=ChoiceMessage(content=content, tool_calls=calls or None),
+                    message=ChoiceMessage(
+                        content=sent.content if sent.content or not calls else None,
+                        tool_calls=calls or None,
+                        reasoning_content=sent.reasoning or None,
+                    ),
                     logprobs=logprobs,
                     finish_reason=cast(FinishReason, finish),
                 )
@@ -513,7 +612,7 @@ class ChatService:
             model=req.model,
             system_fingerprint=FINGERPRINT,
             choices=choices,
-            usage=_usage(result),
+            usage=_usage(result, reasoning_tokens),
         )
 
     async def stream(
@@ -525,7 +624,7 @@ class ChatService:
         loaded = await stack.enter_async_context(self.registry.use(req.model, "chat", req.keep_alive))
         try:
             with counted(self.metrics, req.model, "chat", keep=True):
-                p = await asyncio.to_thread(plan, loaded, req, self.limits)
+                p = await asyncio.to_thread(plan, loaded, req, self.limits, self.reasoning_format)
                 ticket, watch = await self._submit(loaded, p, is_disconnected)
         except BaseException:
             await stack.aclose()
@@ -547,10 +646,16 @@ class ChatService:
             self._background.add(cleanup)
             cleanup.add_done_callback(self._background.discard)
 
-        return EventStream(self._events(req, p, ticket, outcome, end), end)
+        return EventStream(self._events(req, loaded, p, ticket, outcome, end), end)
 
     async def _events(
-        self, req: ChatCompletionRequest, p: Plan, ticket: Ticket, outcome: Outcome, end: Callable[[], None]
+        self,
+        req: ChatCompletionRequest,
+        loaded: Loaded,
+        p: Plan,
+        ticket: Ticket,
+        outcome: Outcome,
+        end: Callable[[], None],
     ) -> AsyncIterator[str]:
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -565,13 +670,13 @@ class ChatService:
             }
             return f"data: {json.dumps(body)}\n\n"
 
-        buffered: list[list[str]] = [[] for _ in range(req.n)]
+        splitters = [p.splitter() for _ in range(req.n)]
         finished: dict[int, str] = {}
         try:
             for index in range(req.n):
                 yield chunk(index, {"role": "assistant", "content": ""})
             async for item in ticket.deltas():
-                for event in self._deltas(item, p, buffered, chunk, req.logprobs, finished):
+                for event in self._deltas(item, splitters[item.index], chunk, req.logprobs, finished):
                     yield event
             result = cast(Result, ticket.result)
             outcome.reason = "abort" if ticket.cancelled.is_set() else finished.get(0, "stop")
@@ -583,7 +688,7 @@ class ChatService:
                     "model": req.model,
                     "system_fingerprint": FINGERPRINT,
                     "choices": [],
-                    "usage": _usage(result).model_dump(),
+                    "usage": _usage(result, _reasoning_tokens(loaded, splitters)).model_dump(),
                 }
                 yield f"data: {json.dumps(body)}\n\n"
         except APIError as exc:
@@ -604,38 +709,28 @@ class ChatService:
     @staticmethod
     def _deltas(
         item: Delta,
-        p: Plan,
-        buffered: list[list[str]],
+        splitter: Splitter,
         chunk: Callable[..., str],
         with_logprobs: bool | None,
         finished: dict[int, str],
     ) -> list[str]:
-        out = []
+        """One scheduler delta as chunks: what the family's parser let through (reasoning,
+        content, pieces of calls), the token's logprobs on the first (or alone), and the end."""
         logprobs = (
             {"content": _logprobs_json(item.logprobs), "refusal": None}
             if with_logprobs and item.logprobs
             else None
         )
+        deltas = splitter.feed(item.text)
         finish = item.finish_reason
-        if p.tools:
-            buffered[item.index].append(item.text)  # a tool call is sent whole, once parsed
-            if logprobs is not None:
-                out.append(chunk(item.index, {}, None, logprobs))
-            if finish is None:
-                return out
-            text = "".join(buffered[item.index])
-            calls = parse_tool_calls(text, p.tools)
-            if calls:
-                finish = "tool_calls"
-                delta: dict[str, Any] = {
-                    "tool_calls": [{"index": i, **c.model_dump()} for i, c in enumerate(calls)]
-                }
-            else:
-                delta = {"content": text}
-            out.append(chunk(item.index, delta))
-        elif item.text or logprobs is not None:
-            out.append(chunk(item.index, {"content": item.text}, None, logprobs))
         if finish is not None:
+            deltas += splitter.finish()
+        out = [chunk(item.index, delta, None, logprobs if i == 0 else None) for i, delta in enumerate(deltas)]
+        if not deltas and logprobs is not None:
+            out.append(chunk(item.index, {}, None, logprobs))
+        if finish is not None:
+            if splitter.sent.calls and finish != "length":
+                finish = "tool_calls"
             finished[item.index] = finish
             out.append(chunk(item.index, {}, "stop" if finish == "abort" else finish))
         return out

@@ -12,6 +12,15 @@ PENDRA_N_CTX or its sidecar), as are options Pendra has no use for, as Ollama ig
 ones. `format` is `"json"` or a JSON schema (a grammar, as on `/v1`). `raw: true` sends the
 prompt as it is, without the chat template. Errors are Ollama's `{"error": "..."}`.
 
+Thinking, as Ollama's API has it: `think: true` asks the template to think, `false` not to
+(`chat_template_kwargs.enable_thinking`), `"low"`, `"medium"` or `"high"` to think that hard
+(`reasoning_effort`); left out, the model does as its template does. The reasoning comes back as
+`message.thinking` (`thinking` on `/api/generate`), in the stream's pieces and in the gathered
+answer; with `think: false` nothing goes there (what a model writes as reasoning all the same is
+left out). An assistant message's `thinking` in the history is given back to the template as its
+reasoning. Tool calls, which the chat stream sends in pieces, go out whole as Ollama sends them
+(arguments an object), each once the next call starts or the answer ends.
+
 The store's routes (`/api/tags`, `/api/show`, `/api/pull`, `/api/delete`, `/api/version`) are the
 API service's (`pendra_api.ollama`); the gateway passes these on to this service.
 """
@@ -38,6 +47,8 @@ from pendra_inference.state import AppState
 router = APIRouter(prefix="/api", include_in_schema=False)
 Handler = Callable[[Request], Awaitable[Response]]
 
+# Ollama's `think` strings: how hard to think (the chat request's `reasoning_effort`).
+THINK_LEVELS = ("low", "medium", "high")
 # Ollama's options that map onto the OpenAI request's fields of the same meaning.
 OPTIONS = {
     "temperature": "temperature",
@@ -119,7 +130,25 @@ def _common(body: dict[str, Any]) -> dict[str, Any]:
         raise OllamaError(400, 'format must be "json" or a JSON schema object')
     if "keep_alive" in body:
         out["keep_alive"] = body["keep_alive"]
+    out.update(_think(body.get("think")))
     return out
+
+
+def _think(think: Any) -> dict[str, Any]:
+    """Ollama's `think` as the chat request's fields (None: the model's own default)."""
+    if think is None:
+        return {}
+    if isinstance(think, bool):
+        return {"chat_template_kwargs": {"enable_thinking": think}}
+    if isinstance(think, str) and think in THINK_LEVELS:
+        return {"chat_template_kwargs": {"enable_thinking": True}, "reasoning_effort": think}
+    shown = json.dumps(think) if isinstance(think, str) else "a " + type(think).__name__
+    raise OllamaError(400, f'invalid think value: {shown} (must be "high", "medium", "low", true, or false)')
+
+
+def thinks(body: dict[str, Any]) -> bool:
+    """Whether reasoning goes into the answer's `thinking`: not with `think: false`."""
+    return body.get("think") is not False
 
 
 def _tool_calls_in(calls: Any) -> list[dict[str, Any]]:
@@ -137,16 +166,43 @@ def _tool_calls_in(calls: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _tool_calls_out(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for call in calls:
-        function = call.get("function", {})
-        try:
-            arguments = json.loads(function.get("arguments") or "{}")
-        except ValueError:
-            arguments = function.get("arguments")
-        out.append({"function": {"name": function.get("name"), "arguments": arguments}})
-    return out
+class Calls:
+    """One answer's tool calls, gathered from the chat stream's pieces (the first piece of a call
+    has its index, id and name; later ones more of its arguments) into whole calls in Ollama's
+    shape, each given out once it is complete: when a later call starts, or at the end."""
+
+    def __init__(self) -> None:
+        self.open: dict[int, dict[str, str]] = {}
+        self.count = 0  # calls given out
+
+    def feed(self, pieces: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        done: list[dict[str, Any]] = []
+        for position, piece in enumerate(pieces):
+            index = piece.get("index", position)
+            function = piece.get("function") or {}
+            if index not in self.open:
+                done += self.flush()  # a new call: the ones before it are whole
+                self.open[index] = {"name": "", "arguments": ""}
+            call = self.open[index]
+            call["name"] = call["name"] or function.get("name") or ""
+            call["arguments"] += function.get("arguments") or ""
+        return done
+
+    def flush(self) -> list[dict[str, Any]]:
+        out = []
+        for call in self.open.values():
+            out.append({"function": {"index": self.count, "name": call["name"], **_arguments(call)}})
+            self.count += 1
+        self.open.clear()
+        return out
+
+
+def _arguments(call: dict[str, str]) -> dict[str, Any]:
+    """Ollama's arguments are an object (the JSON text as it is, should it not parse)."""
+    try:
+        return {"arguments": json.loads(call["arguments"] or "{}")}
+    except ValueError:
+        return {"arguments": call["arguments"]}
 
 
 def _messages(messages: Any) -> list[dict[str, Any]]:
@@ -159,6 +215,11 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
         if message.get("images"):
             raise OllamaError(400, "images are not supported: Pendra serves text models")
         entry: dict[str, Any] = {"role": message.get("role"), "content": message.get("content", "")}
+        thinking = message.get("thinking")
+        if thinking:
+            if not isinstance(thinking, str):
+                raise OllamaError(400, f"messages[{i}].thinking must be a string")
+            entry["reasoning_content"] = thinking
         if message.get("tool_calls"):
             entry["tool_calls"] = _tool_calls_in(message["tool_calls"])
         if message.get("tool_name"):
@@ -222,13 +283,18 @@ class Timing:
         }
 
 
-def _piece(model: str, text: str, calls: list[dict[str, Any]] | None, generate: bool) -> dict[str, Any]:
+def _piece(
+    model: str, generate: bool, text: str = "", thinking: str = "", calls: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """One streamed piece (Ollama leaves `thinking` and `tool_calls` out when there are none)."""
     head: dict[str, Any] = {"model": model, "created_at": _now()}
     if generate:
-        return {**head, "response": text, "done": False}
+        return {**head, "response": text, **({"thinking": thinking} if thinking else {}), "done": False}
     message: dict[str, Any] = {"role": "assistant", "content": text}
+    if thinking:
+        message["thinking"] = thinking
     if calls:
-        message["tool_calls"] = _tool_calls_out(calls)
+        message["tool_calls"] = calls
     return {**head, "message": message, "done": False}
 
 
@@ -236,53 +302,84 @@ def _line(data: dict[str, Any]) -> bytes:
     return json.dumps(data, ensure_ascii=False).encode() + b"\n"
 
 
-async def _run(request: Request, req: ChatCompletionRequest, generate: bool, stream: bool) -> Response:
+async def translate(
+    chunks: AsyncIterator[dict[str, Any]], model: str, generate: bool, thinking: bool, timing: Timing
+) -> AsyncIterator[dict[str, Any]]:
+    """The chat stream's chunks as Ollama's pieces, the last one `done` with the counts and
+    durations (or an error). `thinking` False: reasoning is left out."""
+    usage: dict[str, Any] | None = None
+    reason: str | None = None
+    calls = Calls()
+    async for chunk in chunks:
+        if "error" in chunk:
+            yield error_body(chunk["error"].get("message", "generation failed"))
+            return
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices", ()):
+            delta = choice.get("delta", {})
+            text, thought = delta.get("content") or "", delta.get("reasoning_content") or ""
+            pieces = delta.get("tool_calls") or []
+            if text or thought or pieces:
+                timing.token()
+            whole = calls.feed(pieces)
+            if choice.get("finish_reason"):
+                reason = choice["finish_reason"]
+                whole += calls.flush()
+            thought = thought if thinking else ""
+            if text or thought or (whole and not generate):
+                yield _piece(model, generate, text, thought, whole)
+    if (left := calls.flush()) and not generate:
+        yield _piece(model, generate, calls=left)
+    final = _piece(model, generate)
+    final.update(timing.final(usage, reason))
+    if generate:
+        final["context"] = []
+    yield final
+
+
+def gather(pieces: list[dict[str, Any]], generate: bool) -> dict[str, Any]:
+    """A stream's pieces as the one answer of `stream: false`: the last piece, with the text,
+    thinking and calls of all of them."""
+    final = dict(pieces[-1])
+    parts = [p if generate else p["message"] for p in pieces[:-1]]
+    text = "".join(p["response" if generate else "content"] for p in parts)
+    thinking = "".join(p.get("thinking", "") for p in parts)
+    calls = [c for p in parts for c in p.get("tool_calls", [])]
+    if generate:
+        final["response"] = text
+        if thinking:
+            final["thinking"] = thinking
+    else:
+        final["message"] = {"role": "assistant", "content": text}
+        if thinking:
+            final["message"]["thinking"] = thinking
+        if calls:
+            final["message"]["tool_calls"] = calls
+    return final
+
+
+async def _run(
+    request: Request, req: ChatCompletionRequest, generate: bool, stream: bool, thinking: bool
+) -> Response:
     """Always generated as a stream (the first token's time is what Ollama's durations need);
     sent as NDJSON lines, or gathered into one answer for `stream: false`."""
     events = await _state(request).chat.stream(req, request.is_disconnected)
-    timing = Timing()
-
-    async def pieces() -> AsyncIterator[dict[str, Any]]:
-        usage: dict[str, Any] | None = None
-        reason: str | None = None
-        async for chunk in events.chunks():
-            if "error" in chunk:
-                yield error_body(chunk["error"].get("message", "generation failed"))
-                return
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices", ()):
-                delta = choice.get("delta", {})
-                if delta.get("content") or delta.get("tool_calls"):
-                    timing.token()
-                    yield _piece(req.model, delta.get("content") or "", delta.get("tool_calls"), generate)
-                reason = choice.get("finish_reason") or reason
-        final = _piece(req.model, "", None, generate)
-        final.update(timing.final(usage, reason))
-        if generate:
-            final["context"] = []
-        yield final
+    pieces = translate(events.chunks(), req.model, generate, thinking, Timing())
 
     if stream:
 
         async def lines() -> AsyncIterator[bytes]:
-            async for piece in pieces():
+            async for piece in pieces:
                 yield _line(piece)
 
         return StreamingResponse(lines(), media_type=NDJSON, background=BackgroundTask(events.close))
     try:
-        gathered = [piece async for piece in pieces()]
+        gathered = [piece async for piece in pieces]
     finally:
         await events.close()
-    final = gathered[-1]
-    if "error" in final:
-        return JSONResponse(final, status_code=500)
-    text = "".join(p["response"] if generate else p["message"]["content"] for p in gathered[:-1])
-    calls = [c for p in gathered[:-1] if not generate for c in p["message"].get("tool_calls", [])]
-    if generate:
-        final["response"] = text
-    else:
-        final["message"] = {"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}
-    return JSONResponse(final)
+    if "error" in gathered[-1]:
+        return JSONResponse(gathered[-1], status_code=500)
+    return JSONResponse(gather(gathered, generate))
 
 
 def _state(request: Request) -> AppState:
@@ -311,7 +408,7 @@ async def chat(request: Request) -> Response:
     body = await _body(request)
     if not body.get("messages"):
         return await _load_only(request, body, generate=False)
-    return await _run(request, chat_request(body), generate=False, stream=streams(body))
+    return await _run(request, chat_request(body), False, streams(body), thinks(body))
 
 
 @router.post("/generate")
@@ -320,7 +417,7 @@ async def generate(request: Request) -> Response:
     body = await _body(request)
     if not body.get("prompt"):
         return await _load_only(request, body, generate=True)
-    return await _run(request, generate_request(body), generate=True, stream=streams(body))
+    return await _run(request, generate_request(body), True, streams(body), thinks(body))
 
 
 async def _embed(request: Request, body: dict[str, Any], inputs: Any) -> dict[str, Any]:

@@ -61,6 +61,8 @@ class ChatMessage(_Request):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    # -- extension (llama-server's and vLLM's name): an assistant turn's reasoning, given back --
+    reasoning_content: str | None = None
 
 
 class FunctionDef(_Request):
@@ -102,6 +104,8 @@ class ChatCompletionRequest(_Request):
     top_p: Finite = Field(default=1.0, ge=0.0, le=1.0)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     user: str | None = None
     # -- Pendra extensions (llama.cpp and Ollama style) --
@@ -114,6 +118,17 @@ class ChatCompletionRequest(_Request):
         description="Start from a cached prompt prefix when one exists (false: decode the whole prompt).",
     )
     keep_alive: KeepAlive = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None,
+        max_length=32,
+        description="Variables for the model's chat template (vLLM and llama-server), e.g. "
+        '{"enable_thinking": false}.',
+    )
+    reasoning_format: Literal["auto", "none"] | None = Field(
+        default=None,
+        description="auto: reasoning in reasoning_content; none: left inline in content "
+        "(llama-server's names). Default: the PENDRA_REASONING_FORMAT setting.",
+    )
     # Set by Pendra's own adapters (Ollama's `raw` generate), never from the wire: a prompt given
     # as it is, without the chat template.
     _raw_prompt: str | None = PrivateAttr(default=None)
@@ -124,6 +139,8 @@ class ChoiceMessage(BaseModel):
     content: str | None
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
+    # -- extension (llama-server's and vLLM's name), left out when the model did not reason --
+    reasoning_content: str | None = None
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
@@ -155,11 +172,16 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    completion_tokens_details: CompletionTokensDetails = Field(default_factory=CompletionTokensDetails)
 
 
 class ChatCompletion(BaseModel):
@@ -172,11 +194,13 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
     def to_json(self) -> dict[str, Any]:
-        """The wire form: `tool_calls` is left out, not null, when there are none."""
+        """The wire form: `tool_calls` and `reasoning_content` are left out, not null, when there
+        are none."""
         data = self.model_dump(mode="json")
         for choice in data["choices"]:
-            if choice["message"]["tool_calls"] is None:
-                del choice["message"]["tool_calls"]
+            for key in ("tool_calls", "reasoning_content"):
+                if choice["message"][key] is None:
+                    del choice["message"][key]
         return data
 
 
@@ -230,6 +254,7 @@ class ModelCard(BaseModel):
     quantization: str | None = None
     context_length: int | None = None
     loaded: bool = False
+    capabilities: list[str] | None = None  # Ollama's names: completion, tools, thinking, embedding
 
 
 class ModelList(BaseModel):

@@ -160,6 +160,7 @@ def _card(state: AppState, m: StoredModel) -> ModelCard:
         quantization=m.facts.quantization if m.facts else None,
         context_length=m.facts.context_length if m.facts else None,
         loaded=state.registry.is_loaded(m.name),
+        capabilities=m.capabilities,
     )
 
 

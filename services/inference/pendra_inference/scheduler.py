@@ -667,7 +667,7 @@ class Scheduler:
         logprobs = None
         top = completion.sampling.top_logprobs
         eog = bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
-        piece = b"" if eog else self._token_piece(token)
+        piece = b"" if eog else self._token_piece(token, token in completion.shown)
         if top is not None:
             value, alternatives = logprobs_of(logits, token, top)
             logprobs = [
@@ -695,8 +695,8 @@ class Scheduler:
         piece = self._token_piece(token)
         return piece.decode("utf-8", errors="replace"), logprob, list(piece)
 
-    def _token_piece(self, token: int) -> bytes:
-        return token_bytes(self.vocab, token, self._piece, special=False)
+    def _token_piece(self, token: int, special: bool = False) -> bytes:
+        return token_bytes(self.vocab, token, self._piece, special=special)
 
     def _finish(
         self, req: _Request, now: float, post: bool = True

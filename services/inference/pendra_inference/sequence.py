@@ -42,6 +42,9 @@ class Completion:
     # Prompt positions where a later request may diverge (the end of the system prompt, the start
     # of the last user message): a recurrent model's scheduler saves its state there.
     marks: tuple[int, ...] = ()
+    # Special tokens written out in the text (a chat format's tags, as `<|channel|>` for gpt-oss);
+    # the others are left out, as before.
+    shown: frozenset[int] = frozenset()
 
     @property
     def cells(self) -> int:

@@ -104,7 +104,9 @@ templates = Environment(
 )
 templates.filters["bytes"] = views.human_bytes
 templates.filters["slug"] = slug
-templates.globals.update(asset=asset_url, failure_words=views.failure_words)
+templates.globals.update(
+    asset=asset_url, failure_words=views.failure_words, capability_words=views.CAPABILITY_WORDS
+)
 
 
 def render(template: str, status_code: int = 200, **context: Any) -> HTMLResponse:

@@ -25,6 +25,14 @@ OVERHEAD_MIN = 64 * 1024**2
 STATES_AT_LEAST = 6
 TIGHT_RATIO = 0.8  # past this share of the budget a model fits only with little else loaded
 
+# What an installed model can do beyond plain chat, as its row's badges say it (Ollama's words, from
+# its chat template: `StoredModel.capabilities`), with what each means for a person.
+CAPABILITY_WORDS = {
+    "tools": "Can call tools (functions)",
+    "thinking": "Reasons before it answers",
+    "vision": "Reads images",
+}
+
 # A failed install's error code, said in words for a person (the code itself is shown beside them).
 FAILURE_WORDS = {
     "checksum_mismatch": "The downloaded file is not the one the catalogue pins (its SHA-256 differs), "

@@ -464,6 +464,20 @@
     return item;
   }
 
+  // A thinking model's reasoning, folded above its answer (closed: the answer is what was asked
+  // for); the returned element takes the text as it streams.
+  function addThinking(turn) {
+    const fold = document.createElement("details");
+    fold.className = "thinking";
+    const summary = document.createElement("summary");
+    summary.textContent = "Thinking";
+    const text = document.createElement("div");
+    text.className = "reasoning";
+    fold.append(summary, text);
+    turn.querySelector(".text").before(fold);
+    return text;
+  }
+
   function setGenerating(controller) {
     generating = controller;
     $("chat-send").disabled = Boolean(controller);
@@ -491,6 +505,8 @@
     const started = performance.now();
     let first = null;
     let content = "";
+    let reasoning = "";
+    let thought = null; // the folded reasoning, made at its first piece
     let usage = null;
     let finish = null;
     let pieces = 0;
@@ -514,6 +530,14 @@
         if (chunk.error) throw new ApiError(0, chunk.error.message, chunk.error.code);
         if (chunk.usage) usage = chunk.usage;
         for (const choice of chunk.choices || []) {
+          const thinking = choice.delta?.reasoning_content;
+          if (thinking) {
+            first ??= performance.now();
+            reasoning += thinking;
+            pieces += 1;
+            thought ??= addThinking(turn);
+            thought.textContent = reasoning;
+          }
           const delta = choice.delta?.content;
           if (delta) {
             first ??= performance.now();
@@ -531,8 +555,12 @@
       setGenerating(null);
       turn.classList.remove("streaming");
     }
-    if (content) convo.push({ role: "assistant", content });
-    else convo.pop(); // no answer: the next message must not follow an unanswered one
+    if (content || reasoning) {
+      // The reasoning goes back with the answer: a thinking model's template decides what to keep.
+      const answer = { role: "assistant", content };
+      if (reasoning) answer.reasoning_content = reasoning;
+      convo.push(answer);
+    } else convo.pop(); // no answer: the next message must not follow an unanswered one
     const end = performance.now();
     const tokens = usage?.completion_tokens ?? pieces;
     const stats = document.createElement("p");

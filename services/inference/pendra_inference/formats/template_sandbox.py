@@ -29,7 +29,7 @@ from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
-from pendra_inference.template_budget import (
+from pendra_inference.formats.template_budget import (
     BUDGET,
     FILTER_CHECKS,
     Budget,

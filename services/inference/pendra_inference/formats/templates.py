@@ -10,9 +10,11 @@ and the choice is logged; anything else gets ChatML.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -20,8 +22,8 @@ from typing import Any
 from jinja2 import Template
 from pendra_shared.config import Settings
 
-from pendra_inference.template_budget import Budget, TemplateBudgetExceeded
-from pendra_inference.template_sandbox import BudgetedEnvironment, render_within
+from pendra_inference.formats.template_budget import Budget, TemplateBudgetExceeded
+from pendra_inference.formats.template_sandbox import BudgetedEnvironment, render_within
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ DEFAULT_MAX_CHARS: int = Settings.model_fields["template_max_chars"].default
 DEFAULT_TIMEOUT_S: float = Settings.model_fields["template_timeout_s"].default
 # An error message quotes at most this much of what the template said or did.
 _MESSAGE_CHARS = 300
+# Most items `tojson` takes from a generator (a filtered list of tools or messages).
+_MAX_LISTED = 100_000
 _ADDRESS_RE = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{6,}")
 
 GEMMA = (
@@ -91,7 +95,15 @@ def _tojson(value: Any, indent: int | str | None = None) -> str:
     width = len(indent) if isinstance(indent, str) else indent or 0
     if not 0 <= width <= 16:
         raise TemplateRenderError("the chat template asked tojson for an indent above 16")
-    return json.dumps(value, indent=indent, ensure_ascii=False)
+    return json.dumps(value, indent=indent, ensure_ascii=False, default=_listed)
+
+
+def _listed(value: Any) -> Any:
+    """What Jinja's `map` and `select` filters give (a generator) as the list it stands for, as
+    minja and llama.cpp's templates expect (`tools | map(attribute='function') | tojson`)."""
+    if isinstance(value, Iterator):
+        return list(itertools.islice(value, _MAX_LISTED))
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def _strftime_now(fmt: str) -> str:
@@ -142,10 +154,13 @@ class ChatTemplate:
         max_chars: int = DEFAULT_MAX_CHARS,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         generation_prompt: bool = True,
+        variables: dict[str, Any] | None = None,
     ) -> str:
         """The prompt for `messages`, or TemplateRenderError; at most `max_chars` characters and
-        `timeout_s` seconds (see `template_sandbox` for what is checked, and when)."""
+        `timeout_s` seconds (see `template_sandbox` for what is checked, and when). `variables` are
+        more names for the template; they cannot replace the ones above."""
         context = {
+            **(variables or {}),  # a family's switches (enable_thinking, reasoning_effort, ...)
             "messages": messages,
             "bos_token": bos,
             "eos_token": eos,

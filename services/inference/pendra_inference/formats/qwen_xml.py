@@ -1,0 +1,100 @@
+"""Qwen3.5, Qwen3.6 and Qwen3-Coder: XML calls with one tag per parameter, `<think>` reasoning
+(the template opens it at the end of the prompt unless `enable_thinking` is false).
+
+    <tool_call>
+    <function=edit>
+    <parameter=filename>
+    foo.c
+    </parameter>
+    </function>
+    </tool_call>
+
+A parameter's value is text: kept as a string where the tool's schema says string, read as JSON
+otherwise (`1` is a number), as the template's own instructions and llama.cpp read it. String
+values stream as they arrive; others once their tag closes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pendra_inference.formats.base import Call, dumps, held, loads
+from pendra_inference.formats.grammar import Grammar
+from pendra_inference.formats.hermes import Tagged
+
+_FUNCTION = re.compile(r"\s*<function=([^>\n]{1,64})>")
+_PARAMETER = re.compile(r"\s*<parameter=([^>\n]{1,128})>\n?")
+_VALUE_END = "\n</parameter>"
+
+
+def _value(raw: str, schema: dict[str, Any]) -> Any:
+    kind = schema.get("type")
+    if kind == "string" or (isinstance(kind, list) and "string" in kind and len(kind) == 1):
+        return raw
+    try:
+        return loads(raw.strip())
+    except ValueError:
+        return raw
+
+
+def _is_string(schema: dict[str, Any]) -> bool:
+    return schema.get("type") == "string"
+
+
+class QwenXML(Tagged):
+    name = "qwen-xml"
+    think = ("<think>", "</think>")
+
+    def block_call(self, inner: str, schemas: dict[str, dict[str, Any]], partial: bool) -> Call | None:
+        head = _FUNCTION.match(inner)
+        if head is None:
+            return None
+        name = head.group(1).strip()
+        if name not in schemas:
+            return None
+        props = (schemas[name] or {}).get("properties") or {}
+        parts: list[str] = []
+        at = head.end()
+        while True:
+            param = _PARAMETER.match(inner, at)
+            if param is None:
+                break
+            key = param.group(1).strip()
+            end = inner.find(_VALUE_END, param.end())
+            if end < 0:
+                end_bare = inner.find("</parameter>", param.end())
+                if end_bare >= 0:  # no newline before the closing tag
+                    end = end_bare
+            schema = props.get(key) or {}
+            if end < 0:
+                if partial and _is_string(schema):  # stream the string as it comes
+                    sofar = held(inner[param.end() :], _VALUE_END, "</parameter>")
+                    parts.append(f"{dumps(key)}: {dumps(sofar)[:-1]}")
+                    return Call(name, "{" + ", ".join(parts), None, False)
+                if partial:
+                    break
+                raw = inner[param.end() :]
+                parts.append(f"{dumps(key)}: {dumps(_value(raw, schema))}")
+                return Call(name, "{" + ", ".join(parts) + "}", None, True)
+            raw = inner[param.end() : end]
+            parts.append(f"{dumps(key)}: {dumps(_value(raw, schema))}")
+            at = inner.find(">", end) + 1
+        closed = "</function>" in inner[at:] or not partial
+        return Call(name, "{" + ", ".join(parts) + ("}" if closed else ""), None, closed)
+
+    def call_rule(self, g: Grammar, name: str, schema: dict[str, Any]) -> str:
+        props = (schema or {}).get("properties") or {}
+        required = set((schema or {}).get("required") or [])
+        params = []
+        for key, prop in props.items():
+            head = g.literal(f"<parameter={key}>\n")
+            if _is_string(prop):
+                body = f"{head} {g.until(f'value-{name}-{key}', _VALUE_END)} {g.literal(chr(10))}"
+            else:
+                body = f"{head} {g.json(prop, f'value-{name}-{key}')} {g.literal(_VALUE_END + chr(10))}"
+            params.append(body if key in required else f"( {body} )?")
+        start, end = self.tags
+        return " ".join(
+            [g.literal(f"{start}\n<function={name}>\n"), *params, g.literal(f"</function>\n{end}")]
+        )
