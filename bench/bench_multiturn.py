@@ -39,11 +39,11 @@ Configurations, each a fresh server on a free loopback port with the same contex
   unset: two checkpoints per sequence id), PENDRA_PARALLEL=--conversations.
 * full: the same with PENDRA_PREFIX_CACHE=false: every prompt is decoded whole.
 * llama-server: `-np N -c N*n_ctx -t T -tb T`, all else its defaults (32 context checkpoints per
-  slot, prompt cache in RAM, `cache_prompt`, split KV). Its requests add `"reasoning_format":
-  "none"`, so the text written after the template's `<think>` comes back as `content`, as Pendra
-  returns it (the default would move it to `reasoning_content`); that format also puts the
-  prompt's own `<think>\n` back in front of the answer, which the client drops, so the histories
-  are built the same way for both servers. Its binary: --llama-server, or
+  slot, prompt cache in RAM, `cache_prompt`, split KV). Requests to both servers add
+  `"reasoning_format": "none"`, so the text written after the template's `<think>` comes back as
+  `content` (the default would move it to `reasoning_content`); that format also puts the prompt's
+  own `<think>\n` back in front of the answer, which the client drops, so the histories are built
+  the same way for both servers. Its binary: --llama-server, or
   ../shared/tools/build-llama-server.sh (the llama.cpp that llama-cpp-python vendors).
 
 Each server gets one short warm-up request (another prompt) before the workload. Ratios:
@@ -168,7 +168,7 @@ class Run:
         return sum(values) if values else None
 
 
-def request(http: httpx.Client, url: str, messages: list[dict[str, str]], tokens: int, peer: bool) -> Turn:
+def request(http: httpx.Client, url: str, messages: list[dict[str, str]], tokens: int) -> Turn:
     """Send one streaming chat completion; time its first text and read its usage."""
     body: dict[str, Any] = {
         "model": MODEL,
@@ -178,8 +178,7 @@ def request(http: httpx.Client, url: str, messages: list[dict[str, str]], tokens
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if peer:
-        body["reasoning_format"] = "none"  # llama-server only: the whole answer as `content`
+    body["reasoning_format"] = "none"  # both servers: the whole answer as `content`
     turn = Turn()
     parts: list[str] = []
     start = time.perf_counter()
@@ -211,18 +210,18 @@ def request(http: httpx.Client, url: str, messages: list[dict[str, str]], tokens
 
 
 def conversation(
-    url: str, index: int, args: argparse.Namespace, peer: bool, go: threading.Barrier, out: list[Turn]
+    url: str, index: int, args: argparse.Namespace, go: threading.Barrier, out: list[Turn]
 ) -> None:
     messages = [{"role": "system", "content": system_prompt()}]
     with httpx.Client(timeout=httpx.Timeout(900, connect=60), headers=HEADERS) as http:
         go.wait()
         for turn in range(args.turns):
             messages.append({"role": "user", "content": user_message(index, turn)})
-            got = request(http, url, messages, args.tokens, peer)
+            got = request(http, url, messages, args.tokens)
             out.append(got)
-            # llama-server's "none" format puts the prompt's own opening `<think>\n` back in front of
-            # the answer; the history gets the generated text alone, as from Pendra.
-            answer = got.text.removeprefix(THINK) if peer else got.text
+            # The "none" format puts the prompt's own opening `<think>\n` back in front of the
+            # answer; the history gets the generated text alone.
+            answer = got.text.removeprefix(THINK)
             messages.append({"role": "assistant", "content": answer})
 
 
@@ -257,17 +256,17 @@ def machine_busy() -> float:
     return (sum(values[:8]) - values[3] - values[4]) / TICKS
 
 
-def workload(url: str, args: argparse.Namespace, peer: bool) -> Run:
+def workload(url: str, args: argparse.Namespace) -> Run:
     """All conversations at once, one thread each; re-raises the first client's failure."""
     with httpx.Client(timeout=300, headers=HEADERS) as http:  # warm up (loads Pendra's model)
-        request(http, url, [{"role": "user", "content": "Say hello."}], 4, peer)
+        request(http, url, [{"role": "user", "content": "Say hello."}], 4)
     results: list[list[Turn]] = [[] for _ in range(args.conversations)]
     errors: list[BaseException] = []
     go = threading.Barrier(args.conversations + 1)
 
     def client(index: int) -> None:
         try:
-            conversation(url, index, args, peer, go, results[index])
+            conversation(url, index, args, go, results[index])
         except BaseException as exc:  # reported after the others finish
             errors.append(exc)
             go.abort()
@@ -409,12 +408,12 @@ def main() -> None:
                 assert peer is not None
                 flags = ["-np", str(args.conversations), "-c", str(args.conversations * args.n_ctx)]
                 with llama_server(peer, model, flags, tmp, "multiturn") as url:
-                    runs[name] = workload(url, args, peer=True)
+                    runs[name] = workload(url, args)
             else:
                 env = {**base, "PENDRA_PREFIX_CACHE": "true" if name == "ckpt" else "false"}
                 print(f"  [pendra {name}] PENDRA_PREFIX_CACHE={env['PENDRA_PREFIX_CACHE']}", flush=True)
                 with pendra(env, tmp / f"pendra-{name}.log") as url:
-                    runs[name] = workload(url, args, peer=False)
+                    runs[name] = workload(url, args)
                     runs[name].counters = checkpoint_counters(url)
             cpu = runs[name].cpu
             print(

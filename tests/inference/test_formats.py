@@ -24,6 +24,7 @@ import gzip
 import json
 import math
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -991,3 +992,166 @@ def test_thinking_is_on_unless_asked_off(template: str) -> None:
     for thinking, opened in ((None, True), (True, True), (False, False)):
         fmt, _, prompt = _setup(template, None, thinking)
         assert prompt.endswith("<think>\n" if opened else "</think>") and fmt.opened(prompt) is opened
+
+
+# Reconstruction, as llama.cpp's test-chat.cpp checks it (`expect_reconstruction`): the parsed
+# answer given back as the assistant's turn renders as the prompt followed by exactly what the
+# model wrote. For Pendra this is also what lets the next turn reuse the cached tokens (and a
+# hybrid model's recurrent state) of this one. Qwen3.5's cases are Pendra's own.
+@pytest.mark.parametrize(
+    ("template", "tools", "thinking", "output"),
+    [
+        (MISTRAL, None, None, ASSIST),
+        (MISTRAL, [SPECIAL], None, '[TOOL_CALLS]special_function[CALL_ID]123456789[ARGS]{"arg1": 1}'),
+        (
+            MISTRAL,
+            SPECIAL_BOTH,
+            None,
+            '[TOOL_CALLS]special_function[CALL_ID]000000001[ARGS]{"arg1": 1}'
+            '[TOOL_CALLS]special_function_with_opt[CALL_ID]000000002[ARGS]{"arg1": 1, "arg2": 2}',
+        ),
+        (DEVSTRAL, None, None, ASSIST),
+        (DEVSTRAL, [SPECIAL], None, '[TOOL_CALLS]special_function[ARGS]{"arg1": 1}'),
+        (DEVSTRAL, [SPECIAL], None, ASSIST + '[TOOL_CALLS]special_function[ARGS]{"arg1": 1}'),
+        ("meta-llama-Llama-3.3-70B-Instruct.jinja", [PYTHON], None, ASSIST),
+        ("google-gemma-2-2b-it.jinja", None, None, ASSIST),
+        (QWEN35, None, True, f"{THOUGHTS}\n</think>\n\n{ASSIST}"),
+        (QWEN35, [SPECIAL], False, XML_CALL),
+    ],
+)
+def test_the_parsed_answer_renders_back_as_written(
+    template: str, tools: list[dict[str, Any]] | None, thinking: bool | None, output: str
+) -> None:
+    from pendra_inference.chat import _messages
+    from pendra_inference.protocol import ChatCompletionRequest
+
+    fmt, turn, prompt = _setup(template, tools, thinking)
+    splitter = Splitter(fmt, turn, prompt)
+    splitter.feed(output)
+    splitter.finish()
+    answer: dict[str, Any] = {"role": "assistant", "content": splitter.sent.content}
+    if splitter.sent.reasoning:
+        answer["reasoning_content"] = splitter.sent.reasoning
+    if splitter.sent.calls:
+        answer["tool_calls"] = splitter.calls
+    source = (DATA / template).read_text()
+    chat = ChatTemplate("gguf", source, (), True)
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "Hey there!"}, answer]}
+    )
+    again = chat.render(
+        _messages(request, chat, None),
+        bos="<s>",
+        eos="</s>",
+        tools=tools,
+        variables=fmt.template_vars(turn),
+        generation_prompt=False,
+    )
+    assert again.startswith(prompt + output), (prompt + output, again)
+
+
+def _split(template: str, tools: list[dict[str, Any]], prompt: str, pieces: list[str]) -> Splitter:
+    splitter = Splitter(for_template((DATA / template).read_text()), Turn(tools), prompt)
+    for piece in pieces:
+        splitter.feed(piece)
+    splitter.finish()
+    return splitter
+
+
+def _parsed(splitter: Splitter) -> tuple[str, list[tuple[str, str]]]:
+    return splitter.sent.content, [(c.name, c.arguments) for c in splitter.sent.calls]
+
+
+WEATHER = _tool("get_weather", {"city": {"type": "string"}}, ["city"])
+WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize(
+    ("template", "output", "content", "calls"),
+    [
+        # Text between calls and after them stays content, streamed as whole.
+        (
+            QWEN3,
+            f"Let me check.\n{WEATHER_CALL}\nSome text between\n{WEATHER_CALL}\nAfter",
+            "Let me check.\nSome text between\nAfter",
+            [("get_weather", '{"city": "Paris"}')] * 2,
+        ),
+        # A call max_tokens cut stays a call with the arguments it got (as OpenAI's do), its text
+        # never also in the content.
+        (
+            QWEN3,
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',
+            "",
+            [("get_weather", '{"city": "Par')],
+        ),
+        (
+            MISTRAL,
+            '[TOOL_CALLS]get_weather[CALL_ID]abcdefghi[ARGS]{"city": "Par',
+            "",
+            [("get_weather", '{"city": "Par')],
+        ),
+        (
+            QWEN35,
+            "<tool_call>\n<function=get_weather>\n<parameter=city>\nPar",
+            "",
+            [("get_weather", '{"city": "Par')],
+        ),
+        # A string argument holding the closing tag does not close the call.
+        (
+            QWEN3,
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "a</tool_call>b"}}\n</tool_call>',
+            "",
+            [("get_weather", '{"city": "a</tool_call>b"}')],
+        ),
+        # A block naming a tool that was not offered is text.
+        (
+            QWEN3,
+            '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>',
+            '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>',
+            [],
+        ),
+    ],
+)
+def test_streaming_never_takes_back_what_it_sent(
+    template: str, output: str, content: str, calls: list[tuple[str, str]]
+) -> None:
+    prompt = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    whole = _split(template, [WEATHER], prompt, [output])
+    streamed = _split(template, [WEATHER], prompt, list(output))
+    assert _parsed(whole) == _parsed(streamed) == (content, calls)
+
+
+def test_a_template_of_the_family_without_tools_gets_json_calls() -> None:
+    """Mistral 7B's and Mixtral's templates know no tools: the tools are described in the system
+    message and the answer is a JSON call (as before the families), not [TOOL_CALLS]."""
+    source = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    fmt = for_template(source)
+    assert fmt.name == "generic"
+    parsed = fmt.parse(
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}', Turn([WEATHER]).schemas(), False, False
+    )
+    assert [(c.name, json.loads(c.arguments)) for c in parsed.calls] == [("get_weather", {"city": "Paris"})]
+
+
+def test_two_tools_with_the_same_definition_name_keep_their_own() -> None:
+    def tool(name: str, item: dict[str, Any]) -> dict[str, Any]:
+        schema = {"type": "object", "$defs": {"Item": item}, "properties": {"x": {"$ref": "#/$defs/Item"}}}
+        return {"type": "function", "function": {"name": name, "parameters": {**schema, "required": ["x"]}}}
+
+    a = tool("a", {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]})
+    b = tool("b", {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]})
+    grammar = for_template((DATA / QWEN3).read_text()).call_grammar(Turn([a, b]), ["a", "b"], True, "off")
+    assert '"\\"id\\""' in grammar and '"\\"name\\""' in grammar
+    assert b["function"]["parameters"]["properties"]["x"] == {"$ref": "#/$defs/Item"}  # left as given
+
+
+def test_a_long_call_streamed_in_small_pieces_costs_linear_time() -> None:
+    """The text is parsed again as it grows; with tools that happens once a 64th more has come, so
+    a 100 kB call (a file written by an agent) stays well under a second of parsing, where parsing
+    at every piece took minutes."""
+    arguments = json.dumps({"city": "x" * 50_000, "rows": [{"a": i, "b": [i, i]} for i in range(3000)]})
+    output = f'<tool_call>\n{{"name": "get_weather", "arguments": {arguments}}}\n</tool_call>'
+    started = time.monotonic()
+    splitter = _split(QWEN3, [WEATHER], "", [output[i : i + 4] for i in range(0, len(output), 4)])
+    assert time.monotonic() - started < 10
+    assert json.loads(splitter.sent.calls[0].arguments) == json.loads(arguments)

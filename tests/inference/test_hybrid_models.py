@@ -90,11 +90,14 @@ def ask(
     r = client.chat.completions.create(
         model=model,
         messages=messages,  # type: ignore[arg-type]
-        extra_body={"cache_prompt": cache},
+        # The whole answer as content, as generated (Qwen3.5's template opens <think>: the split
+        # would move it all to reasoning_content).
+        extra_body={"cache_prompt": cache, "reasoning_format": "none"},
         **body,
     )
     details = r.usage.prompt_tokens_details if r.usage else None
-    return [c.message.content or "" for c in r.choices], (details.cached_tokens or 0) if details else 0
+    texts = [(c.message.content or "").removeprefix("<think>\n") for c in r.choices]
+    return texts, (details.cached_tokens or 0) if details else 0
 
 
 def fresh(client: openai.OpenAI, model: str, messages: list[dict[str, str]], **extra: Any) -> list[str]:

@@ -96,10 +96,11 @@ def test_a_generated_long_token_is_whole_in_the_text_and_its_logprobs(
         "max_tokens": 2,
         "logit_bias": {str(token): 100},  # this token, whatever the random weights say
         "logprobs": True,
+        "reasoning_format": "none",  # the text as generated (the template opened <think>)
     }
     answer = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60).json()
     choice = answer["choices"][0]
-    assert choice["message"]["content"] == pieces[token].decode() * 2
+    assert choice["message"]["content"] == "<think>\n" + pieces[token].decode() * 2
     first = choice["logprobs"]["content"][0]
     assert len(pieces[token]) > 32 and first["bytes"] == list(pieces[token])
     assert first["token"] == pieces[token].decode()

@@ -344,8 +344,10 @@ def plan(
     if raw is None and scheduler.stateful and req.cache_prompt:
         variables = fmt.template_vars(turn) if template.native else None
         marks = _message_marks(loaded, template, messages, text, prompt, tools, limits, variables)
+    # The family's special tokens are written out only where its parser reads them.
+    shown = _shown(loaded, fmt) if raw is None and (tools or fmt.thinks) else frozenset[int]()
     completion = Completion(
-        prompt, wanted, sampling, stops_all, req.n, req.cache_prompt, "chat", marks, _shown(loaded, fmt)
+        prompt, wanted, sampling, stops_all, req.n, req.cache_prompt, "chat", marks, shown
     )
     split = raw is None and (req.reasoning_format or reasoning_format) != "none"
     return Plan(completion, tools if raw is None else None, fmt, turn, text, split)

@@ -45,7 +45,15 @@ def for_template(template: str | None, override: str | None = None, native: bool
     may know tools; else Pendra's stand-in for its architecture)."""
     if not native and override is None:
         return Generic(template or "")
-    return _BY_NAME[family(template, override)](template or "")
+    fmt = _BY_NAME[family(template, override)](template or "")
+    knows_calls = {"mistral": "[TOOL_CALLS]", "llama3": "tools"}.get(fmt.name)
+    if override is None and knows_calls is not None and knows_calls not in (template or ""):
+        # A template of the family that knows no calls (Mistral 7B, Mixtral, Llama 3.0): calls are
+        # asked for in the system message and come back as JSON, the reasoning the family's.
+        plain = Generic(template or "")
+        plain.think = fmt.think
+        return plain
+    return fmt
 
 
 __all__ = ["Call", "Format", "Parsed", "Splitter", "Turn", "for_template"]

@@ -26,7 +26,7 @@ from pendra_inference.formats.grammar import Grammar
 
 # Deepest JSON taken from a tool call's arguments.
 JSON_DEPTH = 64
-_WS = " \t\r\n"
+WS = " \t\r\n"
 Thinking = Literal["open", "off", "maybe"]
 
 
@@ -101,7 +101,7 @@ class Format:
 
     def opened(self, prompt: str) -> bool:
         """Whether the prompt ends inside the reasoning (the template wrote its opening tag)."""
-        return self.think is not None and prompt.rstrip(_WS).endswith(self.think[0])
+        return self.think is not None and prompt.rstrip(WS).endswith(self.think[0])
 
     def new_id(self) -> str:
         return f"call_{secrets.token_hex(12)}"
@@ -132,7 +132,7 @@ class Format:
             return "", text
         start, end = self.think
         if not opened:
-            body = text.lstrip(_WS)
+            body = text.lstrip(WS)
             if partial and start.startswith(body):
                 return "", ""  # maybe the opening tag, not yet whole
             if not body.startswith(start):
@@ -143,18 +143,18 @@ class Format:
         before = text if close < 0 else text[:close]
         call = min((i for i in (before.find(c) for c in calls) if i >= 0), default=-1)
         if call >= 0:
-            return text[:call].strip(_WS), text[call:]
+            return text[:call].strip(WS), text[call:]
         if close < 0:
-            reasoning = text.strip(_WS) if not partial else held(text, end, *calls).lstrip(_WS).rstrip(_WS)
+            reasoning = text.strip(WS) if not partial else held(text, end, *calls).lstrip(WS).rstrip(WS)
             return reasoning, ""
-        return text[:close].strip(_WS), text[close + len(end) :].lstrip(_WS)
+        return text[:close].strip(WS), text[close + len(end) :].lstrip(WS)
 
     def thinking(self, prompt: str) -> Thinking:
         """Where a rendered prompt leaves the reasoning: open (the template wrote the opening tag),
         off (the template wrote an empty one, as `enable_thinking: false` does), or maybe."""
         if self.think is None:
             return "off"
-        end = prompt.rstrip(_WS)
+        end = prompt.rstrip(WS)
         return "open" if end.endswith(self.think[0]) else "off" if end.endswith(self.think[1]) else "maybe"
 
     def call_grammar(self, turn: Turn, names: list[str], parallel: bool, thinking: Thinking) -> str:
@@ -171,7 +171,7 @@ class Format:
             return ""
         start, end = self.think
         body = g.until("reasoning", end)
-        return f"{body} ws" if thinking == "open" else f'("{g.escape(start)}" {body} ws)?'
+        return f"{body} pendra-ws" if thinking == "open" else f'("{g.escape(start)}" {body} pendra-ws)?'
 
     def content_rule(self, g: Grammar, body: str, thinking: Thinking) -> str:
         """An answer constrained to `body` (response_format), after the reasoning."""
@@ -198,16 +198,16 @@ def held(text: str, *tags: str) -> str:
 
 def lstrip_once(content: str, reasoning: str) -> str:
     """Content after reasoning starts at its first non-blank character (`</think>\\n\\n`)."""
-    return content.lstrip(_WS) if reasoning or not content.strip(_WS) else content
+    return content.lstrip(WS) if reasoning or not content.strip(WS) else content
 
 
 def rstrip_partial(text: str, partial: bool) -> str:
     """Trailing whitespace is held back while partial (it may end up trimmed before a call)."""
-    return text.rstrip(_WS) if partial else text
+    return text.rstrip(WS) if partial else text
 
 
 # A JSON text's pieces: a whole (or unfinished) string, one bracket, or a run of anything else.
-_JSON_PIECES = re.compile(r'"(?:[^"\\]|\\.)*"?|[{}\[\]]|[^"{}\[\]]+', re.DOTALL)
+_JSON_PIECES = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[{}\[\]]|[^"{}\[\]]+', re.DOTALL)
 
 
 def json_end(text: str, start: int = 0) -> int:
@@ -249,19 +249,21 @@ _NAME_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]{1,64})"\s*,\s*"(?:argume
 
 
 def json_call(inner: str, schemas: dict[str, dict[str, Any]], partial: bool) -> Call | None:
-    """A `{"name": ..., "arguments": {...}}` call that may still be arriving: its arguments stream
-    as written once the name is known. None while nothing can be said, or when it is no call."""
+    """A `{"name": ..., "arguments": {...}}` call that may still be arriving (`partial`: its block
+    is not closed): its arguments stream as written once the name is known. None while nothing can
+    be said yet, or when it is no call."""
     head = _NAME_HEAD.match(inner)
     if head and head.group(1) in schemas and inner[head.end() : head.end() + 1] == "{":
         end = json_end(inner, head.end())
         if end > 0:
             return Call(head.group(1), inner[head.end() : end], None, True)
         if partial and end == -1:
-            return Call(head.group(1), inner[head.end() :].rstrip(_WS), None, False)
-    if partial:
-        return None
+            return Call(head.group(1), inner[head.end() :].rstrip(WS), None, False)
+    body = inner.strip(WS)
+    if partial and body[:1] in ("{", "") and json_end(body) == -1:
+        return None  # still arriving
     try:
-        data = loads(inner.strip(_WS))
+        data = loads(body)
     except ValueError:
         return None
     return call_from_object(data, schemas)

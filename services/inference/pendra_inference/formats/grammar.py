@@ -18,7 +18,7 @@ class Grammar:
         self.converter = SchemaConverter(  # type: ignore[no-untyped-call]
             prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
         )
-        self.rules: dict[str, str] = {"ws": "[ \\t\\n]*"}
+        self.rules: dict[str, str] = {"pendra-ws": "[ \\t\\n]*"}
 
     @staticmethod
     def escape(text: str) -> str:
@@ -29,7 +29,7 @@ class Grammar:
         return f'"{self.escape(text)}"'
 
     def rule(self, name: str, body: str) -> str:
-        key = _RULE_NAME.sub("-", name).strip("-") or "r"
+        key = "pendra-" + (_RULE_NAME.sub("-", name).strip("-") or "r")
         base, i = key, 0
         while key in self.rules and self.rules[key] != body:
             i += 1
@@ -41,8 +41,9 @@ class Grammar:
         return self.rule(name, " | ".join(f"( {b} )" for b in bodies))
 
     def json(self, schema: Any, name: str) -> str:
-        """The rule for a JSON value of `schema` (already bounded by the request limits)."""
-        resolved = self.converter.resolve_refs(schema, "stdin")
+        """The rule for a JSON value of `schema` (already bounded by the request limits). Its
+        definitions are renamed after `name` first, so two tools' `$defs/Item` stay two rules."""
+        resolved = self.converter.resolve_refs(_namespaced(schema, _RULE_NAME.sub("-", name)), "stdin")
         return str(self.converter.visit(resolved, _RULE_NAME.sub("-", name)))  # type: ignore[no-untyped-call]
 
     def until(self, name: str, end: str) -> str:
@@ -67,11 +68,33 @@ class Grammar:
         return states[0]
 
     def build(self, root: str) -> str:
+        converted_rules = set(self.converter._rules)
+        if clash := converted_rules & set(self.rules):
+            raise ValueError(f"rule names used twice: {sorted(clash)[:3]}")
         lines = [f"root ::= {root}"]
         lines += [f"{name} ::= {body}" for name, body in self.rules.items()]
         converted = str(self.converter.format_grammar())  # type: ignore[no-untyped-call]
         lines += [line for line in converted.splitlines() if not line.startswith("root ::=")]
         return "\n".join(lines)
+
+
+def _namespaced(schema: Any, prefix: str) -> Any:
+    """A copy of `schema` whose local definitions (`$defs`, `definitions`) and the `$ref`s to them
+    carry `prefix` (the converter names a definition's rule after it, once per grammar)."""
+    if isinstance(schema, list):
+        return [_namespaced(item, prefix) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in ("$defs", "definitions") and isinstance(value, dict):
+            out[key] = {f"{prefix}-{name}": _namespaced(v, prefix) for name, v in value.items()}
+        elif key == "$ref" and isinstance(value, str) and value.startswith(("#/$defs/", "#/definitions/")):
+            parts = value.split("/")  # "#", "$defs", the name, maybe a path inside it
+            out[key] = "/".join([*parts[:2], f"{prefix}-{parts[2]}", *parts[3:]])
+        else:
+            out[key] = _namespaced(value, prefix)
+    return out
 
 
 def _class_char(c: str) -> str:

@@ -63,7 +63,9 @@ class Harmony(Format):
     def parse(
         self, text: str, schemas: dict[str, dict[str, Any]] | None, opened: bool, partial: bool
     ) -> Parsed:
-        parsed = Parsed()
+        reasoning: list[str] = []
+        content: list[str] = []
+        calls: list[Call] = []
         messages = text.split(START)
         for i, message in enumerate(messages):
             last = i == len(messages) - 1
@@ -71,6 +73,8 @@ class Harmony(Format):
                 message = held(message, START)
             at = message.find(MESSAGE)
             if at < 0:
+                if not partial and i == 0 and message.strip():
+                    content.append(message)  # no harmony at all: the text as it is
                 continue  # the header is still arriving (or an empty turn)
             header, body = message[:at], message[at + len(MESSAGE) :]
             ended = any(body.endswith(e) for e in _ENDS) or not last or not partial
@@ -84,18 +88,18 @@ class Harmony(Format):
             if recipient and recipient.group(1).startswith("functions."):
                 name = recipient.group(1).removeprefix("functions.")
                 if schemas is not None and name in schemas:
-                    parsed.calls.append(Call(name, body.strip() if ended else body.lstrip(), None, ended))
+                    calls.append(Call(name, body.strip(), None, ended))
                     continue
                 kind = "dropped"
             elif recipient and recipient.group(1) not in ("user", "assistant"):
                 kind = "dropped"
             if kind == "analysis" and self.keep_analysis:
-                parsed.content += CHANNEL + "analysis" + MESSAGE + body + (END if ended else "")
+                content.append(CHANNEL + "analysis" + MESSAGE + body + (END if ended else ""))
             elif kind == "analysis":
-                parsed.reasoning += body
+                reasoning.append(body)
             elif kind in ("final", "commentary"):
-                parsed.content += body
-        return parsed
+                content.append(body)
+        return Parsed("".join(reasoning), "".join(content), calls)
 
     @staticmethod
     def _analysis(g: Grammar, thinking: Thinking) -> str:

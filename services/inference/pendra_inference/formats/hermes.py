@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pendra_inference.formats.base import Format, Parsed, held, json_call, rstrip_partial
+from pendra_inference.formats.base import WS, Format, Parsed, held, json_call, json_end, rstrip_partial
 from pendra_inference.formats.grammar import Grammar
 
 
@@ -27,29 +27,41 @@ class Tagged(Format):
         if first < 0:
             content = held(text, start) if partial else text
             return Parsed(content=rstrip_partial(content, partial))
-        parsed = Parsed(content=text[:first].rstrip(" \t\r\n"))
+        parts = [text[:first].rstrip(WS)]  # the content's pieces, joined by newlines
+        calls = []
         at = first
         while at >= 0:
             inner_at = at + len(start)
-            close = text.find(end, inner_at)
+            close = self.block_end(text, inner_at)
             inner = text[inner_at:] if close < 0 else text[inner_at:close]
-            call = self.block_call(inner, schemas, partial and close < 0)
-            if call is None:
-                if partial and close < 0:
-                    return parsed  # not yet known: held
-                raw = text[at:] if close < 0 else text[at : close + len(end)]
-                parsed.content += ("\n" if parsed.content else "") + raw  # not a call after all
-            else:
-                parsed.calls.append(call)
+            # An unclosed block is still arriving, or was cut by max_tokens: a call whose name has
+            # come stays a call (its arguments so far), as it was streamed.
+            call = self.block_call(inner, schemas, close < 0)
+            if call is not None:
+                calls.append(call)
+            elif close >= 0:
+                parts.append(text[at : close + len(end)])  # not a call of ours: it stays text
+            elif not partial:
+                parts.append(text[at:])
             if close < 0:
-                return parsed
+                break
             after = close + len(end)
             at = text.find(start, after)
-            tail = text[after:] if at < 0 else text[after:at]
-            if tail.strip() and at < 0:
-                tail = held(tail, start) if partial else tail
-                parsed.content += ("\n" if parsed.content else "") + rstrip_partial(tail.strip(), partial)
-        return parsed
+            tail = text[after:at] if at >= 0 else held(text[after:], start) if partial else text[after:]
+            parts.append(tail.strip(WS))
+        return Parsed(content="\n".join(p for p in parts if p), calls=calls)
+
+    def block_end(self, text: str, inner_at: int) -> int:
+        """Where the block that starts at `inner_at` closes (-1: not yet). A JSON body is read
+        first, so a string holding the closing tag does not close it."""
+        body = len(text) - len(text[inner_at:].lstrip(WS))
+        if text[body : body + 1] == "{":
+            json_at = json_end(text, body)
+            if json_at == -1:
+                return -1
+            if json_at > 0:
+                return text.find(self.tags[1], json_at)
+        return text.find(self.tags[1], inner_at)
 
     def block_call(self, inner: str, schemas: dict[str, dict[str, Any]], partial: bool) -> Any:
         return json_call(inner, schemas, partial)

@@ -45,40 +45,37 @@ class Mistral(Format):
     def parse_calls(self, text: str, schemas: dict[str, dict[str, Any]], partial: bool) -> Parsed:
         pieces = text.split(CALLS)
         head = pieces[0] if len(pieces) > 1 or not partial else held(pieces[0], CALLS)
-        parsed = Parsed(content=rstrip_partial(head, partial) if len(pieces) == 1 else head.rstrip())
+        parts = [rstrip_partial(head, partial) if len(pieces) == 1 else head.rstrip()]
+        calls: list[Call] = []
         for i, piece in enumerate(pieces[1:], 1):
             last = i == len(pieces) - 1
-            open_ = partial and last
             named = _NAME.match(piece)
-            if named:
-                if named.group(1) not in schemas:
-                    parsed.content += CALLS + piece
-                    continue
+            if named and named.group(1) in schemas:
                 at = named.end()
                 end = json_end(piece, at)
                 if end > 0:
-                    parsed.calls.append(Call(named.group(1), piece[at:end], named.group(2), True))
-                elif open_ and end == -1:
-                    parsed.calls.append(Call(named.group(1), piece[at:].rstrip(), named.group(2), False))
-                elif end == -2 or not open_:
-                    parsed.content += CALLS + piece  # too deep, or cut off: no call of ours
+                    calls.append(Call(named.group(1), piece[at:end], named.group(2), True))
+                elif end == -1 and last:  # still arriving, or cut by max_tokens: a call all the same
+                    calls.append(Call(named.group(1), piece[at:].rstrip(), named.group(2), False))
+                else:
+                    parts.append(CALLS + piece)  # nested too deep, or never closed: no call of ours
                 continue
-            if piece.lstrip().startswith("["):  # the JSON list form: whole, once closed
+            if not named and piece.lstrip().startswith("["):  # the JSON list form: whole, once closed
                 end = json_end(piece, piece.find("["))
-                if end == -1 and open_:
-                    return parsed
+                if end == -1 and partial and last:
+                    break
                 try:
                     items = loads(piece[: end if end > 0 else len(piece)])
                 except ValueError:
                     items = None
-                calls = [call_from_object(x, schemas) for x in items] if isinstance(items, list) else [None]
-                if all(calls):
-                    parsed.calls += [c for c in calls if c]
+                listed = [call_from_object(x, schemas) for x in items] if isinstance(items, list) else [None]
+                if all(listed):
+                    calls += [c for c in listed if c]
                     continue
-            if open_:
-                return parsed  # the name is still arriving
-            parsed.content += CALLS + piece
-        return parsed
+            if partial and last and not named:
+                break  # the name is still arriving
+            parts.append(CALLS + piece)
+        return Parsed(content="".join(parts), calls=calls)
 
     def call_rule(self, g: Grammar, name: str, schema: dict[str, Any]) -> str:
         args = g.json(schema, f"args-{name}")

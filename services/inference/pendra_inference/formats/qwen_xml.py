@@ -26,6 +26,9 @@ from pendra_inference.formats.hermes import Tagged
 _FUNCTION = re.compile(r"\s*<function=([^>\n]{1,64})>")
 _PARAMETER = re.compile(r"\s*<parameter=([^>\n]{1,128})>\n?")
 _VALUE_END = "\n</parameter>"
+# A value's closing tag written without the newline: taken as its end where the next parameter or
+# the function's end follows (or where the call ends there); elsewhere it is the value's own text.
+_BARE_END = re.compile(r"</parameter>(\s*(?:<parameter=|</function>))?")
 
 
 def _value(raw: str, schema: dict[str, Any]) -> Any:
@@ -62,14 +65,16 @@ class QwenXML(Tagged):
                 break
             key = param.group(1).strip()
             end = inner.find(_VALUE_END, param.end())
-            if end < 0:
-                end_bare = inner.find("</parameter>", param.end())
-                if end_bare >= 0:  # no newline before the closing tag
-                    end = end_bare
+            bare = _BARE_END.search(inner, param.end())  # a closing tag with no newline before it
+            ends = bare is not None and (bool(bare.group(1)) or not (partial or inner[bare.end() :].strip()))
+            if bare and ends and (end < 0 or bare.start() < end):
+                end = bare.start()
             schema = props.get(key) or {}
             if end < 0:
                 if partial and _is_string(schema):  # stream the string as it comes
-                    sofar = held(inner[param.end() :], _VALUE_END, "</parameter>")
+                    sofar = inner[param.end() :]
+                    cut = sofar.find("</parameter>")  # maybe its end, maybe its text: not sent yet
+                    sofar = held(sofar if cut < 0 else sofar[:cut], _VALUE_END, "</parameter>")
                     parts.append(f"{dumps(key)}: {dumps(sofar)[:-1]}")
                     return Call(name, "{" + ", ".join(parts), None, False)
                 if partial:

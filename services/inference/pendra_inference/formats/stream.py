@@ -16,6 +16,8 @@ from typing import Any
 from pendra_inference.formats.base import Call, Format, Parsed, Turn
 
 logger = logging.getLogger(__name__)
+# With tools, the text is parsed again once what came since is this fraction of it (1/N).
+PARSE_EVERY = 64
 
 
 class Splitter:
@@ -30,6 +32,7 @@ class Splitter:
             self.prefix = prompt[prompt.rfind(fmt.think[0]) :].lstrip()  # the tag the prompt opened
         self.fmt = fmt if split else fmt.inline()
         self.text = ""
+        self.unparsed = 0  # characters fed since the last parse
         self.sent = Parsed()
         self.ids: list[str] = []
 
@@ -41,6 +44,13 @@ class Splitter:
             return out
         self.text += self.prefix + piece
         self.prefix = ""
+        # With tools a parse reads the calls' arguments again, so it waits until the new text is a
+        # 64th of the whole: the total stays linear in the answer's length (a 100 kB call would
+        # otherwise cost minutes of the event loop). Without tools, every piece is parsed.
+        self.unparsed += len(piece)
+        if self.schemas is not None and self.unparsed * PARSE_EVERY < len(self.text):
+            return []
+        self.unparsed = 0
         return self._diff(self.fmt.parse(self.text, self.schemas, self.opened, partial=True))
 
     def finish(self) -> list[dict[str, Any]]:
@@ -65,10 +75,12 @@ class Splitter:
             if new == was:
                 continue
             if not new.startswith(was):
-                logger.debug("%s: a later parse changed the %s already sent; keeping it", self.fmt.name, key)
-                continue
-            setattr(self.sent, key, new)
+                # A format must never do this; should one, the stream goes on rather than stalls.
+                logger.warning("%s: a later parse changed the %s already sent", self.fmt.name, key)
+                if len(new) <= len(was):
+                    continue
             out.append({"reasoning_content" if key == "reasoning" else "content": new[len(was) :]})
+            setattr(self.sent, key, new)
         for i, call in enumerate(now.calls):
             if i == len(self.sent.calls):
                 # The model's own id (Mistral writes one), unless it wrote that one already.
