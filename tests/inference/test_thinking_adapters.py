@@ -18,13 +18,20 @@ import httpx
 import ollama
 import openai
 import pytest
+from pendra_inference.gguf_hybrid import QWEN35_TINY, write_hybrid_gguf
+from pendra_inference.gguf_vocab import tokenizer_files
 from pendra_inference.ollama import Timing, gather, translate
 from pendra_shared.store import ModelStore
 
-from tests.support.hybrids import write_qwen35
+from tests.support.hybrids import LLAMA_CPP_DATA, write_qwen35
 from tests.support.openai_schemas import validate
 from tests.support.server import ServerProcess, start_server
 
+PLAIN = "plain:tiny"  # the same weights under a ChatML template that never thinks
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 MODEL = "qwen35:tiny"
 ASK = [{"role": "user", "content": "Set the level to three."}]
 GREEDY = {"temperature": 0, "num_predict": 16}
@@ -39,7 +46,11 @@ SET_LEVEL = {
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     base = tmp_path_factory.mktemp("thinking")
-    ModelStore(base / "models").import_file(write_qwen35(base / "qwen35.gguf"), name=MODEL, purpose="chat")
+    store = ModelStore(base / "models")
+    store.import_file(write_qwen35(base / "qwen35.gguf"), name=MODEL, purpose="chat")
+    vocab, _ = tokenizer_files("qwen35", LLAMA_CPP_DATA)
+    plain = write_hybrid_gguf(base / "plain.gguf", "qwen35", QWEN35_TINY, vocab=vocab, chat_template=CHATML)
+    store.import_file(plain, name=PLAIN, purpose="chat")
     env = {
         "PENDRA_MODELS_DIR": str(base / "models"),
         "PENDRA_N_CTX": "1024",
@@ -125,6 +136,17 @@ def test_ollama_refuses_a_think_it_does_not_know(server: ServerProcess) -> None:
         answer = httpx.post(f"{server.base_url}/api/chat", json=body, timeout=60)
         assert answer.status_code == 400 and "invalid think value" in answer.json()["error"], answer.text
         assert set(answer.json()) == {"error"}
+
+
+def test_ollama_refuses_to_think_with_a_model_that_cannot(server: ServerProcess) -> None:
+    for route, body in (("chat", {"messages": ASK}), ("generate", {"prompt": "Hi"})):
+        for think in (True, "low"):
+            sent = {"model": PLAIN, "think": think, "stream": False, **body}
+            answer = httpx.post(f"{server.base_url}/api/{route}", json=sent, timeout=60)
+            assert answer.status_code == 400, answer.text
+            assert answer.json() == {"error": f'"{PLAIN}" does not support thinking'}
+        answer = httpx.post(f"{server.base_url}/api/{route}", json={**sent, "think": False}, timeout=60)
+        assert answer.status_code == 200, answer.text
 
 
 def test_ollama_show_says_the_model_thinks(client: ollama.Client) -> None:

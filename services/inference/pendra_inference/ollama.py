@@ -408,7 +408,17 @@ async def chat(request: Request) -> Response:
     body = await _body(request)
     if not body.get("messages"):
         return await _load_only(request, body, generate=False)
-    return await _run(request, chat_request(body), False, streams(body), thinks(body))
+    req = chat_request(body)
+    await _can_think(request, body)
+    return await _run(request, req, False, streams(body), thinks(body))
+
+
+async def _can_think(request: Request, body: dict[str, Any]) -> None:
+    """Asked to think, a model whose template cannot is a 400, as Ollama answers it."""
+    if body.get("think") not in (None, False):
+        model = await _state(request).registry.find(body["model"])
+        if "thinking" not in model.capabilities:
+            raise OllamaError(400, f'"{body["model"]}" does not support thinking')
 
 
 @router.post("/generate")
@@ -417,7 +427,9 @@ async def generate(request: Request) -> Response:
     body = await _body(request)
     if not body.get("prompt"):
         return await _load_only(request, body, generate=True)
-    return await _run(request, generate_request(body), True, streams(body), thinks(body))
+    req = generate_request(body)
+    await _can_think(request, body)
+    return await _run(request, req, True, streams(body), thinks(body))
 
 
 async def _embed(request: Request, body: dict[str, Any], inputs: Any) -> dict[str, Any]:
