@@ -192,6 +192,17 @@ def client(concurrency: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=httpx.Timeout(900, connect=60), limits=limits, headers=HEADERS)
 
 
+def take_usage(result: Any, usage: dict[str, Any] | None) -> None:
+    """A stream's usage chunk into `result`'s token counts (cached ones where the server says)."""
+    if not usage:
+        return
+    result.completion_tokens = int(usage.get("completion_tokens") or 0)
+    result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    details = usage.get("prompt_tokens_details") or {}
+    if "cached_tokens" in details:
+        result.cached_tokens = int(details["cached_tokens"])
+
+
 async def stream_chat(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Stream:
     """Send one streaming chat completion; time its content chunks and read its usage."""
     result = Stream()
@@ -207,13 +218,7 @@ async def stream_chat(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(f"{url}: error in stream: {chunk['error']}")
-            usage = chunk.get("usage")
-            if usage:
-                result.completion_tokens = int(usage.get("completion_tokens") or 0)
-                result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                details = usage.get("prompt_tokens_details") or {}
-                if "cached_tokens" in details:
-                    result.cached_tokens = int(details["cached_tokens"])
+            take_usage(result, chunk.get("usage"))
             for choice in chunk.get("choices") or []:
                 if (choice.get("delta") or {}).get("content"):
                     now = time.perf_counter()

@@ -79,7 +79,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._load_clients import descendants, parse_metrics, prose  # noqa: E402
-from bench.bench_concurrency import CORES, HEADERS, llama_server, pendra, ratio  # noqa: E402
+from bench.bench_concurrency import CORES, HEADERS, llama_server, pendra, ratio, take_usage  # noqa: E402
 from bench.bench_inference import peer_binary  # noqa: E402
 from tests.support.hybrids import write_hybrid  # noqa: E402
 
@@ -191,13 +191,7 @@ def request(http: httpx.Client, url: str, messages: list[dict[str, str]], tokens
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(f"{url}: error in stream: {chunk['error']}")
-            usage = chunk.get("usage")
-            if usage:
-                turn.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                turn.completion_tokens = int(usage.get("completion_tokens") or 0)
-                details = usage.get("prompt_tokens_details") or {}
-                if "cached_tokens" in details:
-                    turn.cached_tokens = int(details["cached_tokens"])
+            take_usage(turn, chunk.get("usage"))
             for choice in chunk.get("choices") or []:
                 delta = choice.get("delta") or {}
                 text = delta.get("content") or ""

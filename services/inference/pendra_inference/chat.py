@@ -20,11 +20,10 @@ from typing import Any, cast
 
 import llama_cpp
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-from pendra_shared import jsonbody
 from pendra_shared.api_errors import APIError, ContextLengthExceeded, InvalidRequest, error_body
 
 from pendra_inference.formats import Format, Splitter, Turn, for_template
-from pendra_inference.formats.base import Thinking
+from pendra_inference.formats.base import Thinking, loads
 from pendra_inference.formats.grammar import Grammar
 from pendra_inference.formats.templates import ChatTemplate, TemplateRenderError, choose_template
 from pendra_inference.limits import RequestLimits, check_chat, check_grammar, surely_longer
@@ -52,14 +51,11 @@ logger = logging.getLogger(__name__)
 # Names the backend, so a client comparing seeds can tell when it changed.
 FINGERPRINT = f"fp_pendra_llama_cpp_{llama_cpp.__version__}"
 _TOKEN_ID_RE = re.compile(r"[0-9]{1,10}")
-# Deepest JSON taken from a tool call's arguments in the history.
-_TOOL_JSON_DEPTH = 64
 
 
 @dataclass
 class Plan:
     completion: Completion
-    tools: list[dict[str, Any]] | None
     fmt: Format = field(default_factory=Format)
     turn: Turn = field(default_factory=Turn)
     text: str = ""  # the rendered prompt
@@ -142,9 +138,10 @@ def _history_call(call: dict[str, Any]) -> dict[str, Any]:
 
 
 def _loads(value: Any) -> Any:
+    """A history call's arguments as an object when they parse (bounded as a model's calls are)."""
     if isinstance(value, str):
         try:
-            return jsonbody.loads(value.encode(), _TOOL_JSON_DEPTH)
+            return loads(value)
         except ValueError:
             return value
     return value
@@ -175,46 +172,33 @@ def _forced_names(tools: list[dict[str, Any]], choice: Any) -> list[str] | None:
     return names if choice == "required" else None
 
 
-def _call_grammar(fmt: Format, turn: Turn, names: list[str], parallel: bool, thinking: Thinking) -> str:
-    """GBNF for a forced call in the model family's own syntax (checked like any grammar)."""
+def _built(build: Callable[[], str], param: str, nested: str = "the JSON schema") -> str:
+    """A grammar from a JSON schema (already bounded by `limits.check_schema`): the converter's
+    failures as the caller's 400 on `param`, and the result checked before llama.cpp parses it."""
     try:
-        grammar = fmt.call_grammar(turn, names, parallel, thinking)
+        grammar = build()
     except RecursionError:
-        raise InvalidRequest("tools: a parameters schema nests too deeply", param="tools") from None
+        raise InvalidRequest(f"{param}: {nested} nests too deeply", param=param) from None
     except Exception as exc:  # the converter raises many types for unsupported schemas
-        raise InvalidRequest(f"tools: unsupported JSON schema: {str(exc)[:200]}", param="tools") from None
-    check_grammar(grammar, "tools")
+        raise InvalidRequest(f"{param}: unsupported JSON schema: {str(exc)[:200]}", param=param) from None
+    check_grammar(grammar, param)
     return grammar
+
+
+def _call_grammar(fmt: Format, turn: Turn, names: list[str], parallel: bool, thinking: Thinking) -> str:
+    """GBNF for a forced call in the model family's own syntax."""
+    return _built(lambda: fmt.call_grammar(turn, names, parallel, thinking), "tools", "a parameters schema")
 
 
 def _content_grammar(fmt: Format, schema: Any, thinking: Thinking) -> str:
     """GBNF for an answer of `schema` after a thinking model's reasoning."""
     g = Grammar()
-    try:
-        grammar = g.build(fmt.content_rule(g, g.json(schema, "answer"), thinking))
-    except RecursionError:
-        raise InvalidRequest(
-            "response_format: the JSON schema nests too deeply", param="response_format"
-        ) from None
-    except Exception as exc:
-        raise InvalidRequest(
-            f"response_format: unsupported JSON schema: {str(exc)[:200]}", param="response_format"
-        ) from None
-    check_grammar(grammar, "response_format")
-    return grammar
+    return _built(lambda: g.build(fmt.content_rule(g, g.json(schema, "answer"), thinking)), "response_format")
 
 
 def _schema_grammar(schema: Any, param: str) -> str:
-    """GBNF for a JSON schema (already bounded by `limits.check_schema`), checked before llama.cpp
-    parses it."""
-    try:
-        grammar = str(json_schema_to_gbnf(json.dumps(schema)))
-    except RecursionError:
-        raise InvalidRequest(f"{param}: the JSON schema nests too deeply", param=param) from None
-    except Exception as exc:  # the converter raises many types for unsupported schemas
-        raise InvalidRequest(f"{param}: unsupported JSON schema: {str(exc)[:200]}", param=param) from None
-    check_grammar(grammar, param)
-    return grammar
+    """GBNF for a JSON schema."""
+    return _built(lambda: str(json_schema_to_gbnf(json.dumps(schema))), param)
 
 
 def _check_grammar(loaded: Loaded, grammar: str, param: str) -> None:
@@ -350,7 +334,7 @@ def plan(
         prompt, wanted, sampling, stops_all, req.n, req.cache_prompt, "chat", marks, shown
     )
     split = raw is None and (req.reasoning_format or reasoning_format) != "none"
-    return Plan(completion, tools if raw is None else None, fmt, turn, text, split)
+    return Plan(completion, fmt, turn, text, split)
 
 
 def _turn(req: ChatCompletionRequest, tools: list[dict[str, Any]] | None) -> Turn:

@@ -101,7 +101,7 @@ class Format:
 
     def opened(self, prompt: str) -> bool:
         """Whether the prompt ends inside the reasoning (the template wrote its opening tag)."""
-        return self.think is not None and prompt.rstrip(WS).endswith(self.think[0])
+        return self.thinking(prompt) == "open"
 
     def new_id(self) -> str:
         return f"call_{secrets.token_hex(12)}"
@@ -161,8 +161,11 @@ class Format:
         """GBNF whose every sentence is one (or, with `parallel`, several) calls of `names`."""
         g = Grammar()
         one = g.alternatives("call", [self.call_rule(g, name, turn.schemas()[name]) for name in names])
-        calls = f"{one} ({self.call_separator()} {one})*" if parallel else one
-        return g.build(f"{self.reasoning_rule(g, thinking)} {calls}".strip())
+        return g.build(f"{self.reasoning_rule(g, thinking)} {self.calls_rule(g, one, parallel)}".strip())
+
+    def calls_rule(self, g: Grammar, one: str, parallel: bool) -> str:
+        """One call (rule `one`), or with `parallel` several, as the family writes them in a row."""
+        return f"{one} ({self.call_separator()} {one})*" if parallel else one
 
     def reasoning_rule(self, g: Grammar, thinking: Thinking) -> str:
         """The reasoning a forced call may start with: all of it when the prompt opened it,

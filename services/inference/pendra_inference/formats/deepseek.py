@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pendra_inference.formats.base import Call, Thinking, held, json_end
+from pendra_inference.formats.base import Call, held, json_end
 from pendra_inference.formats.grammar import Grammar
 from pendra_inference.formats.hermes import Tagged
 
@@ -50,10 +50,6 @@ class DeepSeekR1(Tagged):
             + g.literal("\n```" + CALL_END)
         )
 
-    def call_grammar(self, turn: Any, names: list[str], parallel: bool, thinking: Thinking) -> str:
-        g = Grammar()
-        one = g.alternatives("call", [self.call_rule(g, n, turn.schemas()[n]) for n in names])
+    def calls_rule(self, g: Grammar, one: str, parallel: bool) -> str:
         calls = f"{one} {one}*" if parallel else one
-        return g.build(
-            f"{self.reasoning_rule(g, thinking)} {g.literal(CALLS_BEGIN)} {calls} {g.literal(CALLS_END)}"
-        )
+        return f"{g.literal(CALLS_BEGIN)} {calls} {g.literal(CALLS_END)}"

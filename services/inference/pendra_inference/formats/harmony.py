@@ -54,9 +54,6 @@ class Harmony(Format):
         kept.keep_analysis = True
         return kept
 
-    def opened(self, prompt: str) -> bool:
-        return False
-
     def thinking(self, prompt: str) -> Thinking:
         return "maybe"  # the model opens its analysis channel itself
 

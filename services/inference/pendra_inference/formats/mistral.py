@@ -17,7 +17,6 @@ from pendra_inference.formats.base import (
     Call,
     Format,
     Parsed,
-    Thinking,
     alnum_id,
     call_from_object,
     held,
@@ -84,9 +83,6 @@ class Mistral(Format):
         call_id = f"{g.literal(CALL_ID)} [a-zA-Z0-9]{{9}} " if CALL_ID in self.template else ""
         return f"{g.literal(name)} {call_id}{g.literal(ARGS)} {args}"
 
-    def call_grammar(self, turn: Any, names: list[str], parallel: bool, thinking: Thinking) -> str:
-        g = Grammar()
-        one = g.alternatives("call", [self.call_rule(g, n, turn.schemas()[n]) for n in names])
-        calls = f"{g.literal(CALLS)} {one}"
-        body = f"{calls} ( {calls} )*" if parallel else calls
-        return g.build(f"{self.reasoning_rule(g, thinking)} {body}".strip())
+    def calls_rule(self, g: Grammar, one: str, parallel: bool) -> str:
+        calls = f"{g.literal(CALLS)} {one}"  # each call after its own [TOOL_CALLS]
+        return f"{calls} ( {calls} )*" if parallel else calls
