@@ -1155,3 +1155,19 @@ def test_a_long_call_streamed_in_small_pieces_costs_linear_time() -> None:
     splitter = _split(QWEN3, [WEATHER], "", [output[i : i + 4] for i in range(0, len(output), 4)])
     assert time.monotonic() - started < 10
     assert json.loads(splitter.sent.calls[0].arguments) == json.loads(arguments)
+
+
+def test_a_qwen_string_parameter_with_an_enum_is_one_of_its_values(vocabs: dict[str, Vocab]) -> None:
+    """XML values are raw text, so a string's `enum` is written into the grammar as its values (a
+    free string would let the model write any city)."""
+    tool = _tool("get_weather", {"city": {"type": "string", "enum": ["Paris", "Rome"]}}, ["city"])
+    fmt = for_template((DATA / QWEN35).read_text())
+    grammar = fmt.call_grammar(Turn([tool]), ["get_weather"], False, "off")
+
+    def call(city: str) -> str:
+        parameter = f"<parameter=city>\n{city}\n</parameter>\n"
+        return f"<tool_call>\n<function=get_weather>\n{parameter}</function>\n</tool_call>"
+
+    assert vocabs["qwen"].accepts(grammar, call("Rome"))
+    assert not vocabs["qwen"].accepts(grammar, call("Berlin"))
+    assert _calls(fmt, Turn([tool]), "", call("Rome")) == [("get_weather", {"city": "Rome"})]

@@ -475,13 +475,15 @@ def _usage(result: Result, reasoning_tokens: int = 0) -> Usage:
     )
 
 
-def _reasoning_tokens(loaded: Loaded, splitters: list[Splitter]) -> int:
-    """The reasoning's tokens, counted again from its text (with its two tags): what the model
-    spent thinking, as OpenAI's `completion_tokens_details.reasoning_tokens` reports it."""
+def _reasoning_tokens(loaded: Loaded, splitters: list[Splitter], result: Result) -> int:
+    """The reasoning's tokens, counted again from its text (with its two tags), at most the tokens
+    its choice generated (text can tokenize longer than it was written): what the model spent
+    thinking, as OpenAI's `completion_tokens_details.reasoning_tokens` reports it."""
     total = 0
-    for s in splitters:
+    for s, generated in zip(splitters, result.completion_tokens, strict=True):
         if s.sent.reasoning:
-            total += len(loaded.engine.tokenize(s.sent.reasoning, add_bos=False, special=False)) + 2
+            counted = len(loaded.engine.tokenize(s.sent.reasoning, add_bos=False, special=False)) + 2
+            total += min(counted, generated)
     return total
 
 
@@ -569,8 +571,8 @@ class ChatService:
                 outcome.reason = "abort" if left else answers[0].finish
                 if answers[0].splitter.sent.calls and outcome.reason != "length":
                     outcome.reason = "tool_calls"
-                reasoning_tokens = _reasoning_tokens(loaded, [a.splitter for a in answers])
-        result = cast(Result, ticket.result)
+                result = cast(Result, ticket.result)
+                reasoning_tokens = _reasoning_tokens(loaded, [a.splitter for a in answers], result)
         choices = []
         for index, answer in enumerate(answers):
             sent = answer.splitter.sent
@@ -674,7 +676,7 @@ class ChatService:
                     "model": req.model,
                     "system_fingerprint": FINGERPRINT,
                     "choices": [],
-                    "usage": _usage(result, _reasoning_tokens(loaded, splitters)).model_dump(),
+                    "usage": _usage(result, _reasoning_tokens(loaded, splitters, result)).model_dump(),
                 }
                 yield f"data: {json.dumps(body)}\n\n"
         except APIError as exc:

@@ -45,6 +45,22 @@ def _is_string(schema: dict[str, Any]) -> bool:
     return schema.get("type") == "string"
 
 
+def _string_choices(schema: dict[str, Any]) -> list[str]:
+    """A string parameter's allowed values, where its schema lists them (`enum`, `const`)."""
+    values = (
+        schema["enum"]
+        if isinstance(schema.get("enum"), list)
+        else [schema["const"]]
+        if "const" in schema
+        else []
+    )
+    return (
+        [v for v in values if isinstance(v, str)]
+        if values and all(isinstance(v, str) for v in values)
+        else []
+    )
+
+
 class QwenXML(Tagged):
     name = "qwen-xml"
     think = ("<think>", "</think>")
@@ -94,7 +110,11 @@ class QwenXML(Tagged):
         params = []
         for key, prop in props.items():
             head = g.literal(f"<parameter={key}>\n")
-            if _is_string(prop):
+            choices = _string_choices(prop)
+            if choices:  # an enum (or const) of strings: one of them, as raw text
+                values = " | ".join(g.literal(v) for v in choices)
+                body = f"{head} ( {values} ) {g.literal(_VALUE_END + chr(10))}"
+            elif _is_string(prop):
                 body = f"{head} {g.until(f'value-{name}-{key}', _VALUE_END)} {g.literal(chr(10))}"
             else:
                 body = f"{head} {g.json(prop, f'value-{name}-{key}')} {g.literal(_VALUE_END + chr(10))}"
