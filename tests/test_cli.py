@@ -97,6 +97,31 @@ def test_import_and_hand_dropped_files(store_dir: Path, tmp_path: Path) -> None:
     assert_clean_error(run_cli("models", "import", str(tmp_path / "nope.gguf")), "is not a file")
 
 
+def test_import_with_mmproj_list_and_uninstall(store_dir: Path, tmp_path: Path) -> None:
+    model = write_gguf(tmp_path / "seer.gguf")
+    projector = write_gguf(tmp_path / "mmproj-seer-f16.gguf", arch="clip")
+    imported = run_cli("models", "import", str(model), "--name", "seer:1b", "--mmproj", str(projector))
+    assert imported.returncode == 0, imported.stderr
+    assert "with its vision projector seer-1b.mmproj.gguf" in imported.stdout
+    rows = {line.split()[0]: line.split() for line in run_cli("models").stdout.splitlines()[1:]}
+    assert rows["seer:1b"][1] == "chat+vision" and rows["seer:1b"][-1] == "ready"
+    (listed,) = json.loads(run_cli("models", "list", "--json").stdout)["models"]
+    assert (listed["projector"], listed["projector_problem"]) == ("seer-1b.mmproj.gguf", None)
+    shown = [line.split() for line in run_cli("models", "show", "seer:1b").stdout.splitlines()]
+    assert ["projector", "seer-1b.mmproj.gguf"] in shown
+
+    write_gguf(store_dir / "stray-mmproj.gguf", arch="clip")  # dropped by hand: no model, a warning
+    listing = run_cli("models")
+    assert "stray" not in listing.stdout
+    assert "warning: stray-mmproj.gguf is a vision projector that no model names" in listing.stderr
+
+    removed = run_cli("models", "uninstall", "seer:1b")
+    assert "removed seer-1b.gguf and seer-1b.mmproj.gguf" in removed.stdout
+    assert sorted(p.name for p in store_dir.iterdir()) == [".partial", "stray-mmproj.gguf"]
+    refused = run_cli("models", "import", str(model), "--name", "x:1", "--mmproj", str(model))
+    assert_clean_error(refused, "is not a usable vision projector")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

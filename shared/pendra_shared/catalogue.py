@@ -18,7 +18,15 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pendra_shared.errors import CatalogueError, ModelNotFound
 from pendra_shared.names import ModelRef, parse_name
@@ -46,6 +54,15 @@ class CatalogueEntry(BaseModel):
     gguf_sha256: str = Field(description="SHA-256 of the GGUF, 64 lowercase hex digits.")
     size_bytes: int | None = Field(
         gt=0, description="Exact size of the GGUF in bytes; null where no public record gives it."
+    )
+    mmproj_url: str | None = Field(
+        default=None,
+        description="Location of the vision projector (llama.cpp mmproj GGUF) installed beside the "
+        "model; same schemes as gguf_url. Needs mmproj_sha256.",
+    )
+    mmproj_sha256: str | None = Field(default=None, description="SHA-256 of the projector.")
+    mmproj_size_bytes: int | None = Field(
+        default=None, gt=0, description="Exact size of the projector in bytes, where a record gives it."
     )
     default: bool = Field(default=False, description="This is the family's default tag.")
     allow_private: bool = Field(
@@ -83,17 +100,21 @@ class CatalogueEntry(BaseModel):
             raise ValueError(f"{value!r} needs a tag (family:tag)")
         return str(ref)
 
-    @field_validator("gguf_sha256", mode="before")
+    @field_validator("gguf_sha256", "mmproj_sha256", mode="before")
     @classmethod
-    def _sha(cls, value: Any) -> Any:
+    def _sha(cls, value: Any, info: ValidationInfo) -> Any:
         # Exactly as written: no trimming or case folding, so what is checked is what is used.
+        if value is None and info.field_name == "mmproj_sha256":
+            return None
         if not is_sha256(value):
             raise ValueError("must be a SHA-256: 64 hexadecimal digits, lowercase, nothing else")
         return value
 
-    @field_validator("gguf_url")
+    @field_validator("gguf_url", "mmproj_url")
     @classmethod
-    def _url(cls, value: str) -> str:
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         parsed = urlparse(value)
         if parsed.scheme not in SOURCE_SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(SOURCE_SCHEMES)}")
@@ -101,9 +122,42 @@ class CatalogueEntry(BaseModel):
             raise ValueError("URL has no host or bucket")
         return value
 
+    @model_validator(mode="after")
+    def _projector_pinned(self) -> CatalogueEntry:
+        if (self.mmproj_url is None) != (self.mmproj_sha256 is None):
+            raise ValueError("mmproj_url and mmproj_sha256 go together: give both or neither")
+        if self.mmproj_size_bytes is not None and self.mmproj_url is None:
+            raise ValueError("mmproj_size_bytes needs mmproj_url and mmproj_sha256")
+        return self
+
     @property
     def ref(self) -> ModelRef:
         return parse_name(self.name)
+
+    @property
+    def projector(self) -> CatalogueEntry | None:
+        """The projector's download as an entry of its own (its URL, pin and size in the GGUF
+        fields), for the same verified-download machinery; None when the entry names none."""
+        if self.mmproj_url is None or self.mmproj_sha256 is None:
+            return None
+        return self.model_copy(
+            update={
+                "gguf_url": self.mmproj_url,
+                "gguf_sha256": self.mmproj_sha256,
+                "size_bytes": self.mmproj_size_bytes,
+                "mmproj_url": None,
+                "mmproj_sha256": None,
+                "mmproj_size_bytes": None,
+            }
+        )
+
+    @property
+    def total_size_bytes(self) -> int | None:
+        """Bytes to download: the GGUF's and, where pinned, its projector's; None when the GGUF's
+        size is not pinned (a download learns the sizes from the source)."""
+        if self.size_bytes is None:
+            return None
+        return self.size_bytes + (self.mmproj_size_bytes or 0)
 
     def facts(self) -> dict[str, Any]:
         """The entry as plain data, for sidecars and JSON output."""

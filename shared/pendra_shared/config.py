@@ -318,6 +318,27 @@ class Settings(BaseSettings):
             "--reasoning-format none). A request's reasoning_format overrides it."
         ),
     )
+    image_max_bytes: int = Field(
+        default=5 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Largest image one request may carry, in bytes (encoded); past it: 400. A data URL is a "
+            "third larger than its image, and the whole body must fit PENDRA_MAX_BODY_BYTES."
+        ),
+    )
+    image_max_pixels: int = Field(
+        default=16_000_000,
+        ge=64,
+        description="Most pixels (width x height, read from the header before decoding) of one image.",
+    )
+    max_images: int = Field(default=8, ge=0, description="Most images one chat request may carry.")
+    image_urls: bool = Field(
+        default=False,
+        description=(
+            "Fetch http(s) image URLs in chat requests (data URLs are always read), from public "
+            "addresses only unless PENDRA_ALLOW_PRIVATE_SOURCES, as installs are."
+        ),
+    )
     template_timeout_s: float = Field(
         default=1.0,
         gt=0,

@@ -75,6 +75,37 @@ class InvalidGGUF(Exception):
     """The file is not a usable GGUF model; the message says why."""
 
 
+class ProjectorGGUF(InvalidGGUF):
+    """The file is a vision projector (mmproj): a part of a vision model, not a model of its own."""
+
+
+def is_projector(header: GGUFHeader) -> bool:
+    """Whether the header is a multimodal projector's, as llama.cpp's mmproj converter writes
+    one (`general.architecture` clip; newer ones also `general.type` mmproj)."""
+    meta = header.metadata
+    return meta.get("general.architecture") == "clip" or meta.get("general.type") == "mmproj"
+
+
+def check_projector(
+    path: Path,
+    *,
+    max_string_bytes: int = DEFAULT_MAX_STRING_BYTES,
+    max_array_len: int = DEFAULT_MAX_ARRAY_LEN,
+) -> None:
+    """Raise InvalidGGUF unless `path` is a well-formed GGUF vision projector with tensors."""
+    try:
+        header = read_header(path, max_string_bytes=max_string_bytes, max_array_len=max_array_len)
+    except HeaderError as exc:
+        raise InvalidGGUF(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise InvalidGGUF(f"cannot read file: {exc}") from None
+    if not is_projector(header):
+        arch = header.metadata.get("general.architecture")
+        raise InvalidGGUF(f"not a vision projector (its GGUF architecture is {arch!r}, not 'clip')")
+    if not header.tensors:
+        raise InvalidGGUF("the projector holds no tensors")
+
+
 @dataclass(frozen=True)
 class GGUFFacts:
     architecture: str
@@ -177,6 +208,8 @@ def gguf_facts(header: GGUFHeader) -> GGUFFacts:
     architecture = meta.get("general.architecture")
     if not isinstance(architecture, str) or not architecture:
         raise InvalidGGUF("no general.architecture in the header")
+    if is_projector(header):
+        raise ProjectorGGUF(NOT_A_MODEL["clip"])
     reason = NOT_A_MODEL.get(architecture) or NOT_A_MODEL.get(str(meta.get("general.type")))
     if reason:
         raise InvalidGGUF(reason)

@@ -24,6 +24,12 @@ not match `Q4_K_M`, nor `Q4_K_M` match `Q4_K_M_XL`, while `Q4_K_XL` matches `...
 Several matches: the fewest folders deep, then the shortest path, then the first by name. A GGUF
 split into parts (`-00001-of-00003.gguf`) is refused: the store holds single files.
 
+Vision: when the repo holds `mmproj*` GGUFs (llama.cpp's vision projectors), one is installed
+beside the model as its projector, pinned to its own LFS SHA-256: the first by precision named
+after `mmproj` (F16, then BF16, Q8_0, F32, as whole tokens, ignoring case; then any), then the
+fewest folders deep, the shortest path and the first by name. Projectors without an LFS pin, and
+split ones, are never chosen.
+
 Naming: family is the repo name less a `-GGUF` suffix, lowercased, with any character a name
 cannot hold turned into `-` (`names.name_for_file`); tag is the quant lowercased (for a repo's
 only GGUF taken without a quant, the quant its file name shows, else `latest`). So
@@ -34,6 +40,7 @@ writes the sidecar, for any entry marked `purpose_from_header`).
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -51,10 +58,13 @@ from pendra_shared.errors import (
 )
 from pendra_shared.names import name_for_file
 
+logger = logging.getLogger(__name__)
+
 HOSTS = ("hf.co", "huggingface.co")
 DEFAULT_QUANT = "Q4_K_M"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MAX_PAGES = 100
+PROJECTOR_PRECISIONS = ("F16", "BF16", "Q8_0", "F32")  # preferred, in order
 _REPO_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?")
 _QUANT = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_][A-Za-z0-9]+)*")
 _SPLIT = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
@@ -134,24 +144,32 @@ def resolve(
         if own:
             http.close()
     path, quant = _choose(ref, files)
-    lfs = files[path].get("lfs")
-    oid, size = (lfs.get("oid"), lfs.get("size")) if isinstance(lfs, dict) else ("", 0)
-    if not is_sha256(oid) or not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+    pin = _lfs_pin(files[path])
+    if pin is None:
         raise SourceRefused(
             f"{ref}: {path} is not a Git LFS file with a SHA-256 and size, so nothing pins its bytes; "
             "Pendra installs pinned files only"
         )
+    projector = _choose_projector(ref, files)
     stem = _GGUF_SUFFIX.sub("", ref.repo)
     family = name_for_file(f"{stem}.gguf") or name_for_file(f"{ref.repo}.gguf") or "hf"
-    quoted = "/".join(quote(segment, safe="") for segment in path.split("/"))
     revision = quote(ref.revision, safe="")
+
+    def url(file: str) -> str:
+        quoted = "/".join(quote(segment, safe="") for segment in file.split("/"))
+        return f"{endpoint}/{ref.owner}/{ref.repo}/resolve/{revision}/{quoted}"
+
+    projector_pin = _lfs_pin(files[projector]) if projector else None
     return CatalogueEntry(
         name=f"{family}:{quant.lower() if quant else 'latest'}",
         purpose="chat",  # until the file is verified: then its header says (purpose_from_header)
         purpose_from_header=True,
-        gguf_url=f"{endpoint}/{ref.owner}/{ref.repo}/resolve/{revision}/{quoted}",
-        gguf_sha256=str(oid),
-        size_bytes=size,
+        gguf_url=url(path),
+        gguf_sha256=pin[0],
+        size_bytes=pin[1],
+        mmproj_url=url(projector) if projector else None,
+        mmproj_sha256=projector_pin[0] if projector_pin else None,
+        mmproj_size_bytes=projector_pin[1] if projector_pin else None,
         quantization=quant.upper() if quant else None,
         description=f"{path} from Hugging Face repo {ref.owner}/{ref.repo} ({ref.revision})",
         source=ref.source,
@@ -192,6 +210,36 @@ def _list_files(ref: HFRef, endpoint: str, http: httpx.Client) -> dict[str, dict
     return files
 
 
+def _lfs_pin(item: dict[str, Any]) -> tuple[str, int] | None:
+    """The (SHA-256, size) the Hub's LFS record gives a file; None where it gives none."""
+    lfs = item.get("lfs")
+    oid, size = (lfs.get("oid"), lfs.get("size")) if isinstance(lfs, dict) else ("", 0)
+    if not is_sha256(oid) or not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        return None
+    return str(oid), size
+
+
+def _is_projector(path: str) -> bool:
+    return path.lower().endswith(".gguf") and _base(path).lower().startswith("mmproj")
+
+
+def _choose_projector(ref: HFRef, files: dict[str, dict[str, Any]]) -> str | None:
+    """The path of the vision projector to install with the model, or None (see the module)."""
+    found = [p for p in files if _is_projector(p) and not _SPLIT.search(p)]
+    pinned = [p for p in found if _lfs_pin(files[p]) is not None]
+    if found and not pinned:
+        logger.warning("%s: its projectors (%s) have no LFS pin; installing without one", ref, found[0])
+
+    def rank(path: str) -> int:
+        after = _base(path)[len("mmproj") : -len(".gguf")]
+        for index, precision in enumerate(PROJECTOR_PRECISIONS):
+            if re.search(rf"(?:^|(?<=[-._])){precision}(?=$|[-.])", after, re.IGNORECASE):
+                return index
+        return len(PROJECTOR_PRECISIONS)
+
+    return min(pinned, key=lambda p: (rank(p), p.count("/"), len(p), p), default=None)
+
+
 def _check_status(ref: HFRef, response: httpx.Response) -> None:
     status = response.status_code
     if status == 404 and response.headers.get("X-Error-Code") == "RevisionNotFound":
@@ -211,9 +259,7 @@ def _check_status(ref: HFRef, response: httpx.Response) -> None:
 
 def _choose(ref: HFRef, files: dict[str, dict[str, Any]]) -> tuple[str, str | None]:
     """The path of the GGUF to install and its quant (None when it names none)."""
-    ggufs = sorted(
-        p for p in files if p.lower().endswith(".gguf") and not _base(p).lower().startswith("mmproj")
-    )
+    ggufs = sorted(p for p in files if p.lower().endswith(".gguf") and not _is_projector(p))
     quant = ref.quant or DEFAULT_QUANT
     token = re.compile(rf"(?:^|(?<=[-.])){re.escape(quant)}(?=$|[-.])", re.IGNORECASE)
     matches = [p for p in ggufs if token.search(_base(p)[: -len(".gguf")])]

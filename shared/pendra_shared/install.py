@@ -7,6 +7,13 @@ on disk, retrying transient failures with exponential backoff), verify size and 
 deletes the partial file), write the sidecar, and `os.replace` the GGUF into place last: a crash
 at any point leaves no GGUF at its final name without the sidecar that records its verified hash.
 
+An entry with a vision projector (`mmproj_url`) downloads it the same way, into its own partial
+file, after the model and before anything is placed; a projector that fails (its checksum, its
+header, a refused source) fails the whole install and leaves the store as it was. The sidecar names
+the pair, and the projector is in place before the model, so a model never sits at its final name
+without the projector its sidecar promises. A model already installed without the projector its
+entry now names gets just the projector.
+
 While bytes arrive, `DownloadLimits` bound them: more than the pinned size (plus slack) or, for an
 entry that pins none, than `max_bytes` aborts the download at once; fewer than `stall_bytes` in
 `stall_s` is a stall, retried like a cut connection. A source that misbehaves (`SourceRefused`),
@@ -43,9 +50,19 @@ from pendra_shared.errors import (
     TransientDownloadError,
 )
 from pendra_shared.fsutil import CHUNK, atomic_write_bytes, exclusive_lock, fsync_dir, sha256_file
-from pendra_shared.gguf_info import InvalidGGUF, read_gguf_facts
+from pendra_shared.gguf_info import InvalidGGUF, check_projector, read_gguf_facts
 from pendra_shared.names import file_name_for
-from pendra_shared.sidecar import Sidecar, now_utc, read_verified_sidecar, sidecar_path, write_sidecar
+from pendra_shared.sidecar import (
+    FileStamp,
+    ProjectorRecord,
+    Sidecar,
+    now_utc,
+    projector_file_for,
+    read_sidecar,
+    read_verified_sidecar,
+    sidecar_path,
+    write_sidecar,
+)
 from pendra_shared.sources import Guard, Sources
 from pendra_shared.store import ModelStore, StoredModel
 
@@ -129,6 +146,17 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
+def _shifted(report: ProgressCallback, before: int, after: int) -> ProgressCallback:
+    """The progress of one file of a pair as the pair's: `before` bytes done ahead of it, `after`
+    to come behind it (0 where unknown)."""
+
+    def shifted(p: Progress) -> None:
+        total = None if p.total_bytes is None else before + p.total_bytes + after
+        report(Progress(p.phase, before + p.done_bytes, total, p.message))
+
+    return shifted
+
+
 @dataclass(frozen=True)
 class InstallResult:
     model: StoredModel
@@ -136,6 +164,12 @@ class InstallResult:
     downloaded_bytes: int
     resumed_from: int
     attempts: int
+
+    @property
+    def size_bytes(self) -> int:
+        """What is installed: the model's file and its projector's."""
+        record = self.model.sidecar.projector if self.model.sidecar else None
+        return self.model.size_bytes + (record.size_bytes if record and self.model.projector else 0)
 
 
 class Installer:
@@ -184,6 +218,11 @@ class Installer:
         (two names for the same bytes never share a partial file)."""
         return self.store.partial_dir / f"{file_name_for(entry.ref)}.{entry.gguf_sha256}.part"
 
+    def projector_partial_path(self, entry: CatalogueEntry) -> Path:
+        """Where `entry`'s projector downloads to, beside the model's partial file."""
+        name = projector_file_for(file_name_for(entry.ref))
+        return self.store.partial_dir / f"{name}.{entry.mmproj_sha256}.part"
+
     def discard_partial(self, entry: CatalogueEntry, wait: bool = True) -> bool:
         """Remove what a stopped install of `entry` left behind (its job was cancelled). With
         `wait` False, leave it when an install holds the lock: that install owns the file now.
@@ -192,9 +231,7 @@ class Installer:
             with exclusive_lock(
                 self.store.lock_for(file_name_for(entry.ref)), should_stop=None if wait else (lambda: True)
             ):
-                partial = self.partial_path(entry)
-                partial.unlink(missing_ok=True)
-                partial.with_suffix(".json").unlink(missing_ok=True)
+                self._discard(entry)
                 return True
         except TimeoutError:
             return False
@@ -221,9 +258,12 @@ class Installer:
         try:
             with exclusive_lock(self.store.lock_for(file_name), on_wait=waiting, should_stop=stop):
                 present = self._already_installed(entry, target, report)
+                if present is not None and not self._lacks_projector(entry, present):
+                    done = InstallResult(present, True, 0, 0, 0)
+                    report(Progress("done", done.size_bytes, done.size_bytes, "already installed"))
+                    return done
                 if present is not None:
-                    report(Progress("done", present.size_bytes, present.size_bytes, "already installed"))
-                    return InstallResult(present, True, 0, 0, 0)
+                    return self._add_projector(entry, target, report, cancel, interrupt)
                 return self._download_and_place(entry, target, report, cancel, interrupt)
         except TimeoutError:
             if interrupt is not None and interrupt.is_set():
@@ -233,6 +273,23 @@ class Installer:
             raise InstallCancelled(f"{entry.name}: install cancelled while waiting") from None
 
     # -- steps -------------------------------------------------------------------------------
+
+    def _discard(self, entry: CatalogueEntry) -> None:
+        """Remove the partial files of `entry` (its projector's too) and their notes."""
+        partials = [self.partial_path(entry)]
+        if entry.projector is not None:
+            partials.append(self.projector_partial_path(entry))
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+            partial.with_suffix(".json").unlink(missing_ok=True)
+
+    @staticmethod
+    def _lacks_projector(entry: CatalogueEntry, present: StoredModel) -> bool:
+        """The entry names a projector the installed model does not have (usable, of that pin)."""
+        if entry.mmproj_sha256 is None:
+            return False
+        record = present.sidecar.projector if present.sidecar else None
+        return present.projector is None or record is None or record.sha256 != entry.mmproj_sha256
 
     def _already_installed(
         self, entry: CatalogueEntry, target: Path, report: ProgressCallback
@@ -260,7 +317,9 @@ class Installer:
                 f"{entry.name}: {target.name} already exists with other contents "
                 f"(sha256 {digest}); move it away or uninstall it first"
             )
-        self._write_sidecar(entry, target, digest, before)  # changed while hashed: not trusted
+        old, _problem = read_sidecar(target, size)  # its projector, if any, stays paired
+        projector = old.projector if old is not None and old.sha256 == digest else None
+        self._write_sidecar(entry, target, digest, before, projector)  # changed while hashed: not trusted
         return self.store.find(entry.name, include_invalid=True)
 
     def _check_space(self, entry: CatalogueEntry, needed: int) -> None:
@@ -281,10 +340,11 @@ class Installer:
     ) -> InstallResult:
         partial = self.partial_path(entry)
         info = partial.with_suffix(".json")
+        projector = entry.projector
+        after = (projector.size_bytes or 0) if projector is not None else 0
 
         def discard() -> None:
-            partial.unlink(missing_ok=True)
-            info.unlink(missing_ok=True)
+            self._discard(entry)
 
         try:
             atomic_write_bytes(
@@ -299,9 +359,12 @@ class Installer:
                     }
                 ).encode(),
             )
-            resumed_from, downloaded, attempts = self._download(entry, partial, report, cancel, interrupt)
+            model_report = _shifted(report, 0, after)
+            resumed_from, downloaded, attempts = self._download(
+                entry, partial, model_report, cancel, interrupt
+            )
             verified = partial.stat()
-            report(Progress("verifying", verified.st_size, verified.st_size))
+            model_report(Progress("verifying", verified.st_size, verified.st_size))
             started = time.monotonic()
             try:
                 facts = read_gguf_facts(partial)
@@ -313,12 +376,17 @@ class Installer:
             self._verified(time.monotonic() - started + self._hashing_s.pop(partial, 0.0))
             if entry.purpose_from_header:  # an hf.co file: no catalogue says what it is for
                 entry = entry.model_copy(update={"purpose": facts.purpose})
-            self._place(entry, partial, target, verified)
+            paired = None
+            if projector is not None:
+                paired = self._fetch_projector(entry, report, cancel, interrupt, verified.st_size)
+                downloaded += paired[2]
+            self._place(entry, partial, target, verified, paired)
         except (InstallCancelled, SourceRefused):
             discard()
             raise
         except ChecksumMismatch:
-            info.unlink(missing_ok=True)
+            # Either file: the install failed for good, and nothing of it stays.
+            discard()
             raise
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
@@ -328,22 +396,121 @@ class Installer:
                 f"{entry.name}: disk full: the store's disk filled up during the install; "
                 "the partial download was removed; free some space and install again"
             ) from None
-        info.unlink(missing_ok=True)
-        model = self.store.find(entry.name, include_invalid=True)
-        report(Progress("done", model.size_bytes, model.size_bytes, "installed"))
-        logger.info("installed %s as %s (%d bytes)", entry.name, target.name, model.size_bytes)
-        return InstallResult(model, False, downloaded, resumed_from, attempts)
+        self._discard(entry)
+        result = InstallResult(
+            self.store.find(entry.name, include_invalid=True), False, downloaded, resumed_from, attempts
+        )
+        report(Progress("done", result.size_bytes, result.size_bytes, "installed"))
+        logger.info("installed %s as %s (%d bytes)", entry.name, target.name, result.size_bytes)
+        return result
 
-    def _place(self, entry: CatalogueEntry, partial: Path, target: Path, verified: os.stat_result) -> None:
-        """Sidecar first, then the GGUF: whatever the moment a crash hits, the GGUF never sits at
-        its final name without the record of its verified hash (a sidecar with no GGUF beside it
-        is reported as orphaned and ignored; the next install replaces it). The rename keeps the
-        inode and mtime that `verified` stamps into the sidecar."""
-        self._write_sidecar(entry, target, entry.gguf_sha256, verified)
+    def _fetch_projector(
+        self,
+        entry: CatalogueEntry,
+        report: ProgressCallback,
+        cancel: threading.Event | None,
+        interrupt: threading.Event | None,
+        before: int,
+    ) -> tuple[Path, os.stat_result, int]:
+        """Download and verify `entry`'s projector into its partial file, checked to be a
+        projector by its header. Returns the partial file, its stat and the bytes downloaded."""
+        projector = entry.projector
+        assert projector is not None
+        partial = self.projector_partial_path(entry)
+        shifted = _shifted(report, before, 0)
         try:
+            _resumed, downloaded, _attempts = self._download(projector, partial, shifted, cancel, interrupt)
+        except ChecksumMismatch as exc:
+            raise ChecksumMismatch(f"{entry.name} (vision projector)", exc.expected, exc.actual) from None
+        except (DownloadInterrupted, InsufficientSpace):
+            raise  # both partial files stay, for the next try to resume
+        except InstallError:
+            self._discard(entry)  # the install failed for good: nothing of it stays
+            raise
+        verified = partial.stat()
+        shifted(Progress("verifying", verified.st_size, verified.st_size, "checking the vision projector"))
+        try:
+            check_projector(partial)
+        except InvalidGGUF as exc:
+            self._discard(entry)
+            raise InstallError(
+                f"{entry.name}: the verified download of {entry.mmproj_url} is not a vision projector: {exc}"
+            ) from None
+        return partial, verified, downloaded
+
+    def _add_projector(
+        self,
+        entry: CatalogueEntry,
+        target: Path,
+        report: ProgressCallback,
+        cancel: threading.Event | None,
+        interrupt: threading.Event | None,
+    ) -> InstallResult:
+        """Give an installed model the projector its entry names (installed before it had one,
+        or its projector is missing or changed)."""
+        try:
+            partial, verified, downloaded = self._fetch_projector(
+                entry, report, cancel, interrupt, target.stat().st_size
+            )
+            sidecar, problem = read_verified_sidecar(target)
+            if sidecar is None:
+                raise StoreError(f"{entry.name}: {target.name} changed meanwhile ({problem}); try again")
+            placed = self.store.child(projector_file_for(target.name))
+            os.replace(partial, placed)
+            record = self._projector_record(entry, placed.name, verified)
+            write_sidecar(target, sidecar.model_copy(update={"projector": record}), stamp=False)
+        except (InstallCancelled, SourceRefused, ChecksumMismatch):
+            self._discard(entry)
+            raise
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            self._discard(entry)
+            raise DiskFull(f"{entry.name}: disk full while the projector downloaded") from None
+        self._discard(entry)
+        result = InstallResult(self.store.find(entry.name, include_invalid=True), False, downloaded, 0, 1)
+        report(Progress("done", result.size_bytes, result.size_bytes, "installed the vision projector"))
+        logger.info("installed the vision projector of %s as %s", entry.name, placed.name)
+        return result
+
+    @staticmethod
+    def _projector_record(entry: CatalogueEntry, file: str, verified: os.stat_result) -> ProjectorRecord:
+        assert entry.mmproj_url is not None and entry.mmproj_sha256 is not None
+        return ProjectorRecord(
+            file=file,
+            sha256=entry.mmproj_sha256,
+            size_bytes=verified.st_size,
+            source_url=entry.mmproj_url,
+            verified_file=FileStamp.of(verified),
+        )
+
+    def _place(
+        self,
+        entry: CatalogueEntry,
+        partial: Path,
+        target: Path,
+        verified: os.stat_result,
+        projector: tuple[Path, os.stat_result, int] | None = None,
+    ) -> None:
+        """Sidecar first, then the projector, then the GGUF: whatever the moment a crash hits,
+        the GGUF never sits at its final name without the record of its verified hash, nor
+        without the projector that record names (a sidecar with no GGUF beside it is reported as
+        orphaned and ignored, and so is a projector no model names; the next install replaces
+        them). The renames keep the inodes and mtimes the stamps in the sidecar record."""
+        record = None
+        placed = None
+        if projector is not None:
+            placed = self.store.child(projector_file_for(target.name))
+            record = self._projector_record(entry, placed.name, projector[1])
+        self._write_sidecar(entry, target, entry.gguf_sha256, verified, record)
+        try:
+            if projector is not None and placed is not None:
+                os.replace(projector[0], placed)
             os.replace(partial, target)
         except OSError:
             sidecar_path(target).unlink(missing_ok=True)
+            if projector is not None and placed is not None and not projector[0].exists():
+                placed.unlink(missing_ok=True)  # placed, but its model is not
             raise
         fsync_dir(self.store.root)
 
@@ -373,9 +540,10 @@ class Installer:
                         digest.update(chunk)
                 self._hashing_s[partial] = time.monotonic() - started
         resumed_from = have
+        if have and entry.size_bytes in (None, have) and digest.hexdigest() == entry.gguf_sha256:
+            # Verified and complete before a crash (or before its projector failed): place it.
+            return resumed_from, 0, 0
         if entry.size_bytes is not None:
-            if have == entry.size_bytes and digest.hexdigest() == entry.gguf_sha256:
-                return resumed_from, 0, 0  # verified and complete before a crash: just place it
             self._check_space(entry, entry.size_bytes - have)
         downloaded = 0
         attempts = 0
@@ -472,7 +640,12 @@ class Installer:
         return f"{entry.name}: the source sends more than {limit}; download aborted and removed"
 
     def _write_sidecar(
-        self, entry: CatalogueEntry, target: Path, sha256: str, verified: os.stat_result
+        self,
+        entry: CatalogueEntry,
+        target: Path,
+        sha256: str,
+        verified: os.stat_result,
+        projector: ProjectorRecord | None = None,
     ) -> None:
         """The sidecar of `target`, for the file `verified` describes (which may not be at
         `target` yet)."""
@@ -486,6 +659,7 @@ class Installer:
                 size_bytes=verified.st_size,
                 installed_at=now_utc(),
                 catalogue=entry.facts(),
+                projector=projector,
             ),
             verified=verified,
         )

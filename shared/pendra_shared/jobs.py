@@ -276,7 +276,7 @@ async def run_install_job(
             JobState.FAILED, error=f"internal error: {type(exc).__name__}: {exc}", error_code="internal_error"
         )
     else:
-        size = result.model.size_bytes
+        size = result.size_bytes  # the model and its projector
         message = "already installed" if result.already_installed else "installed and verified"
         job = job.finished(JobState.DONE, phase="done", done_bytes=size, total_bytes=size, message=message)
     if replaced:

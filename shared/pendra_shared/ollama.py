@@ -52,12 +52,15 @@ def parameter_size(model: StoredModel) -> str:
 
 
 def details(model: StoredModel) -> dict[str, Any]:
+    """Ollama's `details`; a model with a vision projector lists `clip` among its families, as
+    Ollama lists a vision model's."""
     arch = model.facts.architecture if model.facts else ""
+    families = ([arch] if arch else []) + (["clip"] if model.projector is not None else [])
     return {
         "parent_model": "",
         "format": "gguf",
         "family": arch,
-        "families": [arch] if arch else None,
+        "families": families or None,
         "parameter_size": parameter_size(model),
         "quantization_level": (model.facts.quantization if model.facts else None) or "",
     }
@@ -70,7 +73,8 @@ def digest(model: StoredModel) -> str:
 def capabilities(model: StoredModel) -> list[str]:
     """Ollama's capability words: `embedding` for embedding models (and rerankers, which Ollama
     has no word for); for chat models `completion`, and `tools` and `thinking` where the chat
-    template they are served with knows them (`StoredModel.capabilities`)."""
+    template they are served with knows them, `vision` where a projector is paired with them
+    (`StoredModel.capabilities`)."""
     if model.purpose in ("embedding", "rerank"):
         return ["embedding"]
     return model.capabilities

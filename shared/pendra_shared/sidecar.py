@@ -7,6 +7,10 @@ replaced since (even by one of the same size) is "changed since it was verified"
 is not a small regular file, does not parse, names no valid model or records another size is
 reported as a problem and ignored altogether. Reading never blocks on a FIFO and never reads more
 than `MAX_SIDECAR_BYTES`.
+
+A vision model's sidecar also names its projector (`projector`: the mmproj GGUF beside it in the
+store, `<model stem>.mmproj.gguf`), with that file's hash and stamp, judged the same way by the
+store.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pendra_shared.fsutil import atomic_write_bytes
-from pendra_shared.names import parse_name
+from pendra_shared.names import GGUF_SUFFIX, parse_name
 
 SIDECAR_SUFFIX = ".meta.json"
 MAX_SIDECAR_BYTES = 64 * 1024  # real ones are about 1 KiB; anything far larger is not ours
@@ -47,6 +51,28 @@ class FileStamp(BaseModel):
 
     def matches(self, st: os.stat_result) -> bool:
         return (self.size_bytes, self.mtime_ns, self.inode) == (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+PROJECTOR_SUFFIX = ".mmproj" + GGUF_SUFFIX
+
+
+def projector_file_for(model_file: str) -> str:
+    """The store file of a model's projector: `qwen3.6-27b.gguf` -> `qwen3.6-27b.mmproj.gguf`."""
+    return model_file.removesuffix(GGUF_SUFFIX) + PROJECTOR_SUFFIX
+
+
+class ProjectorRecord(BaseModel):
+    """The vision projector (llama.cpp mmproj GGUF) installed with a model."""
+
+    model_config = ConfigDict(extra="allow")
+
+    file: str = Field(description="The projector's file name in the store, beside the model.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=0)
+    source_url: str
+    verified_file: FileStamp | None = Field(
+        default=None, description="The projector file whose bytes had `sha256` when it was recorded."
+    )
 
 
 class Sidecar(BaseModel):
@@ -76,6 +102,9 @@ class Sidecar(BaseModel):
     sha256_found: str | None = Field(
         default=None,
         description="Set by a verification that hashed the file and found other bytes: their sha256.",
+    )
+    projector: ProjectorRecord | None = Field(
+        default=None, description="The vision projector installed with the model, if any."
     )
 
     @field_validator("name")

@@ -10,6 +10,12 @@ store-level problem. Listing never opens anything but regular files, and those w
 Hard links are ordinary files here: their bytes are checked like any other's. Operations take
 names, never paths, and only ever touch direct children of the store directory.
 
+A `*.gguf` whose header is a vision projector's (llama.cpp's mmproj, architecture `clip`) is no
+model: it is listed with the model whose sidecar names it (`StoredModel.projector`, once it is
+inside the store, a regular file, a projector by its header and still the verified file; else
+`projector_problem` says why and the model is served for text alone), and reported as a store
+problem when no model names it.
+
 Replace a model file only by writing a new file and renaming it over the old one (as installs and
 imports do): llama.cpp maps a loaded model into memory, so rewriting or truncating it in place can
 kill the server (SIGBUS) before the change is noticed.
@@ -37,13 +43,16 @@ from pendra_shared.config import Settings
 from pendra_shared.errors import InvalidModelName, ModelNotFound, StoreError
 from pendra_shared.fsutil import CHUNK, atomic_write_bytes, exclusive_lock, fsync_dir, temp_path_for
 from pendra_shared.gguf_header import DEFAULT_MAX_ARRAY_LEN, DEFAULT_MAX_STRING_BYTES
-from pendra_shared.gguf_info import GGUFFacts, InvalidGGUF, read_gguf_facts
+from pendra_shared.gguf_info import GGUFFacts, InvalidGGUF, ProjectorGGUF, check_projector, read_gguf_facts
 from pendra_shared.names import GGUF_SUFFIX, file_name_for, name_for_file, parse_name
 from pendra_shared.sidecar import (
     SIDECAR_SUFFIX,
+    FileStamp,
+    ProjectorRecord,
     Sidecar,
     check_sidecar,
     now_utc,
+    projector_file_for,
     read_small_file,
     sidecar_path,
     write_sidecar,
@@ -123,6 +132,8 @@ class StoredModel:
     verified: bool = False  # the sidecar's sha256 still vouches for the file (its stamp matches)
     trusted: bool = False  # verified, and from a pinned catalogue install
     identity: FileIdentity | None = None  # the file as scanned
+    projector: Path | None = None  # the vision projector its sidecar names, when usable
+    projector_problem: str | None = None  # why the projector its sidecar names is not usable
 
     @property
     def valid(self) -> bool:
@@ -148,7 +159,8 @@ class StoredModel:
         from the chat template the inference service renders with: a sidecar's
         `options.chat_template`, else the file's own (the templates it falls back to for a file
         without one know neither tools nor thinking). A sidecar's `options.chat_format` names the
-        family instead of the template's markers. Empty for an invalid file."""
+        family instead of the template's markers; `vision` where a projector is paired with it.
+        Empty for an invalid file."""
         if not self.valid:
             return []
         options = self.sidecar.options if self.sidecar else {}
@@ -157,7 +169,10 @@ class StoredModel:
             template = self.facts.chat_template if self.facts else None
         override = options.get("chat_format")
         return chat_family.capabilities(
-            template, self.purpose or "", override=override if isinstance(override, str) else None
+            template,
+            self.purpose or "",
+            vision=self.projector is not None,
+            override=override if isinstance(override, str) else None,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -176,6 +191,8 @@ class StoredModel:
             "source_url": self.sidecar.source_url if self.sidecar else None,
             "installed_at": self.sidecar.installed_at.isoformat() if self.sidecar else None,
             "facts": self.facts.as_dict() if self.facts else None,
+            "projector": self.projector.name if self.projector else None,
+            "projector_problem": self.projector_problem,
             "error": self.error,
             "problems": list(self.problems),
         }
@@ -211,6 +228,7 @@ class ScanResult:
     models: list[StoredModel]
     problems: list[str]  # store-level: orphaned sidecars and the like
     stamp: StoreStamp | None = None  # the store directory, taken before the scan (see `stamp`)
+    projectors: tuple[str, ...] = ()  # file names of the vision projectors in the store
 
     @property
     def valid(self) -> list[StoredModel]:
@@ -229,7 +247,7 @@ class ModelStore:
     ) -> None:
         self.root = Path(os.path.abspath(root.expanduser()))
         self.gguf_limits = {"max_string_bytes": gguf_max_string_bytes, "max_array_len": gguf_max_array_len}
-        self._facts_cache: dict[FileIdentity, GGUFFacts | str] = {}
+        self._facts_cache: dict[FileIdentity, GGUFFacts | InvalidGGUF] = {}
         self._verdicts: dict[str, tuple[FileIdentity, str]] = {}
         self._cache_lock = threading.Lock()
 
@@ -272,16 +290,17 @@ class ModelStore:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _facts(self, path: Path, fd: int, st: os.stat_result) -> GGUFFacts | str:
+    def _facts(self, path: Path, fd: int, st: os.stat_result) -> GGUFFacts | InvalidGGUF:
+        """The header's facts, or why it is no model (`ProjectorGGUF` for a projector)."""
         key = identity_of(path.name, st)
         with self._cache_lock:
             cached = self._facts_cache.get(key)
         if cached is not None:
             return cached
         try:
-            result: GGUFFacts | str = read_gguf_facts(fd_path(fd, path), **self.gguf_limits)
+            result: GGUFFacts | InvalidGGUF = read_gguf_facts(fd_path(fd, path), **self.gguf_limits)
         except InvalidGGUF as exc:
-            result = str(exc)
+            result = exc
         with self._cache_lock:
             self._facts_cache = {k: v for k, v in self._facts_cache.items() if k[0] != path.name}
             self._facts_cache[key] = result
@@ -297,7 +316,10 @@ class ModelStore:
             return True
         return Path(target).parent == Path(os.path.realpath(self.root))
 
-    def _entry(self, dirent: os.DirEntry[str], problems: list[str]) -> StoredModel | None:
+    def _entry(
+        self, dirent: os.DirEntry[str], problems: list[str], projectors: list[str]
+    ) -> StoredModel | None:
+        """The model `dirent` is; None for what is none (a projector goes into `projectors`)."""
         path = Path(dirent.path)
         fallback_name = name_for_file(dirent.name) or dirent.name
 
@@ -346,6 +368,9 @@ class ModelStore:
             facts = self._facts(path, fd, st)
         finally:
             os.close(fd)
+        if isinstance(facts, ProjectorGGUF):
+            projectors.append(dirent.name)
+            return None
         sidecar = check.sidecar
         identity = identity_of(dirent.name, st)
         model = StoredModel(
@@ -356,7 +381,7 @@ class ModelStore:
             modified=datetime.fromtimestamp(st.st_mtime, UTC),
             facts=facts if isinstance(facts, GGUFFacts) else None,
             sidecar=sidecar,
-            error=f"invalid GGUF: {facts}" if isinstance(facts, str) else None,
+            error=f"invalid GGUF: {facts}" if isinstance(facts, InvalidGGUF) else None,
             verified=check.verified,
             trusted=check.pinned,
             identity=identity,
@@ -366,7 +391,51 @@ class ModelStore:
         if sidecar is None and name_for_file(dirent.name) is None:
             model.error = model.error or "the file name leaves no usable model name; rename it"
         model.error = model.error or self.verdict(identity)
+        if sidecar is not None and sidecar.projector is not None:
+            model.projector, model.projector_problem = self._projector(sidecar.projector)
+            if model.projector_problem:
+                model.problems.append(model.projector_problem)
         return model
+
+    def _projector(self, record: ProjectorRecord) -> tuple[Path | None, str | None]:
+        """The projector a sidecar names, or None and why it is not used: it must be a direct
+        child of the store (a link only to one), a regular file, a projector by its header and
+        still the file that was verified."""
+        name = record.file
+        unused = "; the model is served without vision"
+        try:
+            path = self.child(name)
+        except StoreError:
+            return None, f"projector {name!r} is not a file name in the store{unused}"
+        if not name.lower().endswith(GGUF_SUFFIX):
+            return None, f"projector {name!r} is not a .gguf file{unused}"
+        if os.path.islink(path) and not self._inside(path):
+            return None, f"projector {name} is a symbolic link out of the store{unused}"
+        try:
+            fd = open_regular(path)
+        except FileNotFoundError:
+            return None, f"projector {name} is missing{unused}"
+        except IsADirectoryError as exc:
+            return None, f"projector {name} is {exc.strerror}, not a file{unused}"
+        except OSError as exc:
+            return None, f"projector {name} is unreadable ({exc.strerror or exc}){unused}"
+        try:
+            st = os.fstat(fd)
+            if not self._opened_inside(fd):
+                return None, f"projector {name} is a symbolic link out of the store{unused}"
+            facts = self._facts(path, fd, st)
+        finally:
+            os.close(fd)
+        if not isinstance(facts, ProjectorGGUF):
+            why = "it is a model" if isinstance(facts, GGUFFacts) else f"invalid GGUF: {facts}"
+            return None, f"projector {name} is not a vision projector ({why}){unused}"
+        if record.verified_file is None or not record.verified_file.matches(st):
+            return None, (
+                f"projector {name} changed since it was verified (its size, modification time or "
+                f"inode differ); its recorded sha256 no longer vouches for it{unused} until "
+                "`pendra models verify` checks it again"
+            )
+        return path, None
 
     # -- probe verdicts ----------------------------------------------------------------------
 
@@ -428,17 +497,25 @@ class ModelStore:
             return ScanResult([], [])
         models: list[StoredModel] = []
         problems: list[str] = []
+        projectors: list[str] = []
         names = {d.name for d in dirents}
         for dirent in dirents:
             if dirent.name.startswith("."):
                 continue
             if dirent.name.lower().endswith(GGUF_SUFFIX):
-                entry = self._entry(dirent, problems)
+                entry = self._entry(dirent, problems, projectors)
                 if entry is not None:
                     models.append(entry)
             elif dirent.name.endswith(GGUF_SUFFIX + SIDECAR_SUFFIX):
                 if dirent.name[: -len(SIDECAR_SUFFIX)] not in names:
                     problems.append(f"orphaned sidecar {dirent.name} (no GGUF beside it); ignored")
+        named = {m.sidecar.projector.file for m in models if m.sidecar and m.sidecar.projector}
+        for name in projectors:
+            if name not in named:
+                problems.append(
+                    f"{name} is a vision projector that no model names; not used (it is no model on "
+                    f"its own: `pendra models import MODEL.gguf --mmproj {name}` pairs it with one)"
+                )
         # Curated files (with a sidecar) claim their names before hand-dropped ones.
         seen: dict[str, StoredModel] = {}
         for model in sorted(models, key=lambda m: (m.sidecar is None, m.file_name)):
@@ -448,7 +525,7 @@ class ModelStore:
                 model.error = f"name {model.name!r} is already used by {seen[model.name].file_name}"
             else:
                 seen[model.name] = model
-        return ScanResult(models, problems, stamp)
+        return ScanResult(models, problems, stamp, tuple(projectors))
 
     def find(self, name: str, *, include_invalid: bool = False) -> StoredModel:
         """The model called `name` (also: its file name, or a family with one installed tag)."""
@@ -476,35 +553,23 @@ class ModelStore:
         raise ModelNotFound(f"model {name!r} is not in the store ({self.root})")
 
     def verify(self, name: str, on_bytes: Callable[[int], None] | None = None) -> Verification:
-        """Re-hash the model's file and compare it with its sidecar's sha256. A match stamps the
-        file as verified again (a touched or copied file becomes trusted again); a mismatch is
-        recorded in the sidecar, so every listing flags it until the file is replaced."""
+        """Re-hash the model's file (and the projector its sidecar names) and compare them with
+        the sidecar's sha256s. A match stamps the file as verified again (a touched or copied file
+        becomes trusted again); a model file's mismatch is recorded in the sidecar, so every
+        listing flags it until the file is replaced (a projector's stays unused, unverified)."""
         model = self.find(name, include_invalid=True)
         with exclusive_lock(self.lock_for(model.file_name)):
             path = self.child(model.file_name)
-            fd = open_regular(path)
-            try:
-                before = os.fstat(fd)
-                digest = hashlib.sha256()
-                while chunk := os.read(fd, CHUNK):
-                    digest.update(chunk)
-                    if on_bytes is not None:
-                        on_bytes(len(chunk))
-                after = os.fstat(fd)
-            finally:
-                os.close(fd)
-            try:
-                now = os.stat(path)
-            except OSError:
-                now = None
-            same = identity_of(path.name, before) == identity_of(path.name, after)
-            if not same or now is None or identity_of(path.name, now) != identity_of(path.name, before):
-                raise StoreError(f"{model.file_name} changed while it was being verified; try again")
-            sha = digest.hexdigest()
+            sha, before = self._hash_unchanged(path, on_bytes)
             sidecar = check_sidecar(path, before).sidecar
             if sidecar is None:
                 message = f"{model.file_name} has sha256 {sha}; no usable sidecar records what it should be"
                 return Verification(self.find(model.file_name, include_invalid=True), sha, None, message)
+            projector_ok, note = True, ""
+            if sidecar.projector is not None:
+                record, note = self._verify_projector(sidecar.projector, on_bytes)
+                projector_ok = record is not None
+                sidecar = sidecar.model_copy(update={"projector": record or sidecar.projector})
             if sha == sidecar.sha256:
                 write_sidecar(path, sidecar, verified=before)
                 message = f"{model.file_name}: sha256 {sha} matches the sidecar; verified"
@@ -514,24 +579,90 @@ class ModelStore:
                     f"{model.file_name}: sha256 mismatch: the file has {sha}, the sidecar records "
                     f"{sidecar.sha256}; reinstall the model"
                 )
+            message += note
         logger.info("%s", message)
         return Verification(
-            self.find(model.file_name, include_invalid=True), sha, sha == sidecar.sha256, message
+            self.find(model.file_name, include_invalid=True),
+            sha,
+            sha == sidecar.sha256 and projector_ok,
+            message,
         )
+
+    def _hash_unchanged(
+        self, path: Path, on_bytes: Callable[[int], None] | None
+    ) -> tuple[str, os.stat_result]:
+        """The sha256 of the regular file at `path` and its stat; StoreError if it changed meanwhile."""
+        fd = open_regular(path)
+        try:
+            before = os.fstat(fd)
+            digest = hashlib.sha256()
+            while chunk := os.read(fd, CHUNK):
+                digest.update(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        try:
+            now = os.stat(path)
+        except OSError:
+            now = None
+        same = identity_of(path.name, before) == identity_of(path.name, after)
+        if not same or now is None or identity_of(path.name, now) != identity_of(path.name, before):
+            raise StoreError(f"{path.name} changed while it was being verified; try again")
+        return digest.hexdigest(), before
+
+    def _verify_projector(
+        self, record: ProjectorRecord, on_bytes: Callable[[int], None] | None
+    ) -> tuple[ProjectorRecord | None, str]:
+        """The record stamped anew when the projector still has its sha256 (else None), and a
+        note for the verification's message."""
+        name = record.file
+        try:
+            path = self.child(name)
+            if os.path.islink(path) and not self._inside(path):
+                return None, f"; projector {name} is a symbolic link out of the store"
+            check_projector(path, **self.gguf_limits)
+            sha, before = self._hash_unchanged(path, on_bytes)
+        except (StoreError, InvalidGGUF, OSError) as exc:
+            return None, f"; projector {name} cannot be verified: {exc}"
+        if sha != record.sha256:
+            return None, (
+                f"; projector {name}: sha256 mismatch: the file has {sha}, the sidecar records "
+                f"{record.sha256}; reinstall the model"
+            )
+        stamped = record.model_copy(update={"verified_file": FileStamp.of(before)})
+        return stamped, f"; projector {name}: sha256 matches; verified"
 
     # -- writing -----------------------------------------------------------------------------
 
     def uninstall(self, name: str) -> StoredModel:
-        """Remove the model's GGUF and its sidecar, and nothing else."""
+        """Remove the model's GGUF, its sidecar and the projector its sidecar names (when that is
+        a projector in the store that no other model's sidecar names), and nothing else."""
+        scan = self.scan()
         model = self.find(name, include_invalid=True)
+        projector = self._owned_projector(model, scan)
         with exclusive_lock(self.lock_for(model.file_name)):
             path = self.child(model.file_name)
             path.unlink(missing_ok=True)  # a link is removed, never what it points to
             sidecar_path(path).unlink(missing_ok=True)
             self._verdict_path(model.file_name).unlink(missing_ok=True)
+            if projector is not None:
+                self.child(projector).unlink(missing_ok=True)
         fsync_dir(self.root)
         logger.info("uninstalled %s (%s)", model.name, model.file_name)
         return model
+
+    @staticmethod
+    def _owned_projector(model: StoredModel, scan: ScanResult) -> str | None:
+        """The projector file that goes with `model` when it is uninstalled: the one its sidecar
+        names, if the scan found it to be a projector and no other model's sidecar names it."""
+        record = model.sidecar.projector if model.sidecar else None
+        if record is None or record.file not in scan.projectors:
+            return None
+        others = [m.sidecar.projector for m in scan.models if m.file_name != model.file_name and m.sidecar]
+        shared = any(other is not None and other.file == record.file for other in others)
+        return None if shared else record.file
 
     def import_file(
         self,
@@ -541,8 +672,10 @@ class ModelStore:
         move: bool = False,
         purpose: str | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        projector: Path | None = None,
     ) -> StoredModel:
-        """Copy (or move) a local GGUF into the store with a computed sha256 and a sidecar."""
+        """Copy (or move) a local GGUF into the store with a computed sha256 and a sidecar; with
+        `projector`, its vision projector too (placed first, the sidecar naming both last)."""
         source = source.expanduser()
         if not source.is_file():
             raise StoreError(f"{source} is not a file")
@@ -550,6 +683,14 @@ class ModelStore:
             facts = read_gguf_facts(source, **self.gguf_limits)
         except InvalidGGUF as exc:
             raise StoreError(f"{source} is not a usable GGUF model: {exc}") from None
+        if projector is not None:
+            projector = projector.expanduser()
+            if not projector.is_file():
+                raise StoreError(f"{projector} is not a file")
+            try:
+                check_projector(projector, **self.gguf_limits)
+            except InvalidGGUF as exc:
+                raise StoreError(f"{projector} is not a usable vision projector: {exc}") from None
         raw_name = name if name is not None else name_for_file(source.name)
         if not raw_name:
             raise InvalidModelName(f"cannot derive a model name from {source.name!r}; pass --name")
@@ -563,33 +704,60 @@ class ModelStore:
                 raise StoreError(f"a model named {ref} already exists ({existing[str(ref)].file_name})")
             if target.exists():
                 raise StoreError(f"{file_name} already exists in the store; uninstall {ref} first")
-            tmp = temp_path_for(target)
-            digest = hashlib.sha256()
+            record = None
+            if projector is not None:
+                paired = self.child(projector_file_for(file_name))
+                if os.path.lexists(paired):
+                    raise StoreError(f"{paired.name} already exists in the store; move it away first")
+                sha = _copy_into(projector, paired, on_bytes)
+                record = ProjectorRecord(
+                    file=paired.name,
+                    sha256=sha,
+                    size_bytes=paired.stat().st_size,
+                    source_url=projector.resolve().as_uri(),
+                    verified_file=FileStamp.of(paired.stat()),
+                )
             try:
-                with source.open("rb") as src, tmp.open("wb") as dst:
-                    while chunk := src.read(CHUNK):
-                        digest.update(chunk)
-                        dst.write(chunk)
-                        if on_bytes is not None:
-                            on_bytes(len(chunk))
-                    dst.flush()
-                    os.fsync(dst.fileno())
-                shutil.copystat(source, tmp)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+                sha = _copy_into(source, target, on_bytes)
+            except BaseException:
+                if record is not None:
+                    self.child(record.file).unlink(missing_ok=True)
+                raise
             fsync_dir(self.root)
             write_sidecar(
                 target,
                 Sidecar(
                     name=str(ref),
                     purpose=purpose or facts.purpose,  # type: ignore[arg-type]
-                    sha256=digest.hexdigest(),
+                    sha256=sha,
                     source_url=source.resolve().as_uri(),
                     size_bytes=target.stat().st_size,
                     installed_at=now_utc(),
+                    projector=record,
                 ),
             )
         if move:
             source.unlink()
+            if projector is not None:
+                projector.unlink()
         return self.find(str(ref))
+
+
+def _copy_into(source: Path, target: Path, on_bytes: Callable[[int], None] | None) -> str:
+    """Copy `source` to `target` through a temporary name beside it; its sha256."""
+    tmp = temp_path_for(target)
+    digest = hashlib.sha256()
+    try:
+        with source.open("rb") as src, tmp.open("wb") as dst:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                dst.write(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
+            dst.flush()
+            os.fsync(dst.fileno())
+        shutil.copystat(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest.hexdigest()

@@ -52,6 +52,8 @@ def _resolve(settings: Settings, name: str) -> CatalogueEntry:
         raise ConfigError(f"{name}: hf.co installs are off (PENDRA_ALLOW_HF=false)")
     entry = resolve_hf(ref, settings.hf_endpoint)
     err.print(f"{name}: {entry.gguf_url} (sha256 {entry.gguf_sha256} from the Hub)", markup=False)
+    if entry.mmproj_url:
+        err.print(f"vision projector: {entry.mmproj_url} (sha256 {entry.mmproj_sha256})", markup=False)
     return entry
 
 
@@ -97,13 +99,19 @@ def list_models(as_json: bool = JSON_OPTION) -> None:
         for m in scan.models:
             status = m.status if m.valid else f"invalid: {m.error}"
             quant = m.facts.quantization if m.facts else None
-            table.add_row(m.name, m.purpose or "-", human_size(m.size_bytes), quant or "-", status)
+            purpose = _purpose(m.purpose, m.projector is not None)
+            table.add_row(m.name, purpose, human_size(m.size_bytes), quant or "-", status)
         out.print(table)
     for model in scan.models:
         for problem in model.problems:
             err.print(f"warning: {model.file_name}: {problem}", markup=False)
     for problem in scan.problems:
         err.print(f"warning: {problem}", markup=False)
+
+
+def _purpose(purpose: str | None, vision: bool) -> str:
+    """The PURPOSE column: `chat+vision` for a model with a vision projector."""
+    return f"{purpose or '-'}+vision" if vision else purpose or "-"
 
 
 def _list_remote(settings: Settings, as_json: bool) -> None:
@@ -130,9 +138,8 @@ def _list_remote(settings: Settings, as_json: bool) -> None:
         elif status == "invalid":
             status = f"invalid: {m.get('error')}"
         quant = (m.get("facts") or {}).get("quantization")
-        table.add_row(
-            m["name"], m.get("purpose") or "-", human_size(m.get("size_bytes")), quant or "-", status
-        )
+        purpose = _purpose(m.get("purpose"), bool(m.get("projector")))
+        table.add_row(m["name"], purpose, human_size(m.get("size_bytes")), quant or "-", status)
     out.print(table)
 
 
@@ -227,7 +234,7 @@ def install(
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task(entry.name, total=entry.size_bytes)
+        task = bar.add_task(entry.name, total=entry.total_size_bytes)
 
         def on_progress(p: InstallProgress) -> None:
             if p.phase == "waiting":
@@ -250,8 +257,9 @@ def install(
         out.print(f"{entry.name} is already installed and verified ({model.file_name})", markup=False)
     else:
         resumed = f", resumed at {human_size(result.resumed_from)}" if result.resumed_from else ""
+        vision = f" with its vision projector {model.projector.name}" if model.projector else ""
         out.print(
-            f"installed {entry.name}: {human_size(model.size_bytes)}, sha256 verified{resumed}, "
+            f"installed {entry.name}{vision}: {human_size(result.size_bytes)}, sha256 verified{resumed}, "
             f"at {model.path}",
             markup=False,
         )
@@ -314,7 +322,7 @@ def _install_remote(settings: Settings, name: str) -> None:
 
 @models_app.command("uninstall")
 def uninstall(name: str) -> None:
-    """Remove a model's GGUF file and its sidecar from the store."""
+    """Remove a model's GGUF file, its sidecar and its vision projector from the store."""
     settings = load_settings()
     if settings.api_url:
         remote = RemoteAPI(settings)
@@ -325,7 +333,10 @@ def uninstall(name: str) -> None:
         out.print(f"uninstalled {gone['id']} from {remote.base_url} (removed {gone['file']})", markup=False)
         return
     model = _store(settings).uninstall(name)
-    out.print(f"uninstalled {model.name} (removed {model.file_name})", markup=False)
+    removed = model.file_name
+    if model.projector is not None and not model.projector.exists():
+        removed += f" and {model.projector.name}"
+    out.print(f"uninstalled {model.name} (removed {removed})", markup=False)
 
 
 @models_app.command("cancel")
@@ -363,12 +374,18 @@ def import_(
     purpose: str | None = typer.Option(
         None, help="chat, embedding, rerank, image or transcription (default: read from the GGUF)."
     ),
+    mmproj: Path | None = typer.Option(
+        None, "--mmproj", help="The model's vision projector (a llama.cpp mmproj .gguf), imported with it."
+    ),
 ) -> None:
     """Copy (or move) a local GGUF into the store, with its sha256 and a sidecar."""
     if purpose is not None and purpose not in PURPOSES:
         raise typer.BadParameter(f"must be one of {', '.join(PURPOSES)}", param_hint="--purpose")
     store = _store(load_settings())
-    model = store.import_file(path, name=name, move=move, purpose=purpose)
+    model = store.import_file(path, name=name, move=move, purpose=purpose, projector=mmproj)
     verb = "moved" if move else "copied"
     sha = model.sidecar.sha256 if model.sidecar else "?"
     out.print(f"imported {model.name} ({verb} to {model.path}), sha256 {sha}", markup=False)
+    record = model.sidecar.projector if model.sidecar else None
+    if record is not None:
+        out.print(f"with its vision projector {record.file}, sha256 {record.sha256}", markup=False)

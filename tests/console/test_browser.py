@@ -11,6 +11,8 @@ docs/images/console, which the README links to.
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import time
 from pathlib import Path
@@ -18,12 +20,16 @@ from typing import Any
 
 import httpx
 import pytest
+from pendra_inference.gguf_hybrid import QWEN35_TINY, write_hybrid_gguf
+from pendra_inference.gguf_vision import QWEN3VL_TINY, write_qwen3vl_projector
+from pendra_inference.gguf_vocab import QWEN_VISION_TOKENS, tokenizer_files
 from pendra_shared.store import ModelStore
+from PIL import Image
 from playwright.sync_api import expect
 
 from tests.console.conftest import HOSTILE, Console
 from tests.support.browser import PageLog, axe_violations, describe_violations, screenshot
-from tests.support.hybrids import write_qwen35
+from tests.support.hybrids import LLAMA_CPP_DATA, write_qwen35
 
 expect.set_options(timeout=30_000)
 
@@ -432,3 +438,147 @@ def test_a_thinking_model_shows_its_reasoning_folded_above_the_answer(
         log.assert_clean()
     finally:
         store.uninstall(THINKER)
+
+
+SEER = "qwen-vision:tiny"
+
+
+def write_vision_model(tmp: Path) -> tuple[Path, Path]:
+    """The tiny Qwen3.5 with the real Qwen tokenizer and template, and a random `qwen3vl_merger`
+    projector (as tests/inference/test_vision.py serves it)."""
+    vocab, _ = tokenizer_files("qwen35", LLAMA_CPP_DATA)
+    model = write_hybrid_gguf(
+        tmp / "qwen.gguf",
+        "qwen35",
+        QWEN35_TINY,
+        vocab=vocab,
+        chat_template=(LLAMA_CPP_DATA / "Qwen3.5-4B.jinja").read_text(),
+        special=QWEN_VISION_TOKENS,
+    )
+    return model, write_qwen3vl_projector(tmp / "mmproj.gguf", QWEN3VL_TINY, QWEN35_TINY.n_embd)
+
+
+def write_png(path: Path, color: tuple[int, int, int]) -> Path:
+    Image.new("RGB", (64, 48), color).save(path, "PNG")
+    return path
+
+
+def chat_request(page: Any, send: Any) -> dict[str, Any]:
+    """The body of the chat request that `send()` makes the page send."""
+    with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as request:
+        send()
+    body: dict[str, Any] = json.loads(request.value.post_data)
+    return body
+
+
+def shown_pictures(images: Any) -> list[str]:
+    """The alt texts of `images`, once each has loaded: a picture the page's CSP refused never
+    does (its natural width stays 0)."""
+    images.first.wait_for()
+    images.evaluate_all("es => Promise.all(es.map(e => e.decode()))")  # rejects for a refused one
+    return images.evaluate_all("es => es.map(e => e.naturalWidth && e.alt)")  # type: ignore[no-any-return]
+
+
+def test_a_vision_model_reads_an_image_attached_in_the_playground(
+    page: Any, console: Console, tmp_path: Path
+) -> None:
+    """A Qwen3.5 with a vision projector: its row says `vision`; the playground offers "Attach
+    image" for it (and not for Gemma), checks the size before sending, shows a thumbnail that can
+    be removed, sends the picture as an OpenAI `image_url` part with a data URL, keeps it in the
+    history for the next turn, and shows the server's 400 for an image it cannot read."""
+    store = ModelStore(console.store)
+    model, projector = write_vision_model(tmp_path)
+    store.import_file(model, name=SEER, purpose="chat", projector=projector)
+    red = write_png(tmp_path / "red.png", (200, 30, 30))
+    green = write_png(tmp_path / "green.png", (30, 200, 30))
+    try:
+        log = open_page(page, console, "/console/models")
+        row = installed_row(page, SEER)
+        expect(row.locator(".badge.cap")).to_have_text(["tools", "thinking", "vision"])
+        expect(row.locator(".badge.cap", has_text="vision")).to_have_attribute("title", "Reads images")
+        expect(page.locator("#installed .badge.cap", has_text="vision")).to_have_count(1)  # not Gemma
+
+        listed(console, SEER)
+        page.goto(console.url + "/console/playground")
+        expect(page.locator(f'#chat-model option[value="{SEER}"]')).to_have_count(1)
+        picker = page.get_by_label("Attach image")
+        hint = page.locator("#chat-image-hint")
+        page.select_option("#chat-model", "gemma3:270m")
+        expect(picker).to_be_disabled()
+        expect(picker).to_have_attribute("title", "The selected model reads no images")
+        expect(hint).to_have_text("The selected model reads no images.")
+        page.select_option("#chat-model", SEER)
+        expect(picker).to_be_enabled()
+        expect(hint).to_contain_text("up to 5 MiB")
+
+        # Too large: said at once, nothing attached.
+        error = page.locator("#chat-image-error")
+        big = {"name": "big.png", "mimeType": "image/png", "buffer": b"\x89PNG" + bytes(5 * 1024**2)}
+        picker.set_input_files(files=[big])
+        expect(error).to_have_text("big.png is 5.2 MB: an image may be at most 5 MiB.")
+        thumbs = page.locator("#chat-images li")
+        expect(thumbs).to_have_count(0)
+        # Two pictures, one removed by keyboard (the focus stays on a Remove button, or the picker).
+        picker.set_input_files(files=[red, green])
+        expect(thumbs).to_have_count(2)
+        expect(error).to_have_text("")
+        assert shown_pictures(thumbs.locator("img")) == ["red.png", "green.png"]
+        page.get_by_role("button", name="Remove green.png").focus()
+        page.keyboard.press("Enter")
+        expect(thumbs).to_have_count(1)
+        expect(thumbs.locator("img")).to_have_attribute("alt", "red.png")
+        expect(page.get_by_role("button", name="Remove red.png")).to_be_focused()  # the one left
+        violations = axe_violations(page)  # with a thumbnail waiting to be sent
+        assert not violations, describe_violations(violations)
+
+        page.fill("#chat-temperature", "0")
+        page.fill("#chat-max-tokens", "8")
+        page.fill("#chat-input", "What is in this picture?")
+        body = chat_request(page, lambda: page.keyboard.press("Enter"))
+        [asked] = body["messages"]
+        picture, words = asked["content"]
+        assert words == {"type": "text", "text": "What is in this picture?"}
+        assert picture["type"] == "image_url"
+        url = picture["image_url"]["url"]
+        assert url.startswith("data:image/png;base64,")
+        assert base64.b64decode(url.removeprefix("data:image/png;base64,")) == red.read_bytes()
+        answer = page.locator("#transcript .turn.assistant").last
+        expect(answer.locator(".stats")).to_contain_text(re.compile(r"\d+ tokens · finish: (length|stop)"))
+        expect(answer.locator(".error")).to_have_count(0)
+        # Random weights think aloud (Qwen3.5's prompt ends in <think>): the answer is its reasoning.
+        assert (
+            answer.locator(".text").inner_text().strip()
+            or answer.locator(".reasoning").evaluate("e => e.textContent").strip()
+        )
+        mine = page.locator("#transcript .turn.user").last
+        assert shown_pictures(mine.locator("img")) == ["red.png"]
+        expect(mine.locator(".text")).to_have_text("What is in this picture?")
+        expect(thumbs).to_have_count(0)  # sent: the next message starts bare
+        expect(page.locator("#chat-images")).to_be_hidden()
+        screenshot(page, "playground-image")
+
+        # The next turn sends the picture again, with the answer between.
+        page.fill("#chat-input", "And its colour?")
+        body = chat_request(page, lambda: page.keyboard.press("Enter"))
+        first, reply, follow = body["messages"]
+        assert first == asked and reply["role"] == "assistant"
+        assert follow == {"role": "user", "content": "And its colour?"}
+        answer = page.locator("#transcript .turn.assistant").last
+        expect(answer.locator(".stats")).to_contain_text(re.compile(r"\d+ tokens · finish: (length|stop)"))
+        expect(answer.locator(".error")).to_have_count(0)
+
+        # A file that only says it is a PNG: the server's 400, shown under the turn.
+        page.get_by_role("button", name="New conversation").click()
+        fake = {"name": "fake.png", "mimeType": "image/png", "buffer": b"GIF89a but not really"}
+        picker.set_input_files(files=[fake])
+        expect(thumbs).to_have_count(1)
+        page.fill("#chat-input", "And this?")
+        page.keyboard.press("Enter")
+        refused = page.locator("#transcript .turn.assistant").last.locator(".error")
+        expect(refused).to_contain_text("not an image Pendra reads")
+        violations = axe_violations(page)
+        assert not violations, describe_violations(violations)
+        # Chromium logs the 400 itself; nothing else may show.
+        log.assert_clean(allow=("Failed to load resource: the server responded with a status of 400",))
+    finally:
+        store.uninstall(SEER)

@@ -285,8 +285,8 @@ def test_a_client_that_goes_away_stops_generation(client: openai.OpenAI, server:
                 ],
             },
             400,
-            "invalid_request",
-            "only text parts",
+            "model_not_multimodal",
+            "does not read images",
         ),
         ({"model": CHAT, "messages": HELLO, "temperature": 9}, 400, "invalid_request", "temperature"),
         (

@@ -32,6 +32,21 @@ PINS = {
 }
 
 
+# Vision projectors, from LocalAI's gallery at the commit the catalogue cites: each from its model's
+# repo, (file, the first 16 digits of its sha256).
+PROJECTOR_PINS = {
+    "qwen3.6:27b": ("mmproj-F32.gguf", "fdc443e974cad1f6"),
+    "qwen3.6:27b-q8_0": ("mmproj-F32.gguf", "fdc443e974cad1f6"),
+    "qwen3.6:35b-a3b": ("mmproj-F32.gguf", "0a1c1cd2772ae6de"),
+    "qwen3.6:35b-a3b-q8_0": ("mmproj-F32.gguf", "0a1c1cd2772ae6de"),
+    "gemma3:4b": ("mmproj-model-f16.gguf", "8c0fb064b019a697"),
+    "gemma3:12b": ("mmproj-model-f16.gguf", "30c02d0564108482"),
+    "gemma3:27b": ("mmproj-model-f16.gguf", "54cb61c842fe49ac"),
+    "gemma3:27b-it-qat": ("mmproj-google_gemma-3-27b-it-qat-f16.gguf", "54cb61c842fe49ac"),
+    "ministral-3:8b": ("mmproj-F32.gguf", "242d11ff65ef844b"),
+}
+
+
 def billions(parameters: str) -> float:
     """ "270M" -> 0.27, "30B-A3B" (total-active) -> 30."""
     value = parameters.upper().split("-")[0]
@@ -44,6 +59,23 @@ def test_bundled_catalogue_carries_the_public_pins() -> None:
     assert all(e.gguf_url.startswith("https://huggingface.co/") for e in entries.values())
     assert entries["nomic-embed-text:v1.5-q4_k_m"].size_bytes == 84_106_624
     assert len({e.gguf_sha256 for e in entries.values()}) == len(entries)  # no pin pasted twice
+
+
+def test_vision_entries_carry_their_projector_pins() -> None:
+    entries = {e.name: e for e in bundled_entries()}
+    found = {
+        e.name: ((e.mmproj_url or "").rpartition("/")[2], (e.mmproj_sha256 or "")[:16])
+        for e in entries.values()
+        if e.mmproj_url or e.mmproj_sha256
+    }
+    assert found == PROJECTOR_PINS
+    for name, (file, _sha) in PROJECTOR_PINS.items():  # a projector from the model's own repo
+        repo = entries[name].gguf_url.split("/resolve/")[0]
+        assert entries[name].mmproj_url == f"{repo}/resolve/main/{file}", name
+    assert entries["gemma3:1b"].projector is None  # text only
+    projector = entries["gemma3:4b"].projector
+    assert projector is not None and projector.gguf_sha256 == entries["gemma3:4b"].mmproj_sha256
+    assert projector.gguf_url == entries["gemma3:4b"].mmproj_url and projector.projector is None
 
 
 def test_the_bundled_catalogue_covers_what_people_install() -> None:
@@ -141,6 +173,15 @@ def test_catalogue_from_settings_and_url(
         ({"name": "gemma3"}, "needs a tag"),
         ({"purpose": "painting"}, "purpose"),
         ({"size_bytes": -5}, "size_bytes"),
+        ({"mmproj_url": "https://a.test/mmproj.gguf"}, "mmproj_url and mmproj_sha256 go together"),
+        ({"mmproj_sha256": "ab" * 32}, "mmproj_url and mmproj_sha256 go together"),
+        ({"mmproj_size_bytes": 10}, "mmproj_size_bytes needs mmproj_url"),
+        (
+            {"mmproj_url": "https://a.test/p.gguf", "mmproj_sha256": "AB" * 32},
+            "mmproj_sha256: .*64 hexadecimal",
+        ),
+        ({"mmproj_url": "ftp://a.test/p.gguf", "mmproj_sha256": "ab" * 32}, "mmproj_url: .*scheme must be"),
+        ({"mmproj_url": "https:///p.gguf", "mmproj_sha256": "ab" * 32}, "mmproj_url: .*no host"),
     ],
 )
 def test_malformed_entries_name_the_file_and_entry(
@@ -150,6 +191,15 @@ def test_malformed_entries_name_the_file_and_entry(
     with pytest.raises(CatalogueError, match=message) as info:
         Catalogue.load([str(path)])
     assert str(path) in str(info.value)
+
+
+def test_an_entry_with_a_projector(write_catalogue: Callable[..., Path]) -> None:
+    pinned = {"mmproj_url": "https://a.test/p.gguf", "mmproj_sha256": "ab" * 32, "mmproj_size_bytes": 9}
+    path = write_catalogue([gemma_entry("https://a.test/g.gguf", **pinned)], activate=False)
+    entry = Catalogue.load([str(path)]).resolve("gemma3:270m")
+    assert (entry.mmproj_url, entry.mmproj_sha256, entry.mmproj_size_bytes) == tuple(pinned.values())
+    assert entry.total_size_bytes == (entry.size_bytes or 0) + 9
+    assert entry.facts()["mmproj_sha256"] == "ab" * 32  # recorded in the sidecar with the rest
 
 
 def test_missing_fields_and_bad_documents(tmp_path: Path, write_catalogue: Callable[..., Path]) -> None:

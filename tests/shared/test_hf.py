@@ -44,6 +44,10 @@ def sha_of(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()
 
 
+def sha_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def lfs(path: str, sha: str | None = None, size: int = 1000) -> dict[str, Any]:
     """A Git LFS file as the tree API lists it: `oid` is the git blob id, `lfs.oid` the SHA-256."""
     lfs_info = {"oid": sha or sha_of(path), "size": size, "pointerSize": 134}
@@ -200,6 +204,42 @@ def test_without_a_quant_several_ggufs_and_no_q4_k_m_is_an_error(hub: FakeHub) -
         resolve(ref(), hub.endpoint)
 
 
+@pytest.mark.parametrize(
+    ("projectors", "chosen"),
+    [
+        (["mmproj-F32.gguf", "mmproj-Q8_0.gguf", "mmproj-BF16.gguf", "mmproj-F16.gguf"], "mmproj-F16.gguf"),
+        (
+            ["mmproj-Model-f32.gguf", "mmproj-Model-bf16.gguf", "mmproj-Model-q8_0.gguf"],
+            "mmproj-Model-bf16.gguf",
+        ),
+        (["mmproj-model-f32.gguf", "mmproj-model-Q8_0.gguf"], "mmproj-model-Q8_0.gguf"),
+        (["mmproj.gguf", "mmproj-model-f32.gguf"], "mmproj-model-f32.gguf"),
+        (["mmproj-q4_k_m.gguf", "sub/mmproj.gguf", "mmproj.gguf"], "mmproj.gguf"),  # any: the shortest
+        (["MMPROJ-F16.GGUF", "mmproj-BF16.gguf"], "MMPROJ-F16.GGUF"),
+    ],
+)
+def test_the_projector_is_chosen_by_precision(hub: FakeHub, projectors: list[str], chosen: str) -> None:
+    hub.tree(lfs("Model-Q4_K_M.gguf"), *(lfs(p) for p in projectors))
+    entry = resolve(ref(), hub.endpoint)
+    assert entry.gguf_url.endswith("/Model-Q4_K_M.gguf")
+    assert entry.mmproj_url == f"{hub.endpoint}/owner/Model-GGUF/resolve/main/{chosen}"
+    assert (entry.mmproj_sha256, entry.mmproj_size_bytes) == (sha_of(chosen), 1000)
+
+
+def test_projectors_without_a_pin_or_in_parts_are_never_chosen(hub: FakeHub) -> None:
+    hub.tree(
+        lfs("Model-Q4_K_M.gguf"),
+        plain("mmproj-F16.gguf"),
+        lfs("mmproj-BF16-00001-of-00002.gguf"),
+        lfs("mmproj-F32.gguf", sha="AB" * 32),
+        lfs("mmproj-Q8_0.gguf"),
+    )
+    assert resolve(ref(), hub.endpoint).mmproj_url.endswith("/mmproj-Q8_0.gguf")  # type: ignore[union-attr]
+    hub.tree(lfs("Model-Q4_K_M.gguf"), plain("mmproj-F16.gguf"))
+    entry = resolve(ref(), hub.endpoint)
+    assert (entry.mmproj_url, entry.mmproj_sha256, entry.mmproj_size_bytes) == (None, None, None)
+
+
 # -- the API -----------------------------------------------------------------------------------------
 
 
@@ -331,11 +371,12 @@ def test_installs_the_real_gemma_through_a_resolved_entry(
     served = hub.files.root / "unsloth/gemma-3-270m-it-GGUF/resolve/main" / name
     served.parent.mkdir(parents=True)
     link_or_copy(gemma_path, served)
+    projector = write_gguf(served.parent / "mmproj-gemma-3-270m-it-F16.gguf", arch="clip")
     hub.tree(
         plain("README.md"),
         lfs("gemma-3-270m-it-Q8_0.gguf"),
         lfs(name, sha=GEMMA_SHA256, size=GEMMA_SIZE),
-        lfs("mmproj-gemma-3-270m-it-Q4_K_M.gguf"),
+        lfs(projector.name, sha=sha_file(projector), size=projector.stat().st_size),
         path="/api/models/unsloth/gemma-3-270m-it-GGUF/tree/main",
     )
     reference = parse_hf_ref("hf.co/unsloth/gemma-3-270m-it-GGUF")
@@ -343,14 +384,18 @@ def test_installs_the_real_gemma_through_a_resolved_entry(
     entry = resolve(reference, hub.endpoint)
     store = ModelStore(store_dir)
     result = installer(store).install(entry)
-    assert result.model.name == "gemma-3-270m-it:q4_k_m" and result.downloaded_bytes == GEMMA_SIZE
+    assert result.model.name == "gemma-3-270m-it:q4_k_m"
+    assert result.downloaded_bytes == GEMMA_SIZE + projector.stat().st_size
     assert result.model.path == store.root / "gemma-3-270m-it-q4_k_m.gguf"
     with result.model.path.open("rb") as fh:
         assert hashlib.file_digest(fh, "sha256").hexdigest() == GEMMA_SHA256
     sidecar = json.loads(result.model.path.with_name(result.model.path.name + ".meta.json").read_text())
     assert (sidecar["sha256"], sidecar["source_url"]) == (GEMMA_SHA256, entry.gguf_url)
+    assert sidecar["projector"]["source_url"] == entry.mmproj_url
     (model,) = store.scan().models
     assert (model.name, model.status) == ("gemma-3-270m-it:q4_k_m", "ready")
+    assert model.projector == store.root / "gemma-3-270m-it-q4_k_m.mmproj.gguf"
+    assert model.projector.read_bytes() == projector.read_bytes()
 
 
 @pytest.mark.parametrize(("arch", "pooling", "purpose"), [("bert", None, "embedding"), ("bert", 4, "rerank")])

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 from pendra_shared.catalogue import CatalogueEntry
 from pendra_shared.errors import (
     ChecksumMismatch,
+    DownloadInterrupted,
     InstallCancelled,
     InstallError,
     InsufficientSpace,
@@ -299,3 +301,171 @@ def test_two_names_for_the_same_bytes_install_at_once_without_sharing_a_partial(
     assert leftovers(store) == []
     discarded = installer(store).discard_partial(entry(served_gemma, name="gemma-copy:270m"), wait=False)
     assert discarded
+
+
+# -- vision projectors ---------------------------------------------------------------------------
+
+
+def vision_entry(file_server: FileServer, **overrides: Any) -> CatalogueEntry:
+    """A small chat model and its projector (a clip GGUF) on the file server, pinned."""
+    model = write_gguf(file_server.root / "vision.gguf", tensors=8)
+    projector = write_gguf(file_server.root / "mmproj-F16.gguf", arch="clip", tensors=600)  # 150 kB
+    fields: dict[str, Any] = {
+        "name": "vision:1b",
+        "gguf_sha256": sha256_of(model),
+        "size_bytes": model.stat().st_size,
+        "mmproj_url": file_server.url("mmproj-F16.gguf"),
+        "mmproj_sha256": sha256_of(projector),
+        "mmproj_size_bytes": projector.stat().st_size,
+    }
+    return entry(file_server.url("vision.gguf"), **{**fields, **overrides})
+
+
+def store_files(store: ModelStore) -> list[str]:
+    return sorted(p.name for p in store.root.iterdir() if p.is_file())
+
+
+def test_an_entry_with_a_projector_installs_both(store: ModelStore, file_server: FileServer) -> None:
+    pinned = vision_entry(file_server)
+    events: list[Progress] = []
+    result = installer(store).install(pinned, events.append)
+    assert store_files(store) == ["vision-1b.gguf", "vision-1b.gguf.meta.json", "vision-1b.mmproj.gguf"]
+    sidecar = json.loads((store.root / "vision-1b.gguf.meta.json").read_text())
+    projector = store.root / "vision-1b.mmproj.gguf"
+    assert sidecar["projector"]["file"] == "vision-1b.mmproj.gguf"
+    assert sidecar["projector"]["sha256"] == pinned.mmproj_sha256 == sha256_of(projector)
+    assert sidecar["projector"]["size_bytes"] == projector.stat().st_size
+    assert sidecar["projector"]["source_url"] == pinned.mmproj_url
+    assert sidecar["projector"]["verified_file"]["inode"] == projector.stat().st_ino
+    scan = store.scan()
+    (model,) = scan.models
+    assert scan.problems == [] and scan.projectors == ("vision-1b.mmproj.gguf",)
+    assert model.valid and model.projector == projector and model.projector_problem is None
+    assert "vision" in model.capabilities and model.as_dict()["projector"] == "vision-1b.mmproj.gguf"
+    assert result.model.projector == projector and leftovers(store) == []
+    # Progress counts the pair: the projector's bytes follow the model's.
+    both = model.size_bytes + projector.stat().st_size
+    assert result.size_bytes == both and result.downloaded_bytes == both
+    done = [e.done_bytes for e in events if e.phase == "downloading"]
+    assert done == sorted(done) and done[-1] == both
+    assert {e.total_bytes for e in events if e.phase == "downloading"} == {both}
+    assert (events[-1].phase, events[-1].done_bytes) == ("done", both)
+
+    requests = len(file_server.requests)
+    again = installer(store).install(pinned)
+    assert again.already_installed and len(file_server.requests) == requests
+
+
+def test_a_wrong_projector_pin_fails_the_install_and_leaves_nothing(
+    store: ModelStore, file_server: FileServer
+) -> None:
+    wrong = "cd" * 32
+    with pytest.raises(ChecksumMismatch, match=f"vision:1b \\(vision projector\\).*expected sha256 {wrong}"):
+        installer(store).install(vision_entry(file_server, mmproj_sha256=wrong, mmproj_size_bytes=None))
+    assert store.scan().models == [] and store_files(store) == [] and leftovers(store) == []
+
+
+@pytest.mark.parametrize(
+    ("served", "message"),
+    [("model", "is not a vision projector.*architecture is 'llama'"), ("missing", "HTTP 404")],
+)
+def test_a_projector_that_is_no_projector_fails_the_install(
+    store: ModelStore, file_server: FileServer, served: str, message: str
+) -> None:
+    changes = {"mmproj_url": file_server.url("nowhere.gguf")}
+    if served == "model":  # verified bytes, but a model's, not a projector's
+        fake = write_gguf(file_server.root / "fake-mmproj.gguf", name="not a projector")
+        changes = {"mmproj_url": file_server.url(fake.name), "mmproj_sha256": sha256_of(fake)}
+    with pytest.raises(InstallError, match=message):
+        installer(store).install(vision_entry(file_server, mmproj_size_bytes=None, **changes))
+    assert store_files(store) == [] and leftovers(store) == []
+
+
+def test_an_installed_model_gets_the_projector_its_entry_names_later(
+    store: ModelStore, file_server: FileServer
+) -> None:
+    pinned = vision_entry(file_server)
+    text_only = pinned.model_copy(
+        update={"mmproj_url": None, "mmproj_sha256": None, "mmproj_size_bytes": None}
+    )
+    installer(store).install(text_only)
+    target = store.root / "vision-1b.gguf"
+    before = target.stat()
+    (model,) = store.scan().models
+    assert model.projector is None and "vision" not in model.capabilities
+
+    # A bad projector pin fails, and the model installed before is untouched.
+    sidecar_before = (store.root / "vision-1b.gguf.meta.json").read_bytes()
+    with pytest.raises(ChecksumMismatch):
+        installer(store).install(pinned.model_copy(update={"mmproj_sha256": "ef" * 32}))
+    assert (store.root / "vision-1b.gguf.meta.json").read_bytes() == sidecar_before
+    assert store_files(store) == ["vision-1b.gguf", "vision-1b.gguf.meta.json"] and leftovers(store) == []
+
+    requests = len(file_server.requests)
+    result = installer(store).install(pinned)
+    assert [r.path for r in file_server.requests[requests:]] == ["/mmproj-F16.gguf"]  # just the projector
+    assert not result.already_installed and result.model.projector == store.root / "vision-1b.mmproj.gguf"
+    after = target.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    (model,) = store.scan().models
+    assert model.verified and model.trusted and "vision" in model.capabilities
+
+    # Its projector removed by hand: installing again brings it back.
+    (store.root / "vision-1b.mmproj.gguf").unlink()
+    assert "missing" in (store.find("vision:1b").projector_problem or "")
+    installer(store).install(pinned)
+    assert store.find("vision:1b").projector is not None
+
+
+def test_a_cancelled_projector_download_leaves_nothing(store: ModelStore, file_server: FileServer) -> None:
+    pinned = vision_entry(file_server)
+    cancel = threading.Event()
+    model_size = pinned.size_bytes or 0
+
+    def progress(p: Progress) -> None:
+        if p.phase == "downloading" and p.done_bytes > model_size:
+            cancel.set()  # the model is verified, the projector half-way
+
+    file_server.faults.throttle_s = 0.001
+    with pytest.raises(InstallCancelled):
+        installer(store).install(pinned, progress, cancel)
+    assert store_files(store) == [] and leftovers(store) == []
+
+
+def test_an_interrupted_projector_download_resumes_without_fetching_the_model_again(
+    store: ModelStore, file_server: FileServer
+) -> None:
+    pinned = vision_entry(file_server, size_bytes=None)  # a resumed model of unknown size is reused too
+    interrupt = threading.Event()
+    model_size = (file_server.root / "vision.gguf").stat().st_size
+
+    def progress(p: Progress) -> None:
+        if p.phase == "downloading" and p.done_bytes > model_size:
+            interrupt.set()  # a shutdown, the projector half-way
+
+    file_server.faults.throttle_s = 0.001
+    with pytest.raises(DownloadInterrupted):
+        installer(store).install(pinned, progress, interrupt=interrupt)
+    assert store_files(store) == [] and len(leftovers(store)) == 3  # both partials, the model's note
+    file_server.faults.throttle_s = 0
+    requests = len(file_server.requests)
+    result = installer(store).install(pinned)
+    (resumed,) = file_server.requests[requests:]
+    assert resumed.path == "/mmproj-F16.gguf" and resumed.status == 206
+    assert result.model.projector is not None and leftovers(store) == []
+    assert sha256_of(result.model.projector) == pinned.mmproj_sha256
+
+
+def test_a_touched_model_is_adopted_again_with_its_projector(
+    store: ModelStore, file_server: FileServer
+) -> None:
+    pinned = vision_entry(file_server)
+    installer(store).install(pinned)
+    target = store.root / "vision-1b.gguf"
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 1_000_000_000))
+    assert not store.find("vision:1b").verified  # the model changed since it was verified
+    requests = len(file_server.requests)
+    again = installer(store).install(pinned)
+    assert again.already_installed and len(file_server.requests) == requests  # re-hashed, nothing fetched
+    model = store.find("vision:1b")
+    assert model.verified and model.projector == store.root / "vision-1b.mmproj.gguf"

@@ -829,3 +829,33 @@ def test_a_mirror_that_dies_mid_download_hands_over_to_upstream(
         assert any("the mirror stopped answering" in w for w in warnings), warnings
     finally:
         dying.stop()
+
+
+def test_a_projector_travels_through_the_mirror_too(tmp_path: Path, file_server: FileServer, s3: Any) -> None:
+    """A vision model installed upstream fills the mirror with both files; the next store takes
+    both from the mirror, upstream down."""
+    from tests.support.engines import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY
+
+    model = write_gguf(file_server.root / "seer.gguf", tensors=8)
+    projector = write_gguf(file_server.root / "mmproj-F16.gguf", arch="clip")
+    shas = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (model, projector)]
+    pinned = entry(
+        file_server.url(model.name),
+        shas[0],
+        model.stat().st_size,
+        allow_private=True,
+        mmproj_url=file_server.url(projector.name),
+        mmproj_sha256=shas[1],
+    )
+    first = ModelStore(tmp_path / "first")
+    _install(_fetch(first, s3.mirror_url, S3_ACCESS_KEY, S3_SECRET_KEY), pinned)
+    for sha, path in zip(shas, (model, projector), strict=True):
+        assert s3.client().stat_object(S3_BUCKET, f"sha256/{sha}").size == path.stat().st_size
+
+    file_server.faults.errors_503 = 1000  # upstream down from here on
+    second = ModelStore(tmp_path / "second")
+    result = _install(_fetch(second, s3.mirror_url, S3_ACCESS_KEY, S3_SECRET_KEY), pinned)
+    assert result.model.projector is not None
+    assert result.model.projector.read_bytes() == projector.read_bytes()
+    assert result.model.path.read_bytes() == model.read_bytes()
+    assert [r.status for r in file_server.requests] == [200, 200]  # the first install's only

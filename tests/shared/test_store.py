@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -253,3 +254,128 @@ def test_import_refuses_a_file_that_is_not_a_gguf(store: ModelStore, tmp_path: P
         store.import_file(bad)
     assert shutil.disk_usage(store.root) is not None
     assert not any(p.suffix == ".gguf" for p in store.root.iterdir())
+
+
+# -- vision projectors ---------------------------------------------------------------------------
+
+
+def import_vision(store: ModelStore, tmp_path: Path, name: str = "seer:1b") -> Path:
+    """A model imported with its projector; returns the projector's path in the store."""
+    model = write_gguf(tmp_path / f"{name.replace(':', '-')}.gguf")
+    projector = write_gguf(tmp_path / f"mmproj-{name.replace(':', '-')}.gguf", arch="clip")
+    imported = store.import_file(model, name=name, projector=projector)
+    assert imported.projector is not None
+    return imported.projector
+
+
+def test_a_hand_dropped_projector_is_no_model_and_is_reported(store: ModelStore) -> None:
+    write_gguf(store.root / "mmproj-model-f16.gguf", arch="clip")
+    write_gguf(store.root / "newer-mmproj.gguf", general_type="mmproj", arch="clip")
+    write_gguf(store.root / "plain.gguf")
+    scan = store.scan()
+    assert [m.name for m in scan.models] == ["plain"]
+    assert scan.projectors == ("mmproj-model-f16.gguf", "newer-mmproj.gguf")
+    assert len(scan.problems) == 2
+    assert scan.problems[0].startswith("mmproj-model-f16.gguf is a vision projector that no model names")
+    with pytest.raises(ModelNotFound):
+        store.find("mmproj-model-f16")
+
+
+def test_import_with_a_projector_pairs_them_and_uninstall_removes_both(
+    store: ModelStore, tmp_path: Path
+) -> None:
+    projector = import_vision(store, tmp_path)
+    store.import_file(write_gguf(tmp_path / "other.gguf"), name="other:1")
+    assert projector == store.root / "seer-1b.mmproj.gguf"
+    scan = store.scan()
+    assert scan.problems == [] and [m.name for m in scan.models] == ["other:1", "seer:1b"]
+    model = store.find("seer:1b")
+    assert model.sidecar is not None and model.sidecar.projector is not None
+    record = model.sidecar.projector
+    assert (record.file, record.size_bytes) == ("seer-1b.mmproj.gguf", projector.stat().st_size)
+    assert record.sha256 == hashlib.sha256(projector.read_bytes()).hexdigest()
+    assert record.source_url == (tmp_path / "mmproj-seer-1b.gguf").resolve().as_uri()
+    assert model.capabilities == ["completion", "vision"]
+    assert (model.as_dict()["projector"], model.as_dict()["projector_problem"]) == (
+        "seer-1b.mmproj.gguf",
+        None,
+    )
+    assert store.find("other:1").projector is None and store.find("other:1").capabilities == ["completion"]
+
+    before = {p.name for p in store.root.iterdir()}
+    store.uninstall("seer:1b")
+    gone = before - {p.name for p in store.root.iterdir()}
+    assert gone == {"seer-1b.gguf", "seer-1b.gguf.meta.json", "seer-1b.mmproj.gguf"}
+    assert store.scan().problems == []
+
+
+def test_import_refuses_a_projector_that_is_not_one(store: ModelStore, tmp_path: Path) -> None:
+    model = write_gguf(tmp_path / "m.gguf")
+    with pytest.raises(StoreError, match="not a usable vision projector.*architecture is 'llama'"):
+        store.import_file(model, name="m:1", projector=write_gguf(tmp_path / "not-mmproj.gguf"))
+    assert not any(p.suffix == ".gguf" for p in store.root.iterdir())
+
+
+def test_a_missing_or_changed_projector_leaves_a_valid_text_model(store: ModelStore, tmp_path: Path) -> None:
+    projector = import_vision(store, tmp_path)
+    kept = projector.read_bytes()
+    projector.unlink()
+    model = store.find("seer:1b")
+    assert model.valid and model.error is None and model.projector is None
+    assert model.projector_problem is not None and "seer-1b.mmproj.gguf is missing" in model.projector_problem
+    assert model.projector_problem in model.problems and model.capabilities == ["completion"]
+    assert model.as_dict()["projector"] is None
+
+    # The same bytes back under a new inode: changed since verified, until `verify` checks it.
+    projector.write_bytes(kept)
+    model = store.find("seer:1b")
+    assert model.projector is None and "changed since it was verified" in (model.projector_problem or "")
+    result = store.verify("seer:1b")
+    assert result.matches is True and "projector seer-1b.mmproj.gguf: sha256 matches" in result.message
+    assert store.find("seer:1b").projector == projector
+
+    projector.write_bytes(kept[:-1] + b"\x01")  # other bytes
+    result = store.verify("seer:1b")
+    assert result.matches is False and "projector seer-1b.mmproj.gguf: sha256 mismatch" in result.message
+    assert store.find("seer:1b").projector is None
+
+
+def test_a_sidecar_naming_what_is_no_projector_harms_nothing(store: ModelStore, tmp_path: Path) -> None:
+    """A hand-edited sidecar names another model, a file outside the store, a link out of it:
+    each is a problem, never a projector, and uninstall removes none of them."""
+    projector = import_vision(store, tmp_path)
+    model = store.find("seer:1b")
+    assert model.sidecar is not None and model.sidecar.projector is not None
+    write_gguf(store.root / "bystander.gguf")
+    outside = write_gguf(tmp_path / "outside-mmproj.gguf", arch="clip")
+    (store.root / "escape.mmproj.gguf").symlink_to(outside)
+    for file, problem in [
+        ("bystander.gguf", "not a vision projector (it is a model)"),
+        ("../outside-mmproj.gguf", "not a file name in the store"),
+        ("escape.mmproj.gguf", "symbolic link out of the store"),
+        ("notes.txt", "not a .gguf file"),
+    ]:
+        record = model.sidecar.projector.model_copy(update={"file": file})
+        write_sidecar(model.path, model.sidecar.model_copy(update={"projector": record}))
+        found = store.find("seer:1b")
+        assert found.valid and found.projector is None and problem in (found.projector_problem or ""), file
+    (store.root / "notes.txt").write_text("mine")
+    store.uninstall("seer:1b")
+    assert (
+        outside.exists() and (store.root / "notes.txt").exists() and (store.root / "bystander.gguf").exists()
+    )
+    assert projector.exists()  # now named by no model: reported, not removed with another's uninstall
+    assert any("seer-1b.mmproj.gguf is a vision projector" in p for p in store.scan().problems)
+
+
+def test_a_projector_two_models_name_stays_until_the_last_goes(store: ModelStore, tmp_path: Path) -> None:
+    projector = import_vision(store, tmp_path)
+    record = store.find("seer:1b").sidecar.projector  # type: ignore[union-attr]
+    twin = store.import_file(write_gguf(tmp_path / "twin.gguf", name="twin"), name="twin:1b")
+    assert twin.sidecar is not None
+    write_sidecar(twin.path, twin.sidecar.model_copy(update={"projector": record}))
+    assert store.find("twin:1b").projector == projector
+    store.uninstall("seer:1b")
+    assert projector.exists() and store.find("twin:1b").projector == projector
+    store.uninstall("twin:1b")
+    assert not projector.exists()

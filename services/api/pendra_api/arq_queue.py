@@ -83,7 +83,7 @@ class ArqQueue:
 
     async def submit(self, entry: CatalogueEntry) -> tuple[Job, bool]:
         async with self._redis():
-            new = Job.new(entry.name, entry.size_bytes)
+            new = Job.new(entry.name, entry.total_size_bytes)
             await self._unless_lost(await self.records.get(new.id))  # a lost job must not block it
             job, created = await self.records.claim(new)
             if created:

@@ -80,7 +80,7 @@ class LocalQueue:
         return job_id in self._cancels
 
     async def submit(self, entry: CatalogueEntry) -> tuple[Job, bool]:
-        job = Job.new(entry.name, entry.size_bytes)
+        job = Job.new(entry.name, entry.total_size_bytes)
         existing = self._jobs.get(job.id)
         if existing is not None and not existing.final:
             return existing, False

@@ -95,7 +95,7 @@ async def models(request: Request) -> dict[str, Any]:
     """What is in the store, with status (ready, invalid), and what is being installed."""
     m = _m(request)
     scan = await asyncio.to_thread(m.store.scan)
-    data = [model.as_dict() for model in scan.models]
+    data = [{**model.as_dict(), "capabilities": model.capabilities} for model in scan.models]
     present = {model.name for model in scan.models}
     for job in await m.queue.jobs():
         if not job.final and job.model not in present:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -101,6 +102,21 @@ def _template(model: StoredModel) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _projector_info(projector: Path) -> dict[str, Any]:
+    """What Ollama's `projector_info` holds: the projector header's `general.architecture` and its
+    `clip.*` numbers and flags."""
+    try:
+        metadata = read_header(projector).metadata
+    except (HeaderError, OSError):
+        return {}
+    return {
+        key: value
+        for key, value in metadata.items()
+        if (key == "general.architecture" or key.startswith("clip."))
+        and isinstance(value, str | int | float | bool)
+    }
+
+
 @router.post("/show")
 async def show(request: Request) -> Response:
     try:
@@ -108,18 +124,19 @@ async def show(request: Request) -> Response:
     except _Refused as exc:
         return _error(exc.status, exc.message)
     facts = model.facts
-    return JSONResponse(
-        {
-            "modelfile": f"# Served by Pendra from its models directory\nFROM {model.file_name}\n",
-            "parameters": "",
-            "template": await asyncio.to_thread(_template, model),
-            "license": (facts.license if facts else None) or "",
-            "details": details(model),
-            "model_info": _model_info(model),
-            "capabilities": capabilities(model),
-            "modified_at": model.modified.isoformat(),
-        }
-    )
+    body = {
+        "modelfile": f"# Served by Pendra from its models directory\nFROM {model.file_name}\n",
+        "parameters": "",
+        "template": await asyncio.to_thread(_template, model),
+        "license": (facts.license if facts else None) or "",
+        "details": details(model),
+        "model_info": _model_info(model),
+        "capabilities": capabilities(model),
+        "modified_at": model.modified.isoformat(),
+    }
+    if model.projector is not None:
+        body["projector_info"] = await asyncio.to_thread(_projector_info, model.projector)
+    return JSONResponse(body)
 
 
 @router.delete("/delete")

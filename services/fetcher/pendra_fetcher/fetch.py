@@ -1,6 +1,9 @@
 """One verified install as the fetcher does it: the mirror first, then upstream, then the mirror
 is filled with what was verified upstream. The foundation's `Installer` does the real work.
 
+A vision model's projector travels the same way, as a blob of its own: taken from the mirror when
+the mirror holds it, uploaded after a verified install when it does not.
+
 The mirror never stops an install: down, refusing the credentials, holding a corrupt copy or
 going away mid-download, it is logged as a warning and the install goes upstream (resuming from
 the bytes the mirror gave, which share the partial file and are verified with the rest)."""
@@ -34,9 +37,12 @@ class Fetch:
         mirror = self.mirror
         if mirror is None or entry.gguf_url.startswith("s3://"):
             return self.installer.install(entry, progress, cancel, interrupt)
-        if self._in_mirror(mirror, entry):
-            progress(Progress("checking", 0, entry.size_bytes, f"installing from the {mirror}"))
-            mirrored = entry.model_copy(update={"gguf_url": mirror.url_for(entry.gguf_sha256)})
+        if self._in_mirror(mirror, entry, entry.gguf_sha256):
+            progress(Progress("checking", 0, entry.total_size_bytes, f"installing from the {mirror}"))
+            update = {"gguf_url": mirror.url_for(entry.gguf_sha256)}
+            if entry.mmproj_sha256 and self._in_mirror(mirror, entry, entry.mmproj_sha256):
+                update["mmproj_url"] = mirror.url_for(entry.mmproj_sha256)
+            mirrored = entry.model_copy(update=update)
             try:
                 return self.installer.install(mirrored, progress, cancel, interrupt)
             except InstallCancelled:
@@ -47,7 +53,7 @@ class Fetch:
                 logger.warning("%s: the mirror stopped answering (%s); going upstream", entry.name, exc)
             except ChecksumMismatch as exc:  # a bad copy: drop it, so the upstream bytes replace it
                 logger.warning("%s: the mirror's copy is corrupt (%s); going upstream", entry.name, exc)
-                self._drop(mirror, entry)
+                self._drop(mirror, entry, exc.expected)
             except InstallError as exc:
                 logger.warning("%s: the mirror copy failed (%s); going upstream", entry.name, exc)
         result = self.installer.install(entry, progress, cancel, interrupt)
@@ -55,26 +61,34 @@ class Fetch:
         return result
 
     @staticmethod
-    def _in_mirror(mirror: S3Mirror, entry: CatalogueEntry) -> bool:
+    def _in_mirror(mirror: S3Mirror, entry: CatalogueEntry, sha256: str) -> bool:
         try:
-            return mirror.has(entry.gguf_sha256)
+            return mirror.has(sha256)
         except Exception as exc:  # a mirror that is down must not stop an install
             logger.warning("%s: cannot reach the %s (%s); going upstream", entry.name, mirror, exc)
             return False
 
     @staticmethod
-    def _drop(mirror: S3Mirror, entry: CatalogueEntry) -> None:
+    def _drop(mirror: S3Mirror, entry: CatalogueEntry, sha256: str) -> None:
         try:
-            mirror.remove(entry.gguf_sha256)
+            mirror.remove(sha256)
         except Exception as exc:
             logger.warning("%s: could not remove the corrupt mirror copy: %s", entry.name, exc)
 
     @staticmethod
     def _fill_mirror(mirror: S3Mirror, entry: CatalogueEntry, result: InstallResult) -> None:
-        """Upload the verified file unless the mirror holds a copy of the same size (a corrupt
-        copy of the same size was dropped when its checksum failed)."""
-        try:
-            if mirror.size_of(mirror.bucket, mirror.key_for(entry.gguf_sha256)) != result.model.size_bytes:
-                mirror.upload(result.model.path, entry.gguf_sha256)
-        except Exception as exc:
-            logger.warning("%s: installed, but uploading it to the %s failed: %s", entry.name, mirror, exc)
+        """Upload the verified files (the model's, its projector's) unless the mirror holds a copy
+        of the same size (a corrupt copy of the same size was dropped when its checksum failed)."""
+        model = result.model
+        blobs = [("it", model.path, entry.gguf_sha256, model.size_bytes)]
+        record = model.sidecar.projector if model.sidecar else None
+        if model.projector is not None and record is not None and record.sha256 == entry.mmproj_sha256:
+            blobs.append(("its vision projector", model.projector, record.sha256, record.size_bytes))
+        for what, path, sha256, size in blobs:
+            try:
+                if mirror.size_of(mirror.bucket, mirror.key_for(sha256)) != size:
+                    mirror.upload(path, sha256)
+            except Exception as exc:
+                logger.warning(
+                    "%s: installed, but uploading %s to the %s failed: %s", entry.name, what, mirror, exc
+                )

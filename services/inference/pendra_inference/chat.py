@@ -45,6 +45,7 @@ from pendra_inference.registry import Loaded, ModelRegistry
 from pendra_inference.sampling import SamplingParams
 from pendra_inference.scheduler import Scheduler
 from pendra_inference.sequence import Completion, Delta, Result, Ticket, TokenLogprob
+from pendra_inference.vision import ImageLimits, Picture, decode_image, fetch_image, image_url
 
 logger = logging.getLogger(__name__)
 
@@ -65,20 +66,29 @@ class Plan:
     def prompt(self) -> list[int]:
         return self.completion.prompt
 
+    @property
+    def image_tokens(self) -> int:
+        return sum(image.n_tokens for image in self.completion.images)
+
     def splitter(self) -> Splitter:
         return Splitter(self.fmt, self.turn, self.text, self.split)
 
 
-def _text_content(content: Any, index: int) -> str:
+def _text_content(content: Any, index: int, marker: str | None = None) -> str:
+    """A message's text; each image part becomes llama.cpp's media `marker` (None: the model reads
+    no images, and the request's were refused before)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     texts = []
     for part in content:
+        if part.get("type") == "image_url" and marker is not None:
+            texts.append(marker)
+            continue
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
             raise InvalidRequest(
-                f"messages[{index}].content: only text parts are supported by this model "
+                f"messages[{index}].content: only text and image_url parts are read "
                 f"(got {part.get('type')!r})",
                 param=f"messages[{index}].content",
             )
@@ -86,13 +96,33 @@ def _text_content(content: Any, index: int) -> str:
     return "\n".join(texts)
 
 
+def image_parts(req: ChatCompletionRequest, limits: ImageLimits) -> list[tuple[str, str]]:
+    """Where each image of the request is, and its URL, in prompt order; at most
+    `limits.max_images` of them."""
+    parts = []
+    for i, msg in enumerate(req.messages):
+        if isinstance(msg.content, list):
+            for j, part in enumerate(msg.content):
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    where = f"messages[{i}].content[{j}]"
+                    parts.append((where, image_url(part, where)))
+    if len(parts) > limits.max_images:
+        raise InvalidRequest(
+            f"the messages carry {len(parts)} images; at most {limits.max_images} per request "
+            "(PENDRA_MAX_IMAGES)",
+            param="messages",
+            code="too_many_images",
+        )
+    return parts
+
+
 def _messages(
-    req: ChatCompletionRequest, template: ChatTemplate, tool_prompt: str | None
+    req: ChatCompletionRequest, template: ChatTemplate, tool_prompt: str | None, marker: str | None = None
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i, msg in enumerate(req.messages):
         role = "system" if msg.role == "developer" else msg.role
-        content = _text_content(msg.content, i)
+        content = _text_content(msg.content, i, marker)
         entry: dict[str, Any] = {"role": role, "content": content}
         if template.native:
             if msg.tool_calls:
@@ -233,9 +263,11 @@ def plan(
     req: ChatCompletionRequest,
     limits: RequestLimits | None = None,
     reasoning_format: str = "auto",
+    pictures: list[Picture] | None = None,
 ) -> Plan:
     """Everything before generation; runs in a thread (tokenizing and grammars take time).
-    `check_chat` has passed. `reasoning_format` is the server's default (none: reasoning inline)."""
+    `check_chat` has passed. `reasoning_format` is the server's default (none: reasoning inline).
+    `pictures`: the request's images, decoded, in order (the model's projector reads them)."""
     limits = limits or RequestLimits()
     engine = loaded.engine
     scheduler = cast(Scheduler, loaded.runner)
@@ -264,7 +296,8 @@ def plan(
         text = raw  # given as it is: no template, and none of its stop strings
     else:
         tool_prompt = _tool_prompt(tools) if tools and not template.supports_tools else None
-        messages = _messages(req, template, tool_prompt)
+        projector = scheduler.projector if pictures else None
+        messages = _messages(req, template, tool_prompt, projector.marker if projector else None)
         try:
             text = template.render(
                 messages,
@@ -286,7 +319,11 @@ def plan(
             f"This model's maximum context length is {n_ctx} tokens; the messages use more than that",
             param="messages",
         )
-    prompt = engine.tokenize_prompt(text)
+    images: tuple[Any, ...] = ()
+    if pictures and raw is None:
+        prompt, images = scheduler.projector.tokenize(text, pictures, engine.bos_to_add)
+    else:
+        prompt = engine.tokenize_prompt(text)
     if len(prompt) >= n_ctx:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {n_ctx} tokens; the messages use {len(prompt)}",
@@ -325,13 +362,13 @@ def plan(
     )
     stops_all = tuple(stops) + (() if raw is not None else tuple(template.stop))
     marks: tuple[int, ...] = ()
-    if raw is None and scheduler.stateful and req.cache_prompt:
+    if raw is None and scheduler.stateful and req.cache_prompt and not images:
         variables = fmt.template_vars(turn) if template.native else None
         marks = _message_marks(loaded, template, messages, text, prompt, tools, limits, variables)
     # The family's special tokens are written out only where its parser reads them.
     shown = _shown(loaded, fmt) if raw is None and (tools or fmt.thinks) else frozenset[int]()
     completion = Completion(
-        prompt, wanted, sampling, stops_all, req.n, req.cache_prompt, "chat", marks, shown
+        prompt, wanted, sampling, stops_all, req.n, req.cache_prompt, "chat", marks, shown, images
     )
     split = raw is None and (req.reasoning_format or reasoning_format) != "none"
     return Plan(completion, fmt, turn, text, split)
@@ -464,13 +501,15 @@ def _logprobs_json(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
     ]
 
 
-def _usage(result: Result, reasoning_tokens: int = 0) -> Usage:
+def _usage(result: Result, reasoning_tokens: int = 0, image_tokens: int = 0) -> Usage:
     completion = sum(result.completion_tokens)
     return Usage(
         prompt_tokens=result.prompt_tokens,
         completion_tokens=completion,
         total_tokens=result.prompt_tokens + completion,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens),
+        prompt_tokens_details=PromptTokensDetails(
+            cached_tokens=result.cached_tokens, image_tokens=image_tokens
+        ),
         completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning_tokens),
     )
 
@@ -527,7 +566,35 @@ class ChatService:
         self.metrics = metrics or registry.metrics
         self.limits = RequestLimits.from_settings(registry.settings)
         self.reasoning_format = registry.settings.reasoning_format
+        self.images = ImageLimits.from_settings(registry.settings)
         self._background: set[asyncio.Task[None]] = set()
+
+    async def _plan(self, loaded: Loaded, req: ChatCompletionRequest, parts: list[tuple[str, str]]) -> Plan:
+        """The plan, with the request's images fetched and decoded first (in a thread)."""
+        pictures: list[Picture] = []
+        if parts:
+            scheduler = cast(Scheduler, loaded.runner)
+            if scheduler.projector is None:
+                refused = loaded.engine.projector_refused
+                raise InvalidRequest(
+                    f"'{req.model}' does not read images: "
+                    + (
+                        f"its vision projector was refused at load: {refused}"
+                        if refused
+                        else "it has no vision projector (mmproj)"
+                    ),
+                    param="messages",
+                    code="model_not_multimodal",
+                )
+
+            def load() -> list[Picture]:
+                return [
+                    decode_image(fetch_image(url, self.images, where), self.images, where)
+                    for where, url in parts
+                ]
+
+            pictures = await asyncio.to_thread(load)
+        return await asyncio.to_thread(plan, loaded, req, self.limits, self.reasoning_format, pictures)
 
     async def _submit(
         self, loaded: Loaded, p: Plan, is_disconnected: Callable[[], Awaitable[bool]]
@@ -550,9 +617,10 @@ class ChatService:
         self, req: ChatCompletionRequest, is_disconnected: Callable[[], Awaitable[bool]]
     ) -> ChatCompletion:
         check_chat(req, self.limits)
+        parts = image_parts(req, self.images)
         async with self.registry.use(req.model, "chat", req.keep_alive) as loaded:
             with counted(self.metrics, req.model, "chat") as outcome:
-                p = await asyncio.to_thread(plan, loaded, req, self.limits, self.reasoning_format)
+                p = await self._plan(loaded, req, parts)
                 ticket, watch = await self._submit(loaded, p, is_disconnected)
                 answers = [_Answer(p.splitter()) for _ in range(req.n)]
                 try:
@@ -600,7 +668,7 @@ class ChatService:
             model=req.model,
             system_fingerprint=FINGERPRINT,
             choices=choices,
-            usage=_usage(result, reasoning_tokens),
+            usage=_usage(result, reasoning_tokens, p.image_tokens),
         )
 
     async def stream(
@@ -608,11 +676,12 @@ class ChatService:
     ) -> EventStream:
         """Check, prepare and queue now (errors raise before any byte is sent), then the SSE stream."""
         check_chat(req, self.limits)
+        parts = image_parts(req, self.images)
         stack = contextlib.AsyncExitStack()
         loaded = await stack.enter_async_context(self.registry.use(req.model, "chat", req.keep_alive))
         try:
             with counted(self.metrics, req.model, "chat", keep=True):
-                p = await asyncio.to_thread(plan, loaded, req, self.limits, self.reasoning_format)
+                p = await self._plan(loaded, req, parts)
                 ticket, watch = await self._submit(loaded, p, is_disconnected)
         except BaseException:
             await stack.aclose()
@@ -676,7 +745,9 @@ class ChatService:
                     "model": req.model,
                     "system_fingerprint": FINGERPRINT,
                     "choices": [],
-                    "usage": _usage(result, _reasoning_tokens(loaded, splitters, result)).model_dump(),
+                    "usage": _usage(
+                        result, _reasoning_tokens(loaded, splitters, result), p.image_tokens
+                    ).model_dump(),
                 }
                 yield f"data: {json.dumps(body)}\n\n"
         except APIError as exc:

@@ -206,6 +206,9 @@ def planned_models(settings: Settings) -> list[dict[str, Any]]:
                 "sequences": config.sequences,
                 "state_bytes": shape.state_bytes * config.sequences,
                 "checkpoint_bytes": config.checkpoint_bytes,
+                "projector": model.projector.name if model.projector else None,
+                "projector_bytes": model.projector.stat().st_size if model.projector else 0,
+                "projector_problem": model.projector_problem,
             }
         )
     return out
@@ -222,8 +225,12 @@ def model_lines(models: list[dict[str, Any]]) -> list[str]:
             parts.append(f"recurrent states {_size(m['state_bytes'])} ({m['sequences']} sequences)")
         if m["checkpoint_bytes"]:
             parts.append(f"checkpoints up to {_size(m['checkpoint_bytes'])}")
+        if m.get("projector"):
+            parts.append(f"vision projector {_size(m['projector_bytes'])} ({m['projector']})")
         total = _size(m["memory_bytes"])
         lines.append(f"model {m['name']} ({m['memory_kind']}): about {total} loaded: {', '.join(parts)}")
+        if m.get("projector_problem"):
+            lines.append(f"  warning: {m['name']} reads no images: {m['projector_problem']}")
     return lines
 
 

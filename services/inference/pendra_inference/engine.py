@@ -83,6 +83,7 @@ class LlamaEngine:
             kwargs["pooling_type"] = config.pooling
         self.llm = Llama(str(path), **kwargs)
         self.decode_calls = 0  # embedding decodes, for tests and metrics
+        self.projector_refused: str | None = None  # why the model's vision projector was not loaded
 
     # -- facts -------------------------------------------------------------------------------
 
@@ -138,11 +139,18 @@ class LlamaEngine:
     def tokenize_prompt(self, prompt: str) -> list[int]:
         """Tokens of a rendered chat prompt; the template already wrote any BOS text."""
         tokens = self.tokenize(prompt, add_bos=False)
-        bos = self.llm.token_bos()
-        if bos >= 0 and self.llm.metadata.get("tokenizer.ggml.add_bos_token", "true") != "false":
-            if not tokens or tokens[0] != bos:
-                tokens.insert(0, bos)
+        bos = self.bos_to_add
+        if bos is not None and (not tokens or tokens[0] != bos):
+            tokens.insert(0, bos)
         return tokens
+
+    @property
+    def bos_to_add(self) -> int | None:
+        """The token a prompt starts with when its text does not write it, if the model has one."""
+        bos = int(self.llm.token_bos())
+        if bos >= 0 and self.llm.metadata.get("tokenizer.ggml.add_bos_token", "true") != "false":
+            return bos
+        return None
 
     # -- embeddings --------------------------------------------------------------------------
 

@@ -286,16 +286,20 @@ def write_hybrid_gguf(
     name: str | None = None,
     weights: str = "q8_0",
     seed: int = 0,
+    special: dict[int, str] | None = None,
 ) -> Path:
     """A complete `arch` GGUF of `shape` with random weights (matrices in `weights`: "q8_0",
     "q4_0", "f16", "bf16", "f32", or from random blocks "q4_k", "q5_k", "q6_k"; norms and the
-    recurrent layers' small vectors F32) and `vocab`'s tokenizer."""
+    recurrent layers' small vectors F32) and `vocab`'s tokenizer (`special`: token ids renamed and
+    made control tokens, e.g. `gguf_vocab.QWEN_VISION_TOKENS`)."""
     _check(arch, shape)
     writer = Writer(str(path), arch)
     writer.add_name(name or f"random weights, {arch}")
     names = {"f32": "ALL_F32", "q4_k": "MOSTLY_Q4_K_M", "q5_k": "MOSTLY_Q5_K_M"}
     writer.add_file_type(gguf.LlamaFileType[names.get(weights, f"MOSTLY_{weights.upper()}")])
-    shape = dataclasses.replace(shape, n_vocab=add_tokenizer(writer, vocab, chat_template, shape.n_vocab))
+    shape = dataclasses.replace(
+        shape, n_vocab=add_tokenizer(writer, vocab, chat_template, shape.n_vocab, special)
+    )
     _keys(writer, arch, shape)
     plan = list(_plan(arch, shape, weights))
     for tensor, dims, kind in plan:

@@ -30,6 +30,16 @@ TOKENIZERS = {
 _SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF scalar types
 STRING, ARRAY, INT32 = 8, 9, 5
 UNUSED_TOKEN = 5  # llama.cpp's token type "unused"
+CONTROL_TOKEN = 3
+# The vision tokens of the real Qwen2.5/3/3.5 vocabularies, which llama.cpp's test vocabulary
+# leaves as padding: mtmd wraps each image in the first two.
+QWEN_VISION_TOKENS = {
+    151652: "<|vision_start|>",
+    151653: "<|vision_end|>",
+    151654: "<|vision_pad|>",
+    151655: "<|image_pad|>",
+    151656: "<|video_pad|>",
+}
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,22 @@ class Encoded:
         """This array with `items` (encoded) appended."""
         item, count = struct.unpack_from("<IQ", self.data)
         return Encoded(ARRAY, struct.pack("<IQ", item, count + len(items)) + self.data[12:] + b"".join(items))
+
+    def items(self) -> list[bytes]:
+        """A string array's items, each encoded (its length, then its bytes)."""
+        item, count = struct.unpack_from("<IQ", self.data)
+        assert item == STRING
+        out, pos = [], 12
+        for _ in range(count):
+            (size,) = struct.unpack_from("<Q", self.data, pos)
+            out.append(self.data[pos : pos + 8 + size])
+            pos += 8 + size
+        return out
+
+    def replaced(self, items: list[bytes]) -> Encoded:
+        """This array with its items replaced by `items` (encoded)."""
+        item = struct.unpack_from("<I", self.data)[0]
+        return Encoded(ARRAY, struct.pack("<IQ", item, len(items)) + b"".join(items))
 
 
 class Writer(gguf.GGUFWriter):
@@ -103,11 +129,29 @@ def read_tokenizer(path: Path) -> dict[str, Encoded]:
     return fields
 
 
-def add_tokenizer(writer: Writer, vocab: Path, chat_template: str | None, n_vocab: int = 0) -> int:
+def add_tokenizer(
+    writer: Writer,
+    vocab: Path,
+    chat_template: str | None,
+    n_vocab: int = 0,
+    special: dict[int, str] | None = None,
+) -> int:
     """Copy `vocab`'s tokenizer into `writer` (its own chat template replaced by `chat_template`,
-    or dropped), padded to `n_vocab` tokens with unused ones; returns the token count."""
+    or dropped), padded to `n_vocab` tokens with unused ones, the ids in `special` renamed and made
+    control tokens; returns the token count."""
     fields = read_tokenizer(vocab)
     fields.pop("tokenizer.chat_template", None)
+    if special:
+        names = fields["tokenizer.ggml.tokens"].items()
+        kinds = list(struct.unpack_from(f"<{len(names)}i", fields["tokenizer.ggml.token_type"].data, 12))
+        for token, text in special.items():
+            raw = text.encode()
+            names[token] = struct.pack("<Q", len(raw)) + raw
+            kinds[token] = CONTROL_TOKEN
+        fields["tokenizer.ggml.tokens"] = fields["tokenizer.ggml.tokens"].replaced(names)
+        fields["tokenizer.ggml.token_type"] = Encoded(
+            ARRAY, struct.pack("<IQ", INT32, len(kinds)) + struct.pack(f"<{len(kinds)}i", *kinds)
+        )
     count = fields["tokenizer.ggml.tokens"].count()
     if n_vocab and n_vocab < count:
         raise ValueError(f"n_vocab {n_vocab} is below the {count} tokens of {vocab.name}")

@@ -212,9 +212,9 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise OllamaError(400, f"messages[{i}] must be an object")
-        if message.get("images"):
-            raise OllamaError(400, "images are not supported: Pendra serves text models")
         entry: dict[str, Any] = {"role": message.get("role"), "content": message.get("content", "")}
+        if message.get("images"):
+            entry["content"] = _with_images(message["images"], entry["content"], f"messages[{i}].images")
         thinking = message.get("thinking")
         if thinking:
             if not isinstance(thinking, str):
@@ -226,6 +226,21 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
             entry["name"] = message["tool_name"]
         out.append(entry)
     return out
+
+
+def _with_images(images: Any, content: Any, where: str) -> list[dict[str, Any]]:
+    """Ollama's `images` (base64, no data: prefix) as image parts before the text, where Ollama
+    puts them."""
+    if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
+        raise OllamaError(400, f"{where} must be a list of base64 strings")
+    if not isinstance(content, str):
+        raise OllamaError(400, f"{where.rsplit('.', 1)[0]}.content must be a string")
+    parts: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": f"data:image/ollama;base64,{image}"}} for image in images
+    ]
+    if content:
+        parts.append({"type": "text", "text": content})
+    return parts
 
 
 def chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
@@ -240,13 +255,17 @@ def chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
 
 
 def generate_request(body: dict[str, Any]) -> ChatCompletionRequest:
-    for unsupported in ("suffix", "template", "images"):
+    for unsupported in ("suffix", "template"):
         if body.get(unsupported):
             raise OllamaError(400, f"{unsupported} is not supported by Pendra's /api/generate")
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise OllamaError(400, "prompt must be a string")
-    messages = [{"role": "user", "content": prompt}]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
+    if body.get("images"):
+        if body.get("raw"):
+            raise OllamaError(400, "images need the model's template: raw prompts take none")
+        messages[0]["content"] = _with_images(body["images"], prompt, "images")
     if isinstance(body.get("system"), str) and body["system"]:
         messages.insert(0, {"role": "system", "content": body["system"]})
     req = ChatCompletionRequest.model_validate(

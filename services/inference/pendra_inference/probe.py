@@ -69,11 +69,15 @@ def probe(
     timeout_s: float,
     pass_fds: tuple[int, ...] = (),
     command: list[str] | None = None,
+    projector: Path | None = None,
 ) -> ProbeResult:
     """Load `path` with `config` and decode one token in a child process (`command`, default this
-    module). Blocks; run it in a thread."""
+    module); with `projector`, also load that vision projector and encode one small image with it.
+    Blocks; run it in a thread."""
     command = command or [sys.executable, "-m", "pendra_inference.probe"]
     argv = [*command, "--path", str(path), "--config", json.dumps(dataclasses.asdict(config))]
+    if projector is not None:
+        argv += ["--projector", str(projector)]
     variant = activate().cpu_variant  # the child loads what this process serves with
     if variant:
         argv += ["--cpu-variant", variant]
@@ -156,7 +160,7 @@ class _Loud:
         return None
 
 
-def _child(path: Path, config: dict[str, Any], recent: deque[str]) -> None:
+def _child(path: Path, config: dict[str, Any], recent: deque[str], projector: Path | None = None) -> None:
     import llama_cpp
     import llama_cpp._internals
     import llama_cpp.llama
@@ -180,8 +184,37 @@ def _child(path: Path, config: dict[str, Any], recent: deque[str]) -> None:
             engine.embed([tokens])
         else:
             engine.llm.eval(tokens)
+        if projector is not None:
+            _encode_one_image(projector, engine)
     finally:
         engine.close()
+
+
+def _encode_one_image(path: Path, engine: Any) -> None:
+    """Load the projector beside the model and encode a small grey picture with it (a projector
+    the server would refuse anyway passes: it is never loaded)."""
+    from llama_cpp import mtmd_cpp
+
+    from pendra_inference.vision import Picture, Projector, ProjectorRefused
+
+    try:
+        projector = Projector(
+            path,
+            engine.model,
+            engine.n_embd,
+            n_threads=engine.config.n_threads or 1,
+            gpu=engine.config.n_gpu_layers != 0,
+        )
+    except ProjectorRefused:
+        return
+    try:
+        picture = Picture(32, 32, bytes([128]) * 32 * 32 * 3, bytes(32))
+        _, images = projector.tokenize(projector.marker, [picture])
+        for image in images:
+            if mtmd_cpp.mtmd_encode_chunk(projector.ctx, image.chunk) != 0:
+                raise RuntimeError("the projector could not encode an image")
+    finally:
+        projector.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,11 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", required=True, help="the GGUF (or /proc/self/fd/N)")
     parser.add_argument("--config", required=True, help="the registry's EngineConfig as JSON")
     parser.add_argument("--cpu-variant", default=None, help="the CPU variant the parent serves with")
+    parser.add_argument("--projector", default=None, help="a vision projector to load beside it")
     ns = parser.parse_args(argv)
     recent: deque[str] = deque(maxlen=40)
     try:
         activate(ns.cpu_variant)
-        _child(Path(ns.path), json.loads(ns.config), recent)
+        _child(Path(ns.path), json.loads(ns.config), recent, Path(ns.projector) if ns.projector else None)
     except Exception as exc:  # a clean failure: what llama.cpp logged last, then the exception
         sys.stderr.write("".join(recent) + f"\nerror: {type(exc).__name__}: {exc}\n")
         return CHILD_FAILED

@@ -170,6 +170,7 @@ class Choice(BaseModel):
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
+    image_tokens: int = 0  # the images' embeddings, counted in prompt_tokens as llama-server does
 
 
 class CompletionTokensDetails(BaseModel):

@@ -55,6 +55,7 @@ from pendra_inference.metrics import InferenceMetrics
 from pendra_inference.model_memory import MemoryShape, memory_shape
 from pendra_inference.probe import ProbeResult, probe
 from pendra_inference.scheduler import Scheduler, SchedulerConfig
+from pendra_inference.vision import open_projector
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ class ModelRegistry:
         self._scan: ScanResult | None = None
         self._scan_lock = asyncio.Lock()
         self._probed: dict[str, Identity] = {}  # file name: the identity that passed the probe
+        # model file name: the model's identity and its projector's stat, and the probe's verdict
+        self._probed_projectors: dict[str, tuple[Any, str | None]] = {}
 
     # -- the store ---------------------------------------------------------------------------
 
@@ -249,7 +252,11 @@ class ModelRegistry:
             loaded = self._loaded.get(model.name)
             if loaded is not None and not loaded.retired:
                 try:
-                    if identity_of(model.path) == loaded.identity:
+                    # (a projector paired or unpaired since it loaded: loaded again, with or without)
+                    if (
+                        identity_of(model.path) == loaded.identity
+                        and model.projector == loaded.model.projector
+                    ):
                         return loaded
                 except OSError:
                     pass
@@ -261,6 +268,7 @@ class ModelRegistry:
                 await self._make_room(model.name, memory)
                 path = fd_path(fd, model.path)
                 await self._probe_if_untrusted(model, identity, config, path, fd)
+                projector, refused = await self._probe_projector(model, identity, config, path, fd)
                 logger.info(
                     "loading %s (%s, n_ctx=%d, gpu_layers=%d)",
                     model.name,
@@ -270,7 +278,9 @@ class ModelRegistry:
                 )
                 started = time.monotonic()
                 try:
-                    engine, runner = await asyncio.to_thread(self._load, model, config, path)
+                    engine, runner = await asyncio.to_thread(
+                        self._load, model, config, path, projector, refused
+                    )
                 except (ValueError, RuntimeError, OSError) as exc:
                     logger.exception("loading %s failed", model.name)
                     self.metrics.model_load_failed(model.name)
@@ -314,13 +324,7 @@ class ModelRegistry:
         else:
             why = "imported, not a pinned catalogue install"
         logger.info("probing %s in a child process first (%s)", model.name, why)
-        result = await asyncio.to_thread(
-            self.prober,
-            path,
-            config,
-            timeout_s=self.settings.probe_timeout_s,
-            pass_fds=(fd,) if path != model.path else (),
-        )
+        result = await self._probe(model, config, path, fd)
         if result.reason is None:
             logger.info("%s passed the load probe in %.1fs", model.name, result.seconds)
             self._probed[model.file_name] = identity
@@ -334,19 +338,84 @@ class ModelRegistry:
         await self.refresh()
         raise model_invalid(model.name, result.reason)
 
-    def _load(self, model: StoredModel, config: EngineConfig, path: Path) -> tuple[LlamaEngine, Any]:
+    async def _probe(
+        self, model: StoredModel, config: EngineConfig, path: Path, fd: int, **extra: Any
+    ) -> ProbeResult:
+        return await asyncio.to_thread(
+            self.prober,
+            path,
+            config,
+            timeout_s=self.settings.probe_timeout_s,
+            pass_fds=(fd,) if path != model.path else (),
+            **extra,
+        )
+
+    async def _probe_projector(
+        self, model: StoredModel, identity: Identity, config: EngineConfig, path: Path, fd: int
+    ) -> tuple[Path | None, str | None]:
+        """The model's projector, or why it is refused: a projector beside a model no pinned
+        install verified is loaded in a child process first too (after the model alone passed), so
+        that one that crashes llama.cpp costs the model its images, not the server."""
+        projector = model.projector
+        if projector is None or config.embedding:
+            return None, None
+        if model.trusted or not self.settings.untrusted_probe:
+            return projector, None
+        try:
+            st = projector.stat()
+        except OSError as exc:
+            return None, f"its projector cannot be read: {exc.strerror or exc}"
+        key = (identity, (st.st_size, st.st_mtime_ns, st.st_ino))
+        seen = self._probed_projectors.get(model.file_name)
+        if seen is not None and seen[0] == key:
+            refused = seen[1]
+        else:
+            logger.info("probing %s with its projector %s in a child process", model.name, projector.name)
+            result = await self._probe(model, config, path, fd, projector=projector)
+            refused = (
+                None if result.reason is None else f"its projector failed the load probe: {result.reason}"
+            )
+            if result.reason is None or result.lasting:
+                self._probed_projectors[model.file_name] = (key, refused)
+        if refused is not None:
+            logger.warning("%s: %s; serving text only", model.name, refused)
+            return None, refused
+        return projector, None
+
+    def _load(
+        self,
+        model: StoredModel,
+        config: EngineConfig,
+        path: Path,
+        projector_path: Path | None = None,
+        projector_refused: str | None = None,
+    ) -> tuple[LlamaEngine, Any]:
         engine = self.engine_factory(path, config)
         try:
             if config.embedding:
                 budget = int(self._options(model).get("embed_batch_tokens", self.settings.embed_batch_tokens))
                 return engine, EmbedBatcher(engine, token_budget=budget, name=model.name)
-            return engine, Scheduler(
+            projector, refused = open_projector(
+                projector_path,
                 engine.model,
-                engine.vocab,
-                self.scheduler_config(model, config),
-                model.name,
-                self.metrics.observer(model.name),
+                engine.n_embd,
+                n_threads=config.n_threads or usable_cores(),
+                gpu=config.n_gpu_layers != 0,
             )
+            engine.projector_refused = projector_refused or refused or model.projector_problem
+            try:
+                return engine, Scheduler(
+                    engine.model,
+                    engine.vocab,
+                    self.scheduler_config(model, config),
+                    model.name,
+                    self.metrics.observer(model.name),
+                    projector=projector,
+                )
+            except BaseException:
+                if projector is not None:
+                    projector.close()
+                raise
         except BaseException:
             engine.close()
             raise
@@ -452,7 +521,9 @@ class ModelRegistry:
             use_mmap=model.trusted,
         )
         context_bytes = shape.context_bytes(n_ctx * parallel, max(1, sequences))
-        return config, model.size_bytes + shape.overhead_bytes + context_bytes + checkpoint_bytes
+        projector_bytes = 0 if embedding or model.projector is None else _size(model.projector)
+        weights = model.size_bytes + projector_bytes
+        return config, weights + shape.overhead_bytes + context_bytes + checkpoint_bytes
 
     async def _make_room(self, name: str, needed: int) -> None:
         def used() -> int:
@@ -493,6 +564,9 @@ class ModelRegistry:
         def close() -> None:
             if loaded.runner is not None:
                 loaded.runner.close()
+                projector = getattr(loaded.runner, "projector", None)
+                if projector is not None:
+                    projector.close()
             loaded.engine.close()
 
         await asyncio.to_thread(close)
@@ -522,6 +596,13 @@ class ModelRegistry:
 
     def loaded_models(self) -> list[Loaded]:
         return list(self._loaded.values())
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def flash_attention(setting: str, config: EngineConfig) -> bool | None:

@@ -64,17 +64,34 @@ EFFORTS = {
 }
 
 
-def _text(content: Any, where: str) -> str:
+def _text(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A message's text, or chat content parts where it holds images (`input_image`)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        texts = []
+        parts: list[dict[str, Any]] = []
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "input_image":
+                url = part.get("image_url")
+                if not isinstance(url, str):
+                    raise InvalidRequest(
+                        f"{where}.content[{j}].image_url must be a URL (file_id is not read)", param=where
+                    )
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+                continue
             if kind not in ("input_text", "output_text", "text"):
-                raise InvalidRequest(f"{where}.content[{j}]: only text parts are supported", param=where)
-            texts.append(str(part.get("text", "")))
-        return "".join(texts)
+                raise InvalidRequest(
+                    f"{where}.content[{j}]: only text and input_image parts are read", param=where
+                )
+            text = str(part.get("text", ""))
+            if parts and parts[-1]["type"] == "text":
+                parts[-1]["text"] += text
+            else:
+                parts.append({"type": "text", "text": text})
+        if all(part["type"] == "text" for part in parts):
+            return "".join(part["text"] for part in parts)
+        return parts
     raise InvalidRequest(f"{where}.content must be a string or a list of text parts", param=where)
 
 

@@ -119,6 +119,7 @@ class SchedulerStats:
     checkpoints_restored: int = 0
     checkpoints_evicted: int = 0
     sample_seconds: float = 0.0  # choosing tokens, detokenizing, handing them out
+    image_tokens: int = 0  # image embeddings decoded
 
 
 class Scheduler:
@@ -129,9 +130,11 @@ class Scheduler:
         config: SchedulerConfig,
         name: str = "",
         observer: Observer | None = None,
+        projector: Any = None,
     ) -> None:
         self.config = config
         self.name = name
+        self.projector = projector  # vision.Projector: encodes the prompts' images
         self.observer = observer  # told of each finished request, on this scheduler's thread
         self.vocab = vocab
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
@@ -331,8 +334,9 @@ class Scheduler:
             return
         reuse = self.config.prefix_cache and completion.cache_prompt
         source, shared, in_flight, checkpoint = (
-            self._longest_prefix(prompt) if reuse else (None, 0, None, None)
+            self._longest_prefix(prompt, completion) if reuse else (None, 0, None, None)
         )
+        at = completion.position  # a prompt index's position in the cache
         if in_flight is not None:
             source = None  # shared later, when `in_flight` has decoded it (see _resolve_waits)
         ids: list[int] = []
@@ -345,7 +349,7 @@ class Scheduler:
             # A finished sequence holds the prefix and nothing more worth keeping (or there is no
             # free sequence id): take it over. Otherwise it stays cached and its cells are shared.
             tokens = self._cached.pop(source)
-            if llama_cpp.llama_memory_seq_rm(self.memory, source, shared, -1):
+            if llama_cpp.llama_memory_seq_rm(self.memory, source, at(shared), -1):
                 ids.append(source)
             else:
                 llama_cpp.llama_memory_seq_rm(self.memory, source, -1, -1)
@@ -358,9 +362,9 @@ class Scheduler:
             # No free id but the holder's: it becomes this request's sequence, its recurrent part
             # (or last window) the checkpoint's and its cells cut back to the checkpoint.
             del self._cached[source]
-            restored = self._restore(source, checkpoint)
+            restored = self._restore(source, checkpoint, at(shared))
             if restored:
-                llama_cpp.llama_memory_seq_rm(self.memory, source, shared, -1)
+                llama_cpp.llama_memory_seq_rm(self.memory, source, at(shared), -1)
             else:
                 shared = 0
             ids.append(source)
@@ -385,11 +389,11 @@ class Scheduler:
             first = ids[0]
             if shared and source is not None and source != first:
                 llama_cpp.llama_memory_seq_rm(self.memory, first, -1, -1)
-                llama_cpp.llama_memory_seq_cp(self.memory, source, first, 0, shared)
+                llama_cpp.llama_memory_seq_cp(self.memory, source, first, 0, at(shared))
             elif not shared or in_flight is not None or checkpoint is not None:
                 llama_cpp.llama_memory_seq_rm(self.memory, first, -1, -1)
             if checkpoint is not None:
-                restored = self._restore(first, checkpoint)
+                restored = self._restore(first, checkpoint, at(shared))
                 shared = shared if restored else 0
             # ... then cells: finished sequences go, least recently used first, when theirs are needed.
             while self._reserved() + need + self._cached_cells() > self.capacity and self._evict():
@@ -400,6 +404,7 @@ class Scheduler:
                 if index == 0:
                     seq.tokens = list(prompt[:shared])
                     seq.prefill = list(prompt[shared:])
+                    seq.shift = completion.shift_before(shared)
                     if in_flight is not None:
                         seq.tokens = []
                         seq.extra["wait"] = (in_flight, shared)
@@ -425,7 +430,7 @@ class Scheduler:
         self._post(ticket, None)
 
     def _longest_prefix(
-        self, prompt: list[int]
+        self, prompt: list[int], completion: Completion
     ) -> tuple[int | None, int, Sequence | None, Checkpoint | None]:
         """The sequence holding the longest prefix of `prompt` that may be shared, its length, the
         running sequence still decoding it (None when the cells are there already), and the
@@ -448,7 +453,7 @@ class Scheduler:
         for seq_id, tokens, source in holders:
             if not tokens or tokens[0] != prompt[0]:
                 continue
-            size = _common_prefix(tokens, prompt, limit)
+            size = completion.snap(_common_prefix(tokens, prompt, limit))
             in_flight = source is not None and size > source.n_past
             held = source.n_past if source is not None else len(tokens)
             restore = None
@@ -468,15 +473,16 @@ class Scheduler:
                 best = (seq_id, size, source if in_flight else None, restore)
         return best
 
-    def _restore(self, seq_id: int, checkpoint: Checkpoint) -> bool:
+    def _restore(self, seq_id: int, checkpoint: Checkpoint, position: int) -> bool:
         """Put `checkpoint` into `seq_id`, whose attention cells (if any) hold its tokens: the
         recurrent state, or the sliding-window layers' cells of the last window, which replace the
         ones `seq_id` was given (llama.cpp then reports that cache's positions). On any failure the
-        sequence is emptied and the prompt is decoded whole."""
+        sequence is emptied and the prompt is decoded whole. (`position`: the checkpoint's
+        length in cache positions.)"""
         at = len(checkpoint.tokens)
         if (
             self.checkpoints.restore(self.ctx, seq_id, checkpoint)
-            and int(llama_cpp.llama_memory_seq_pos_max(self.memory, seq_id)) == at - 1
+            and int(llama_cpp.llama_memory_seq_pos_max(self.memory, seq_id)) == position - 1
         ):
             self.checkpoints.used(checkpoint)
             return True
@@ -494,7 +500,11 @@ class Scheduler:
         generation prompt's last tokens often differ from how the template writes the answer)."""
         prompt = completion.prompt
         marks = {*completion.marks, *self._message_starts(prompt), len(prompt) - CHECKPOINT_BEFORE_END}
-        return {m for m in marks if shared < m < len(prompt) and not self.checkpoints.has(prompt[:m])}
+        return {
+            m
+            for m in marks
+            if shared < m < len(prompt) and completion.snap(m) == m and not self.checkpoints.has(prompt[:m])
+        }
 
     def _message_starts(self, prompt: list[int]) -> tuple[int, ...]:
         """The end of the first message (a system prompt, shared by many conversations) and the
@@ -503,7 +513,7 @@ class Scheduler:
         second-to-last messages."""
         bos = int(llama_cpp.llama_vocab_bos(self.vocab))
         head = prompt[1:3] if prompt and prompt[0] == bos else prompt[:2]
-        opener = next((t for t in head if llama_cpp.llama_vocab_is_control(self.vocab, t)), None)
+        opener = next((t for t in head if t >= 0 and llama_cpp.llama_vocab_is_control(self.vocab, t)), None)
         if opener is None:
             return ()
         starts = [i for i, token in enumerate(prompt) if token == opener]
@@ -533,13 +543,17 @@ class Scheduler:
             if wait is None:
                 continue
             source, size = wait
-            prompt = req.ticket.completion.prompt
+            completion = req.ticket.completion
+            prompt = completion.prompt
             exact = self.stateful or self.kind == SWA  # (cuts end chunks there: == is what happens)
             reached = source.n_past == size if exact else source.n_past >= size
             if source.finish is None and reached and source.tokens[:size] == prompt[:size]:
                 llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
-                llama_cpp.llama_memory_seq_cp(self.memory, source.seq_id, seq.seq_id, 0, size)
+                llama_cpp.llama_memory_seq_cp(
+                    self.memory, source.seq_id, seq.seq_id, 0, completion.position(size)
+                )
                 seq.tokens = list(prompt[:size])
+                seq.shift = completion.shift_before(size)
                 del seq.extra["wait"]
             elif (
                 source.finish is not None
@@ -567,7 +581,7 @@ class Scheduler:
             (s for r in self._running for s in r.seqs if s.pending is not None), key=lambda s: s.seq_id
         )
         for seq in generating:
-            self._add(count, seq.pending or 0, seq.n_past, seq.seq_id, True)
+            self._add(count, seq.pending or 0, seq.n_past + seq.shift, seq.seq_id, True)
             seq.row = count
             seq.extra["chunk"] = 0
             count += 1
@@ -575,25 +589,84 @@ class Scheduler:
         budget = self.batch_size - count
         if generating:
             budget = min(budget, self.config.prefill_budget)
+        failed: list[tuple[_Request, Exception]] = []
         for req in self._running:
             seq = req.seqs[0]
             if not seq.prefill or budget <= 0 or "wait" in seq.extra:
                 continue
+            completion = req.ticket.completion
+            if completion.images:
+                try:
+                    budget -= self._decode_images(seq, completion)
+                except RuntimeError as exc:
+                    failed.append((req, exc))
+                    continue
+                if budget <= 0:
+                    continue
             # End a chunk where a waiting request's shared prefix ends, so it can share from there.
-            # (A checkpointed model's prefill also stops where it saves a checkpoint.)
-            stops = (*seq.extra.get("cuts", ()), *seq.extra.get("marks", ()))
+            # (A checkpointed model's prefill also stops where it saves a checkpoint, and a chunk
+            # stops where an image starts.)
+            stops = (
+                *seq.extra.get("cuts", ()),
+                *seq.extra.get("marks", ()),
+                *(image.start for image in completion.images),
+            )
             cuts = [c - seq.n_past for c in stops if c > seq.n_past]
             chunk = seq.prefill[: min([budget, *cuts])]
             last = len(chunk) == len(seq.prefill)
+            start = seq.n_past + seq.shift
             for j, token in enumerate(chunk):
-                self._add(count, token, seq.n_past + j, seq.seq_id, last and j == len(chunk) - 1)
+                self._add(count, token, start + j, seq.seq_id, last and j == len(chunk) - 1)
                 count += 1
             seq.row = count - 1 if last else -1
             seq.extra["chunk"] = len(chunk)
             budget -= len(chunk)
             out.append(seq)
+        for req, error in failed:
+            self._drop(req, error)
         batch.n_tokens = count
         return out
+
+    def _decode_images(self, seq: Sequence, completion: Completion) -> int:
+        """Encode and decode the images at the start of `seq`'s prefill into its cells, outside the
+        step's batch (as llama-server does: an image's embeddings are not tokens); returns the
+        tokens they took."""
+        used = 0
+        while seq.prefill and (image := completion.image_at(seq.n_past)) is not None:
+            from llama_cpp import mtmd_cpp
+
+            if self.projector is None or not self.projector.ctx:
+                raise RuntimeError("the model's projector is not loaded")
+            position = seq.n_past + seq.shift
+            after = llama_cpp.llama_pos(0)
+            rc = mtmd_cpp.mtmd_helper_eval_chunk_single(
+                self.projector.ctx,
+                self.ctx,
+                image.chunk,
+                position,
+                seq.seq_id,
+                self.batch_size,
+                False,
+                ctypes.byref(after),
+            )
+            if rc != 0:
+                raise RuntimeError(f"llama.cpp could not read an image (mtmd: {rc})")
+            seq.tokens.extend(seq.prefill[: image.n_tokens])
+            del seq.prefill[: image.n_tokens]
+            seq.shift += image.n_pos - image.n_tokens
+            used += image.n_tokens
+            self._stats.image_tokens += image.n_tokens
+        return used
+
+    def _drop(self, req: _Request, exc: Exception) -> None:
+        """Fail one running request; the others go on."""
+        logger.warning("%s: %s", self.name, exc)
+        self._running.remove(req)
+        for seq in req.seqs:
+            seq.sampler.close()
+            llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
+            self._free_ids.append(seq.seq_id)
+        self._post(req.ticket, APIError(f"generation failed: {exc}"))
 
     def _add(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         batch = self.batch
@@ -637,6 +710,7 @@ class Scheduler:
                         llama_cpp.llama_memory_seq_rm(self.memory, child.seq_id, -1, -1)
                         llama_cpp.llama_memory_seq_cp(self.memory, first.seq_id, child.seq_id, 0, -1)
                         child.tokens = list(first.tokens)
+                        child.shift = first.shift
                         child.row = first.row
                         rows.append(child)
                 else:

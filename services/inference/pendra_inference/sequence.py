@@ -45,11 +45,34 @@ class Completion:
     # Special tokens written out in the text (a chat format's tags, as `<|channel|>` for gpt-oss);
     # the others are left out, as before.
     shown: frozenset[int] = frozenset()
+    # The prompt's images (vision.ImageChunk), in order: each a run of placeholder ids in `prompt`
+    # that the scheduler encodes and decodes whole.
+    images: tuple[Any, ...] = ()
 
     @property
     def cells(self) -> int:
         """KV cells the request may need at most (shared prefixes counted as if they were not)."""
         return len(self.prompt) + self.n * self.max_tokens
+
+    def image_at(self, index: int) -> Any:
+        """The image whose tokens start at prompt index `index`, if one does."""
+        return next((image for image in self.images if image.start == index), None)
+
+    def shift_before(self, index: int) -> int:
+        """Positions minus tokens before `index`: an image takes fewer positions than it has
+        tokens with M-RoPE, so what follows it sits that much earlier."""
+        return sum(image.n_pos - image.n_tokens for image in self.images if image.end <= index)
+
+    def position(self, index: int) -> int:
+        """The position of the prompt's token `index` in the cache."""
+        return index + self.shift_before(index) if self.images else index
+
+    def snap(self, index: int) -> int:
+        """`index`, or the start of the image it falls inside: an image is decoded whole."""
+        for image in self.images:
+            if image.start < index < image.end:
+                return int(image.start)
+        return index
 
 
 @dataclass
@@ -139,6 +162,7 @@ class Sequence:
     pending: int | None = None  # the last sampled token, decoded in the next step
     finish: str | None = None
     row: int = -1  # this step's row of logits in the batch, or -1
+    shift: int = 0  # the position of the next token minus n_past (images under M-RoPE)
     first_token_at: float | None = None
     last_token_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)

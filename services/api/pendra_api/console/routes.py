@@ -38,7 +38,7 @@ CSP = "; ".join(
         "default-src 'none'",
         "script-src 'self'",
         "style-src 'self'",
-        "img-src 'self'",
+        "img-src 'self' blob:",  # the playground's thumbnails of the images a person attaches
         "connect-src 'self'",
         "form-action 'self'",
         "base-uri 'none'",

@@ -181,7 +181,7 @@ def group(
             Variant(
                 entry,
                 entry.name in installed,
-                fit_for(entry.size_bytes, status, entry.state_bytes),
+                fit_for(entry.total_size_bytes, status, entry.state_bytes),  # a pinned projector too
                 latest.get(entry.name),
             )
         )

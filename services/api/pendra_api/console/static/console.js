@@ -1,6 +1,7 @@
 // Pendra's console: what htmx does not do for it. The API key kept for the tab and sent with every
 // request, event streams read with fetch (EventSource cannot send the key), install progress,
-// the uninstall confirmation, the overview's sparklines and the playground.
+// the uninstall confirmation, the overview's sparklines and the playground (images included, for a
+// model that reads them).
 //
 // Text from the server or a model is only ever set with textContent, never parsed as HTML.
 "use strict";
@@ -434,6 +435,7 @@
       ["embedding", $("embed-model"), $("embed-none")],
     ]) {
       const fitting = models.filter((m) => m.purpose === purpose);
+      for (const m of fitting) if (m.capabilities?.includes("vision")) seeing.add(m.id);
       select.replaceChildren(
         ...fitting.map((m) => {
           const option = document.createElement("option");
@@ -445,21 +447,125 @@
       none.hidden = fitting.length > 0;
       select.disabled = fitting.length === 0;
     }
+    offerImages();
   }
+
+  // -- playground: images, for a model that reads them ---------------------------------------------
+
+  // The inference service's defaults (PENDRA_IMAGE_MAX_BYTES, PENDRA_MAX_IMAGES): checked here to
+  // say so before sending; a server set tighter answers 400, shown like any other error.
+  const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp", "image/gif"];
+  const IMAGE_MAX_BYTES = 5 * 1024 * 1024;
+  const IMAGES_MAX = 8;
+  const seeing = new Set(); // the chat models with a vision projector
+  // The images for the next message: {name, url: a blob: URL for the thumbnail (the page's CSP
+  // allows no data: images), data: the data: URL the request carries}.
+  let attached = [];
+  let shown = []; // the blob: URLs of the transcript's thumbnails, let go with the conversation
+
+  function readsImages() {
+    return seeing.has($("chat-model").value);
+  }
+
+  function offerImages() {
+    const input = $("chat-image");
+    const reads = readsImages();
+    input.disabled = !reads;
+    input.title = reads ? "" : "The selected model reads no images";
+    $("chat-image-hint").textContent = reads
+      ? "PNG, JPEG, WebP or GIF, up to 5 MiB each; you can also paste or drop one into the message."
+      : "The selected model reads no images.";
+    if (!reads && attached.length) {
+      for (const image of attached) URL.revokeObjectURL(image.url);
+      attached = [];
+      showAttached();
+    }
+  }
+
+  const dataURL = (file) =>
+    new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(file);
+    });
+
+  async function attach(files) {
+    const error = $("chat-image-error");
+    const problems = [];
+    if (!readsImages()) problems.push(`${$("chat-model").value || "This model"} reads no images.`);
+    else {
+      for (const file of files) {
+        if (!IMAGE_TYPES.includes(file.type)) problems.push(`${file.name} is not a PNG, JPEG, WebP or GIF image.`);
+        else if (file.size > IMAGE_MAX_BYTES) problems.push(`${file.name} is ${bytes(file.size)}: an image may be at most 5 MiB.`);
+        else if (attached.length >= IMAGES_MAX) problems.push(`At most ${IMAGES_MAX} images go with a message.`);
+        else {
+          try {
+            attached.push({ name: file.name, url: URL.createObjectURL(file), data: await dataURL(file) });
+          } catch {
+            problems.push(`${file.name} could not be read.`);
+          }
+        }
+      }
+    }
+    error.textContent = [...new Set(problems)].join(" ");
+    showAttached();
+  }
+
+  function thumbnail(image) {
+    const img = document.createElement("img");
+    img.src = image.url;
+    img.alt = image.name;
+    return img;
+  }
+
+  function showAttached() {
+    const list = $("chat-images");
+    list.hidden = attached.length === 0;
+    list.replaceChildren(
+      ...attached.map((image, index) => {
+        const item = document.createElement("li");
+        const remove = document.createElement("button");
+        remove.type = "button";
+        remove.className = "secondary";
+        remove.textContent = "Remove";
+        remove.setAttribute("aria-label", `Remove ${image.name}`);
+        remove.addEventListener("click", () => {
+          URL.revokeObjectURL(image.url);
+          attached.splice(attached.indexOf(image), 1);
+          showAttached();
+          // The keyboard stays in the list: on the next image's Remove, or back on the picker.
+          const buttons = list.querySelectorAll("button");
+          (buttons[Math.min(index, buttons.length - 1)] || $("chat-image")).focus();
+        });
+        item.append(thumbnail(image), remove);
+        return item;
+      }),
+    );
+  }
+
+  const imageFiles = (transfer) => [...(transfer?.files || [])].filter((file) => file.type.startsWith("image/"));
 
   let conversation = [];
   let generating = null;
 
-  function addTurn(role, text) {
+  function addTurn(role, text, images = []) {
     const item = document.createElement("li");
     item.className = `turn ${role}`;
     const who = document.createElement("span");
     who.className = "who";
     who.textContent = role === "user" ? "You" : $("chat-model").value;
+    item.append(who);
+    if (images.length) {
+      const pictures = document.createElement("div");
+      pictures.className = "images";
+      pictures.append(...images.map(thumbnail));
+      item.append(pictures);
+    }
     const body = document.createElement("div");
     body.className = "text";
     body.textContent = text;
-    item.append(who, body);
+    item.append(body);
     $("transcript").append(item);
     return item;
   }
@@ -494,8 +600,16 @@
     if (!text) return;
     const model = $("chat-model").value;
     const convo = conversation; // "New conversation" during the answer starts another one
-    convo.push({ role: "user", content: text });
-    addTurn("user", text);
+    const images = attached;
+    // Images go first, as OpenAI's examples put them, and stay in the history: the next turn sends
+    // them again (the server finds the prefix in its cache).
+    const pictures = images.map((i) => ({ type: "image_url", image_url: { url: i.data } }));
+    convo.push({ role: "user", content: pictures.length ? [...pictures, { type: "text", text }] : text });
+    addTurn("user", text, images);
+    shown.push(...images.map((i) => i.url));
+    attached = [];
+    showAttached();
+    $("chat-image-error").textContent = "";
     input.value = "";
     const turn = addTurn("assistant", "");
     const body = turn.querySelector(".text");
@@ -663,7 +777,29 @@
       generating?.abort();
       conversation = [];
       $("transcript").replaceChildren();
+      for (const url of shown) URL.revokeObjectURL(url);
+      shown = [];
       $("chat-input").focus();
+    });
+    $("chat-model").addEventListener("change", offerImages);
+    $("chat-image").addEventListener("change", async (event) => {
+      const picker = event.target;
+      await attach([...picker.files]);
+      picker.value = ""; // the same file may be picked again after its removal
+    });
+    $("chat-input").addEventListener("paste", (event) => {
+      const files = imageFiles(event.clipboardData);
+      if (!files.length) return;
+      event.preventDefault();
+      attach(files);
+    });
+    $("chat-form").addEventListener("dragover", (event) => {
+      if (event.dataTransfer?.types.includes("Files")) event.preventDefault();
+    });
+    $("chat-form").addEventListener("drop", (event) => {
+      if (!event.dataTransfer?.types.includes("Files")) return; // dropped text goes in the message
+      event.preventDefault(); // a file the browser would otherwise open in place of the page
+      attach([...event.dataTransfer.files]);
     });
     $("chat-input").addEventListener("keydown", (event) => {
       if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
