@@ -45,7 +45,11 @@ def parse_name(raw: str) -> ModelRef:
             f"invalid model name {raw!r}: expected family[:tag] made of letters, digits and ._- "
             "(each part starting with a letter or digit, at most 64 characters)"
         )
-    return ModelRef(match["family"], match["tag"])
+    ref = ModelRef(match["family"], match["tag"])
+    if file_name_for(ref).endswith(".mmproj" + GGUF_SUFFIX):
+        # (the store keeps a model's vision projector as `<its file's stem>.mmproj.gguf`)
+        raise InvalidModelName(f"invalid model name {raw!r}: a name may not end in '.mmproj'")
+    return ref
 
 
 def file_name_for(ref: ModelRef) -> str:

@@ -433,3 +433,34 @@ def test_doctor_counts_the_projector(tmp_path: Any) -> None:
     assert entry["memory_bytes"] >= entry["weights_bytes"] + size
     text = run_cli("doctor", env=env).stdout
     assert f"vision projector {size / 2**20:.1f} MiB (qwen-vision-tiny.mmproj.gguf)" in text
+
+
+def test_metrics_count_images_and_their_tokens(server: ServerProcess, client: openai.OpenAI) -> None:
+    def counted() -> tuple[float, float]:
+        text = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+        values = {}
+        for name in ("pendra_prompt_images_total", "pendra_prompt_image_tokens_total"):
+            line = next(
+                (x for x in text.splitlines() if x.startswith(f'{name}{{model_name="{VISION}"}}')), None
+            )
+            values[name] = float(line.split()[-1]) if line else 0.0
+        return values["pendra_prompt_images_total"], values["pendra_prompt_image_tokens_total"]
+
+    images, tokens = counted()
+    answer = _chat(client, _ask(GREEN, "Once more."))
+    assert answer.usage is not None and answer.usage.prompt_tokens_details is not None
+    assert counted() == (images + 1, tokens + (answer.usage.prompt_tokens_details.image_tokens or 0))
+
+
+def test_text_holding_llama_cpps_default_media_marker_is_only_text(client: openai.OpenAI) -> None:
+    """The marker is random per process (llama-server's way): `<__media__>` in a message neither
+    moves an image nor breaks the request."""
+    answer = _chat(client, _ask(RED, "What is <__media__> here?"))
+    assert answer.usage is not None and answer.usage.prompt_tokens_details is not None
+    assert (
+        answer.usage.prompt_tokens_details.image_tokens
+        == _chat(client, _ask(RED)).usage.prompt_tokens_details.image_tokens
+    )  # type: ignore[union-attr]
+    text = _chat(client, [{"role": "user", "content": "<__media__> <__media__>"}])
+    assert text.usage is not None and text.usage.prompt_tokens_details is not None
+    assert text.usage.prompt_tokens_details.image_tokens == 0

@@ -39,6 +39,8 @@ def test_valid_names(raw: str, ref: ModelRef) -> None:
         "q" * 65,
         "qwen3 4b",
         r"C:\\model",
+        "foo:x.mmproj",  # its file would be foo:x's vision projector's name
+        "foo.mmproj",
     ],
 )
 def test_unsafe_names_are_refused(raw: str) -> None:

@@ -322,6 +322,7 @@ def plan(
     images: tuple[Any, ...] = ()
     if pictures and raw is None:
         prompt, images = scheduler.projector.tokenize(text, pictures, engine.bos_to_add)
+        _check_images(images, len(prompt), scheduler.ubatch_size)
     else:
         prompt = engine.tokenize_prompt(text)
     if len(prompt) >= n_ctx:
@@ -372,6 +373,20 @@ def plan(
     )
     split = raw is None and (req.reasoning_format or reasoning_format) != "none"
     return Plan(completion, fmt, turn, text, split)
+
+
+def _check_images(images: tuple[Any, ...], n_prompt: int, n_ubatch: int) -> None:
+    """An image must be followed by text (its last token's logits start the answer), and one read
+    with non-causal attention (Gemma 3) must fit one micro-batch."""
+    if images and images[-1].end >= n_prompt:
+        raise InvalidRequest("the prompt may not end with an image: add text after it", param="messages")
+    big = next((image for image in images if image.non_causal and image.n_tokens > n_ubatch), None)
+    if big is not None:
+        raise InvalidRequest(
+            f"an image of {big.n_tokens} tokens must fit one micro-batch of this model, {n_ubatch} tokens "
+            "(raise PENDRA_N_UBATCH, or the model's n_ubatch option)",
+            param="messages",
+        )
 
 
 def _turn(req: ChatCompletionRequest, tools: list[dict[str, Any]] | None) -> Turn:
@@ -567,6 +582,8 @@ class ChatService:
         self.limits = RequestLimits.from_settings(registry.settings)
         self.reasoning_format = registry.settings.reasoning_format
         self.images = ImageLimits.from_settings(registry.settings)
+        # Decoded images are large (16 MP is 48 MB of RGB): two requests' at a time.
+        self._image_work = asyncio.Semaphore(2)
         self._background: set[asyncio.Task[None]] = set()
 
     async def _plan(self, loaded: Loaded, req: ChatCompletionRequest, parts: list[tuple[str, str]]) -> Plan:
@@ -593,7 +610,11 @@ class ChatService:
                     for where, url in parts
                 ]
 
-            pictures = await asyncio.to_thread(load)
+            async with self._image_work:
+                pictures = await asyncio.to_thread(load)
+                return await asyncio.to_thread(
+                    plan, loaded, req, self.limits, self.reasoning_format, pictures
+                )
         return await asyncio.to_thread(plan, loaded, req, self.limits, self.reasoning_format, pictures)
 
     async def _submit(

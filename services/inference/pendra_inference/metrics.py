@@ -59,6 +59,18 @@ class InferenceMetrics:
             registry=r,
         )  # fmt: skip
         self.generation_tokens = Counter("pendra_generation_tokens", "Tokens generated.", [MODEL], registry=r)
+        self.prompt_images = Counter(
+            "pendra_prompt_images",
+            "Images read in prompts (each encoded by the model's projector).",
+            [MODEL],
+            registry=r,
+        )
+        self.prompt_image_tokens = Counter(
+            "pendra_prompt_image_tokens",
+            "Prompt tokens that are image embeddings (in pendra_prompt_tokens too).",
+            [MODEL],
+            registry=r,
+        )
         self.requests = Counter(
             "pendra_requests",
             "Finished requests by finish reason: stop, length, tool_calls, abort (the client left or "
@@ -194,7 +206,14 @@ class InferenceMetrics:
 
     def observer(self, model: str) -> Callable[[Result, Completion], None]:
         """The scheduler's observer for `model`."""
-        return lambda result, completion: self.finished(model, result, completion.endpoint)
+
+        def observe(result: Result, completion: Completion) -> None:
+            self.finished(model, result, completion.endpoint)
+            if completion.images:
+                self.prompt_images.labels(model).inc(len(completion.images))
+                self.prompt_image_tokens.labels(model).inc(sum(image.n_tokens for image in completion.images))
+
+        return observe
 
     def finished(self, model: str, result: Result, endpoint: str = "chat") -> None:
         """A request the scheduler ended, with its timings (called on the scheduler's thread)."""

@@ -165,6 +165,7 @@ class Scheduler:
             raise RuntimeError(f"llama.cpp could not create a context of {params.n_ctx} cells")
         self.capacity = int(llama_cpp.llama_n_ctx(self.ctx))
         self.batch_size = int(params.n_batch)
+        self.ubatch_size = int(params.n_ubatch)
         self.batch = llama_cpp.llama_batch_init(self.batch_size, 0, 1)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.candidates = Candidates(self.n_vocab)
@@ -560,7 +561,7 @@ class Scheduler:
                 or source not in (s for r in self._running for s in r.seqs)
                 or (self.stateful and source.n_past > size)  # its state has moved past the prefix
             ):
-                seq.tokens, seq.prefill = [], list(prompt)
+                seq.tokens, seq.prefill, seq.shift = [], list(prompt), 0
                 self._stats.prefix_hit_tokens -= req.cached_tokens
                 req.cached_tokens = 0
                 del seq.extra["wait"]
@@ -639,16 +640,23 @@ class Scheduler:
                 raise RuntimeError("the model's projector is not loaded")
             position = seq.n_past + seq.shift
             after = llama_cpp.llama_pos(0)
-            rc = mtmd_cpp.mtmd_helper_eval_chunk_single(
-                self.projector.ctx,
-                self.ctx,
-                image.chunk,
-                position,
-                seq.seq_id,
-                self.batch_size,
-                False,
-                ctypes.byref(after),
-            )
+            while True:
+                rc = mtmd_cpp.mtmd_helper_eval_chunk_single(
+                    self.projector.ctx,
+                    self.ctx,
+                    image.chunk,
+                    position,
+                    seq.seq_id,
+                    # an image read with non-causal attention (Gemma 3) must fit one micro-batch
+                    self.ubatch_size if image.non_causal else self.batch_size,
+                    False,
+                    ctypes.byref(after),
+                )
+                if rc == 0 or self.stateful or not self._cached:
+                    break
+                # No room in the cache: what the image wrote goes, a finished sequence gives its cells.
+                llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, position, -1)
+                self._evict()
             if rc != 0:
                 raise RuntimeError(f"llama.cpp could not read an image (mtmd: {rc})")
             seq.tokens.extend(seq.prefill[: image.n_tokens])

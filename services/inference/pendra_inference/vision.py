@@ -10,8 +10,9 @@ The projector is llama.cpp's multimodal library (`mtmd`), loaded beside the text
 is rendered with llama.cpp's media marker where each image goes, and `mtmd_tokenize` splits it
 into text tokens and image chunks, wrapping each image in the model's own tokens
 (`<|vision_start|>`...`<|vision_end|>` for Qwen). In the prompt an image is a run of placeholder
-ids, one per embedding it becomes: negative, so no vocabulary has them, and derived from the
-image's bytes, so the same image in a later request is the same prefix and its cells are shared.
+ids, one per embedding it becomes: negative, so no vocabulary has them, and slices of the image's
+digest in turn, so the same image in a later request is the same prefix and its cells are shared,
+while another image matches it nowhere but by a collision of the whole 248-bit digest.
 The scheduler encodes and decodes each image chunk when a sequence's prefill reaches it.
 """
 
@@ -24,7 +25,9 @@ import hashlib
 import io
 import logging
 import re
+import secrets
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +112,7 @@ def fetch_image(url: str, limits: ImageLimits, where: str) -> bytes:
         )
     guard = Guard(allow_private=limits.allow_private, read_timeout_s=limits.fetch_timeout_s)
     data = bytearray()
+    deadline = time.monotonic() + limits.fetch_timeout_s  # a trickling server is cut off here
     try:
         with HttpSource(timeout_s=limits.fetch_timeout_s).open(url, 0, guard) as stream:
             if stream.total is not None and stream.total > limits.max_bytes:
@@ -117,6 +121,11 @@ def fetch_image(url: str, limits: ImageLimits, where: str) -> bytes:
                 data += chunk
                 if len(data) > limits.max_bytes:
                     raise _too_large(limits, where)
+                if time.monotonic() > deadline:
+                    raise InvalidRequest(
+                        f"{where}: the image took longer than {limits.fetch_timeout_s:g}s to fetch",
+                        param=where,
+                    )
     except InstallError as exc:  # refused addresses, HTTP errors, network failures
         raise InvalidRequest(f"{where}: the image could not be fetched: {exc}", param=where) from None
     return bytes(data)
@@ -235,8 +244,8 @@ class ImageChunk:
     start: int
     n_tokens: int
     n_pos: int
-    token: int  # the placeholder id of its tokens in the prompt
     chunk: Any = field(repr=False)
+    non_causal: bool = False  # read with non-causal attention (Gemma 3): in one micro-batch
 
     def __post_init__(self) -> None:
         weakref.finalize(self, _mtmd().mtmd_input_chunk_free, self.chunk)
@@ -244,6 +253,14 @@ class ImageChunk:
     @property
     def end(self) -> int:
         return self.start + self.n_tokens
+
+
+def _placeholders(digest: bytes, part: int, n: int) -> list[int]:
+    """`n` negative ids for part `part` of a picture (some projectors cut a picture into an
+    overview and slices, a chunk each): the eight 31-bit slices of their digest in turn."""
+    digest = hashlib.sha256(digest + part.to_bytes(4, "little")).digest()
+    slices = [int.from_bytes(digest[i : i + 4], "little") & 0x7FFFFFFF for i in range(0, 32, 4)]
+    return [-1 - slices[i % 8] for i in range(n)]
 
 
 class Projector:
@@ -257,6 +274,10 @@ class Projector:
         params.print_timings = False
         params.n_threads = n_threads
         params.warmup = True
+        # Where an image goes in the rendered prompt: random, as llama-server's, so text that
+        # holds llama.cpp's default `<__media__>` is only text.
+        self._marker = f"<__media_{secrets.token_hex(8)}__>".encode()
+        params.media_marker = self._marker
         _last_error[0] = ""
         ctx = mtmd.mtmd_init_from_file(str(path).encode(), model, params)
         if not ctx:
@@ -267,14 +288,14 @@ class Projector:
             raise ProjectorRefused(f"{path.name} reads no images (an audio projector?)")
         self.ctx = ctx
         self.path = path
-        self.marker = (mtmd.mtmd_default_marker() or b"<__media__>").decode()
+        self.marker = self._marker.decode()
         self.mrope = bool(mtmd.mtmd_decode_use_mrope(ctx))
         self._lock = threading.Lock()  # tokenizing runs in request threads
 
     def tokenize(
         self, text: str, pictures: list[Picture], bos: int | None = None
     ) -> tuple[list[int], tuple[ImageChunk, ...]]:
-        """The prompt's tokens, each image a run of its placeholder id, and its image chunks;
+        """The prompt's tokens, each image a run of placeholder ids, and its image chunks;
         `bos` starts the prompt when its text does not."""
         mtmd = _mtmd()
         bitmaps: list[Any] = []
@@ -296,7 +317,7 @@ class Projector:
             array = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
             with self._lock:
                 rc = mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(source), array, len(bitmaps))
-            if rc == 1:
+            if rc != 0 and text.count(self.marker) != len(pictures):
                 raise InvalidRequest(
                     f"the prompt has {text.count(self.marker)} image places for {len(pictures)} images",
                     param="messages",
@@ -320,6 +341,8 @@ class Projector:
         mtmd = _mtmd()
         tokens: list[int] = []
         images: list[ImageChunk] = []
+        by_id = {picture.digest.hex().encode(): picture for picture in pictures}
+        parts: dict[bytes, int] = {}
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
             kind = mtmd.mtmd_input_chunk_get_type(chunk)
@@ -330,13 +353,18 @@ class Projector:
                 continue
             if kind != mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                 raise InvalidRequest("only images are read, not audio", param="messages")
-            picture = pictures[len(images)]
+            picture = by_id.get(mtmd.mtmd_input_chunk_get_id(chunk) or b"")
+            if picture is None:
+                raise InvalidRequest(
+                    "an image could not be matched to its place in the prompt", param="messages"
+                )
+            part = parts[picture.digest.hex().encode()] = parts.get(picture.digest.hex().encode(), -1) + 1
             n_tokens = int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
             n_pos = int(mtmd.mtmd_input_chunk_get_n_pos(chunk))
-            token = -1 - int.from_bytes(picture.digest[:4], "little") % (2**31 - 1)
+            non_causal = bool(mtmd.mtmd_decode_use_non_causal(self.ctx, chunk))
             owned = mtmd.mtmd_input_chunk_copy(chunk)
-            images.append(ImageChunk(len(tokens), n_tokens, n_pos, token, owned))
-            tokens.extend([token] * n_tokens)
+            images.append(ImageChunk(len(tokens), n_tokens, n_pos, owned, non_causal))
+            tokens.extend(_placeholders(picture.digest, part, n_tokens))
         return tokens, tuple(images)
 
     def close(self) -> None:
