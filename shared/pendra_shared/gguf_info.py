@@ -91,19 +91,26 @@ def check_projector(
     *,
     max_string_bytes: int = DEFAULT_MAX_STRING_BYTES,
     max_array_len: int = DEFAULT_MAX_ARRAY_LEN,
-) -> None:
-    """Raise InvalidGGUF unless `path` is a well-formed GGUF vision projector with tensors."""
-    try:
-        header = read_header(path, max_string_bytes=max_string_bytes, max_array_len=max_array_len)
-    except HeaderError as exc:
-        raise InvalidGGUF(str(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise InvalidGGUF(f"cannot read file: {exc}") from None
+) -> GGUFHeader:
+    """The header of `path`; raises InvalidGGUF unless it is a well-formed GGUF vision projector
+    with tensors."""
+    header = _read(path, max_string_bytes, max_array_len)
     if not is_projector(header):
         arch = header.metadata.get("general.architecture")
         raise InvalidGGUF(f"not a vision projector (its GGUF architecture is {arch!r}, not 'clip')")
     if not header.tensors:
         raise InvalidGGUF("the projector holds no tensors")
+    return header
+
+
+def _read(path: Path, max_string_bytes: int, max_array_len: int) -> GGUFHeader:
+    """The checked header of `path`; any failure to read one is InvalidGGUF."""
+    try:
+        return read_header(path, max_string_bytes=max_string_bytes, max_array_len=max_array_len)
+    except HeaderError as exc:
+        raise InvalidGGUF(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise InvalidGGUF(f"cannot read file: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -193,13 +200,7 @@ def read_gguf_facts(
     `max_string_bytes` and `max_array_len` are Settings.gguf_max_string_bytes and
     Settings.gguf_max_array_len (the defaults are theirs).
     """
-    try:
-        header = read_header(path, max_string_bytes=max_string_bytes, max_array_len=max_array_len)
-    except HeaderError as exc:
-        raise InvalidGGUF(str(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise InvalidGGUF(f"cannot read file: {exc}") from None
-    return gguf_facts(header)
+    return gguf_facts(_read(path, max_string_bytes, max_array_len))
 
 
 def gguf_facts(header: GGUFHeader) -> GGUFFacts:

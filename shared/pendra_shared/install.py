@@ -22,6 +22,7 @@ a full disk (`DiskFull`) and a cancel each remove the partial file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -30,7 +31,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -342,11 +343,11 @@ class Installer:
         info = partial.with_suffix(".json")
         projector = entry.projector
         after = (projector.size_bytes or 0) if projector is not None else 0
-
-        def discard() -> None:
-            self._discard(entry)
-
-        try:
+        disk_full = (
+            f"{entry.name}: disk full: the store's disk filled up during the install; "
+            "the partial download was removed; free some space and install again"
+        )
+        with self._failing_for_good(entry, disk_full):
             atomic_write_bytes(
                 info,
                 json.dumps(
@@ -369,7 +370,7 @@ class Installer:
             try:
                 facts = read_gguf_facts(partial)
             except InvalidGGUF as exc:
-                discard()
+                self._discard(entry)
                 raise InstallError(
                     f"{entry.name}: the verified download is not a usable GGUF: {exc}"
                 ) from None
@@ -381,21 +382,6 @@ class Installer:
                 paired = self._fetch_projector(entry, report, cancel, interrupt, verified.st_size)
                 downloaded += paired[2]
             self._place(entry, partial, target, verified, paired)
-        except (InstallCancelled, SourceRefused):
-            discard()
-            raise
-        except ChecksumMismatch:
-            # Either file: the install failed for good, and nothing of it stays.
-            discard()
-            raise
-        except OSError as exc:
-            if exc.errno not in _DISK_FULL:
-                raise
-            discard()
-            raise DiskFull(
-                f"{entry.name}: disk full: the store's disk filled up during the install; "
-                "the partial download was removed; free some space and install again"
-            ) from None
         self._discard(entry)
         result = InstallResult(
             self.store.find(entry.name, include_invalid=True), False, downloaded, resumed_from, attempts
@@ -403,6 +389,21 @@ class Installer:
         report(Progress("done", result.size_bytes, result.size_bytes, "installed"))
         logger.info("installed %s as %s (%d bytes)", entry.name, target.name, result.size_bytes)
         return result
+
+    @contextlib.contextmanager
+    def _failing_for_good(self, entry: CatalogueEntry, disk_full: str) -> Iterator[None]:
+        """An install step whose failure leaves nothing of the install behind: a cancel, a refused
+        source, a checksum mismatch (of either file) or a full disk (raised as `disk_full`)."""
+        try:
+            yield
+        except (InstallCancelled, SourceRefused, ChecksumMismatch):
+            self._discard(entry)
+            raise
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            self._discard(entry)
+            raise DiskFull(disk_full) from None
 
     def _fetch_projector(
         self,
@@ -448,7 +449,7 @@ class Installer:
     ) -> InstallResult:
         """Give an installed model the projector its entry names (installed before it had one,
         or its projector is missing or changed)."""
-        try:
+        with self._failing_for_good(entry, f"{entry.name}: disk full while the projector downloaded"):
             partial, verified, downloaded = self._fetch_projector(
                 entry, report, cancel, interrupt, target.stat().st_size
             )
@@ -459,14 +460,6 @@ class Installer:
             os.replace(partial, placed)
             record = self._projector_record(entry, placed.name, verified)
             write_sidecar(target, sidecar.model_copy(update={"projector": record}), stamp=False)
-        except (InstallCancelled, SourceRefused, ChecksumMismatch):
-            self._discard(entry)
-            raise
-        except OSError as exc:
-            if exc.errno not in _DISK_FULL:
-                raise
-            self._discard(entry)
-            raise DiskFull(f"{entry.name}: disk full while the projector downloaded") from None
         self._discard(entry)
         result = InstallResult(self.store.find(entry.name, include_invalid=True), False, downloaded, 0, 1)
         report(Progress("done", result.size_bytes, result.size_bytes, "installed the vision projector"))

@@ -20,16 +20,13 @@ from typing import Any
 
 import httpx
 import pytest
-from pendra_inference.gguf_hybrid import QWEN35_TINY, write_hybrid_gguf
-from pendra_inference.gguf_vision import QWEN3VL_TINY, write_qwen3vl_projector
-from pendra_inference.gguf_vocab import QWEN_VISION_TOKENS, tokenizer_files
 from pendra_shared.store import ModelStore
 from PIL import Image
 from playwright.sync_api import expect
 
 from tests.console.conftest import HOSTILE, Console
 from tests.support.browser import PageLog, axe_violations, describe_violations, screenshot
-from tests.support.hybrids import LLAMA_CPP_DATA, write_qwen35
+from tests.support.hybrids import write_qwen35, write_qwen35_vision
 
 expect.set_options(timeout=30_000)
 
@@ -443,21 +440,6 @@ def test_a_thinking_model_shows_its_reasoning_folded_above_the_answer(
 SEER = "qwen-vision:tiny"
 
 
-def write_vision_model(tmp: Path) -> tuple[Path, Path]:
-    """The tiny Qwen3.5 with the real Qwen tokenizer and template, and a random `qwen3vl_merger`
-    projector (as tests/inference/test_vision.py serves it)."""
-    vocab, _ = tokenizer_files("qwen35", LLAMA_CPP_DATA)
-    model = write_hybrid_gguf(
-        tmp / "qwen.gguf",
-        "qwen35",
-        QWEN35_TINY,
-        vocab=vocab,
-        chat_template=(LLAMA_CPP_DATA / "Qwen3.5-4B.jinja").read_text(),
-        special=QWEN_VISION_TOKENS,
-    )
-    return model, write_qwen3vl_projector(tmp / "mmproj.gguf", QWEN3VL_TINY, QWEN35_TINY.n_embd)
-
-
 def write_png(path: Path, color: tuple[int, int, int]) -> Path:
     Image.new("RGB", (64, 48), color).save(path, "PNG")
     return path
@@ -487,7 +469,7 @@ def test_a_vision_model_reads_an_image_attached_in_the_playground(
     be removed, sends the picture as an OpenAI `image_url` part with a data URL, keeps it in the
     history for the next turn, and shows the server's 400 for an image it cannot read."""
     store = ModelStore(console.store)
-    model, projector = write_vision_model(tmp_path)
+    model, projector = write_qwen35_vision(tmp_path)
     store.import_file(model, name=SEER, purpose="chat", projector=projector)
     red = write_png(tmp_path / "red.png", (200, 30, 30))
     green = write_png(tmp_path / "green.png", (30, 200, 30))

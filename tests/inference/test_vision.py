@@ -22,16 +22,15 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from pendra_inference.gguf_hybrid import QWEN35_TINY, write_hybrid_gguf
+from pendra_inference.gguf_hybrid import QWEN35_TINY
 from pendra_inference.gguf_vision import QWEN3VL_TINY, write_qwen3vl_projector
-from pendra_inference.gguf_vocab import QWEN_VISION_TOKENS, tokenizer_files
 from pendra_inference.vision import ImageLimits, decode_image, fetch_image
 from pendra_shared.api_errors import InvalidRequest
 from pendra_shared.store import ModelStore
 from PIL import Image
 
 from tests.support.httpserver import FileServer
-from tests.support.hybrids import LLAMA_CPP_DATA
+from tests.support.hybrids import write_qwen35_vision
 from tests.support.openai_schemas import validate
 from tests.support.server import ServerProcess, start_server
 
@@ -91,17 +90,7 @@ GREEN = _data_url(_png(color=(30, 200, 30)))
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     base = tmp_path_factory.mktemp("vision")
     store = ModelStore(base / "models")
-    vocab, _ = tokenizer_files("qwen35", LLAMA_CPP_DATA)
-    template = (LLAMA_CPP_DATA / "Qwen3.5-4B.jinja").read_text()
-    model = write_hybrid_gguf(
-        base / "qwen.gguf",
-        "qwen35",
-        QWEN35_TINY,
-        vocab=vocab,
-        chat_template=template,
-        special=QWEN_VISION_TOKENS,
-    )
-    projector = write_qwen3vl_projector(base / "mmproj.gguf", QWEN3VL_TINY, QWEN35_TINY.n_embd)
+    model, projector = write_qwen35_vision(base)
     other = write_qwen3vl_projector(base / "other-mmproj.gguf", QWEN3VL_TINY, 2 * QWEN35_TINY.n_embd)
     store.import_file(model, name=VISION, purpose="chat", projector=projector)
     store.import_file(model, name=MISMATCHED, purpose="chat", projector=other)
@@ -388,30 +377,29 @@ def test_a_model_without_a_projector_says_so(client: openai.OpenAI) -> None:
     assert "does not read images" in error.message and "no vision projector" in error.message
 
 
-def test_a_mismatched_projector_is_refused_at_load_and_serves_text(client: openai.OpenAI) -> None:
+def _serves_text_but_refuses_images(client: openai.OpenAI, model: str) -> str:
+    """The model answers text; an image for it is a 400, whose message is returned."""
     text = client.chat.completions.create(
-        model=MISMATCHED, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, extra_body=NONE
+        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, extra_body=NONE
     )
     assert text.choices[0].message.content is not None
     error = _error(
-        lambda: client.chat.completions.create(model=MISMATCHED, messages=_ask(RED), max_tokens=4)  # type: ignore[arg-type]
+        lambda: client.chat.completions.create(model=model, messages=_ask(RED), max_tokens=4)  # type: ignore[arg-type]
     )
     assert error.status_code == 400
-    assert "refused at load" in error.message and "128 wide" in error.message and "reads 64" in error.message
+    return error.message
+
+
+def test_a_mismatched_projector_is_refused_at_load_and_serves_text(client: openai.OpenAI) -> None:
+    message = _serves_text_but_refuses_images(client, MISMATCHED)
+    assert "refused at load" in message and "128 wide" in message and "reads 64" in message
 
 
 def test_a_projector_that_crashes_llama_cpp_is_caught_by_the_probe(client: openai.OpenAI) -> None:
     """Imported, so not a pinned install: loaded in a child process first; it aborts there, and
     the model serves text without it."""
-    text = client.chat.completions.create(
-        model=BROKEN, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, extra_body=NONE
-    )
-    assert text.choices[0].message.content is not None
-    error = _error(
-        lambda: client.chat.completions.create(model=BROKEN, messages=_ask(RED), max_tokens=4)  # type: ignore[arg-type]
-    )
-    assert error.status_code == 400
-    assert "failed the load probe" in error.message and "SIGABRT" in error.message
+    message = _serves_text_but_refuses_images(client, BROKEN)
+    assert "failed the load probe" in message and "SIGABRT" in message
 
 
 def test_doctor_counts_the_projector(tmp_path: Any) -> None:
@@ -419,9 +407,7 @@ def test_doctor_counts_the_projector(tmp_path: Any) -> None:
 
     from tests.conftest import run_cli
 
-    vocab, _ = tokenizer_files("qwen35", LLAMA_CPP_DATA)
-    model = write_hybrid_gguf(tmp_path / "qwen.gguf", "qwen35", QWEN35_TINY, vocab=vocab)
-    projector = write_qwen3vl_projector(tmp_path / "mmproj.gguf", QWEN3VL_TINY, QWEN35_TINY.n_embd)
+    model, projector = write_qwen35_vision(tmp_path)
     store = ModelStore(tmp_path / "models")
     store.import_file(model, name=VISION, purpose="chat", projector=projector)
     env = {"PENDRA_MODELS_DIR": str(tmp_path / "models"), "PENDRA_N_CTX": "512"}

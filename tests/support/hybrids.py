@@ -12,16 +12,26 @@ from pendra_inference.gguf_hybrid import (
     HybridShape,
     write_hybrid_gguf,
 )
-from pendra_inference.gguf_vocab import tokenizer_files
+from pendra_inference.gguf_vision import QWEN3VL_TINY, write_qwen3vl_projector
+from pendra_inference.gguf_vocab import QWEN_VISION_TOKENS, tokenizer_files
 
 LLAMA_CPP_DATA = Path(__file__).resolve().parents[1] / "data" / "llama.cpp"
 
 
-def write_hybrid(path: Path, arch: str, shape: HybridShape, *, seed: int = 0) -> Path:
+def write_hybrid(
+    path: Path, arch: str, shape: HybridShape, *, seed: int = 0, special: dict[int, str] | None = None
+) -> Path:
     vocab, template = tokenizer_files(arch, LLAMA_CPP_DATA)
     name = f"tiny random {arch}"
     return write_hybrid_gguf(
-        path, arch, shape, vocab=vocab, chat_template=template.read_text(), name=name, seed=seed
+        path,
+        arch,
+        shape,
+        vocab=vocab,
+        chat_template=template.read_text(),
+        name=name,
+        seed=seed,
+        special=special,
     )
 
 
@@ -35,3 +45,10 @@ def write_qwen35(path: Path, moe: bool = False, shape: HybridShape | None = None
 def write_granite_hybrid(path: Path, shape: HybridShape = GRANITE_HYBRID_TINY, *, seed: int = 0) -> Path:
     """A Granite 4.0 "-h" file (`granitehybrid`: Mamba-2 and attention layers)."""
     return write_hybrid(path, "granitehybrid", shape, seed=seed)
+
+
+def write_qwen35_vision(directory: Path) -> tuple[Path, Path]:
+    """The tiny Qwen3.5 (the real Qwen tokenizer with its vision tokens, Qwen3.5's template) and a
+    random `qwen3vl_merger` projector of its width, as Qwen3.6 ships: `qwen.gguf`, `mmproj.gguf`."""
+    model = write_hybrid(directory / "qwen.gguf", "qwen35", QWEN35_TINY, special=QWEN_VISION_TOKENS)
+    return model, write_qwen3vl_projector(directory / "mmproj.gguf", QWEN3VL_TINY, QWEN35_TINY.n_embd)

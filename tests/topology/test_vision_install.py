@@ -18,15 +18,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from pendra_inference.gguf_hybrid import QWEN35_TINY, write_hybrid_gguf
-from pendra_inference.gguf_vision import QWEN3VL_TINY, write_qwen3vl_projector
-from pendra_inference.gguf_vocab import QWEN_VISION_TOKENS, tokenizer_files
 from pendra_shared.fsutil import sha256_file
 from PIL import Image
 
 from tests.support import api
 from tests.support.httpserver import FileServer, link_or_copy
-from tests.support.hybrids import LLAMA_CPP_DATA
+from tests.support.hybrids import write_qwen35_vision
 from tests.topology.conftest import Stack
 
 VISION = "qwen-vision:tiny"
@@ -48,18 +45,7 @@ PNG = _png()
 @pytest.fixture(scope="module")
 def vision_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The model and its projector, written once for the module's stacks."""
-    root = tmp_path_factory.mktemp("vision-files")
-    vocab, _ = tokenizer_files("qwen35", LLAMA_CPP_DATA)
-    model = write_hybrid_gguf(
-        root / "qwen.gguf",
-        "qwen35",
-        QWEN35_TINY,
-        vocab=vocab,
-        chat_template=(LLAMA_CPP_DATA / "Qwen3.5-4B.jinja").read_text(),
-        special=QWEN_VISION_TOKENS,
-    )
-    projector = write_qwen3vl_projector(root / "mmproj.gguf", QWEN3VL_TINY, QWEN35_TINY.n_embd)
-    return model, projector
+    return write_qwen35_vision(tmp_path_factory.mktemp("vision-files"))
 
 
 @pytest.fixture

@@ -588,34 +588,29 @@ class ChatService:
 
     async def _plan(self, loaded: Loaded, req: ChatCompletionRequest, parts: list[tuple[str, str]]) -> Plan:
         """The plan, with the request's images fetched and decoded first (in a thread)."""
-        pictures: list[Picture] = []
-        if parts:
-            scheduler = cast(Scheduler, loaded.runner)
-            if scheduler.projector is None:
-                refused = loaded.engine.projector_refused
-                raise InvalidRequest(
-                    f"'{req.model}' does not read images: "
-                    + (
-                        f"its vision projector was refused at load: {refused}"
-                        if refused
-                        else "it has no vision projector (mmproj)"
-                    ),
-                    param="messages",
-                    code="model_not_multimodal",
-                )
+        if not parts:
+            return await asyncio.to_thread(plan, loaded, req, self.limits, self.reasoning_format)
+        if cast(Scheduler, loaded.runner).projector is None:
+            refused = loaded.engine.projector_refused
+            raise InvalidRequest(
+                f"'{req.model}' does not read images: "
+                + (
+                    f"its vision projector was refused at load: {refused}"
+                    if refused
+                    else "it has no vision projector (mmproj)"
+                ),
+                param="messages",
+                code="model_not_multimodal",
+            )
 
-            def load() -> list[Picture]:
-                return [
-                    decode_image(fetch_image(url, self.images, where), self.images, where)
-                    for where, url in parts
-                ]
+        def load() -> list[Picture]:
+            return [
+                decode_image(fetch_image(url, self.images, where), self.images, where) for where, url in parts
+            ]
 
-            async with self._image_work:
-                pictures = await asyncio.to_thread(load)
-                return await asyncio.to_thread(
-                    plan, loaded, req, self.limits, self.reasoning_format, pictures
-                )
-        return await asyncio.to_thread(plan, loaded, req, self.limits, self.reasoning_format, pictures)
+        async with self._image_work:
+            pictures = await asyncio.to_thread(load)
+            return await asyncio.to_thread(plan, loaded, req, self.limits, self.reasoning_format, pictures)
 
     async def _submit(
         self, loaded: Loaded, p: Plan, is_disconnected: Callable[[], Awaitable[bool]]

@@ -623,8 +623,9 @@ class Scheduler:
             seq.extra["chunk"] = len(chunk)
             budget -= len(chunk)
             out.append(seq)
-        for req, error in failed:
-            self._drop(req, error)
+        for req, error in failed:  # (this request only: the others go on)
+            logger.warning("%s: %s", self.name, error)
+            self._fail(req, error)
         batch.n_tokens = count
         return out
 
@@ -632,10 +633,10 @@ class Scheduler:
         """Encode and decode the images at the start of `seq`'s prefill into its cells, outside the
         step's batch (as llama-server does: an image's embeddings are not tokens); returns the
         tokens they took."""
+        from llama_cpp import mtmd_cpp
+
         used = 0
         while seq.prefill and (image := completion.image_at(seq.n_past)) is not None:
-            from llama_cpp import mtmd_cpp
-
             if self.projector is None or not self.projector.ctx:
                 raise RuntimeError("the model's projector is not loaded")
             position = seq.n_past + seq.shift
@@ -665,16 +666,6 @@ class Scheduler:
             used += image.n_tokens
             self._stats.image_tokens += image.n_tokens
         return used
-
-    def _drop(self, req: _Request, exc: Exception) -> None:
-        """Fail one running request; the others go on."""
-        logger.warning("%s: %s", self.name, exc)
-        self._running.remove(req)
-        for seq in req.seqs:
-            seq.sampler.close()
-            llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
-            self._free_ids.append(seq.seq_id)
-        self._post(req.ticket, APIError(f"generation failed: {exc}"))
 
     def _add(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         batch = self.batch
@@ -833,15 +824,18 @@ class Scheduler:
         stats.checkpoints_evicted = saved.evicted
 
     def _fail_running(self, exc: Exception) -> None:
-        error = exc if isinstance(exc, APIError) else APIError(f"generation failed: {exc}")
         for req in list(self._running):
-            self._running.remove(req)
-            for seq in req.seqs:
-                seq.sampler.close()
-                llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
-                self._free_ids.append(seq.seq_id)
-            self._post(req.ticket, error)
+            self._fail(req, exc)
         self._update_usage()
+
+    def _fail(self, req: _Request, exc: Exception) -> None:
+        """Fail one running request: its sequences are emptied and their ids free again."""
+        self._running.remove(req)
+        for seq in req.seqs:
+            seq.sampler.close()
+            llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
+            self._free_ids.append(seq.seq_id)
+        self._post(req.ticket, exc if isinstance(exc, APIError) else APIError(f"generation failed: {exc}"))
 
     # -- to the event loop ---------------------------------------------------------------------
 

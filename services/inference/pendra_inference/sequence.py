@@ -65,7 +65,7 @@ class Completion:
 
     def position(self, index: int) -> int:
         """The position of the prompt's token `index` in the cache."""
-        return index + self.shift_before(index) if self.images else index
+        return index + self.shift_before(index)
 
     def snap(self, index: int) -> int:
         """`index`, or the start of the image it falls inside: an image is decoded whole."""

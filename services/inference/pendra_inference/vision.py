@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pendra_shared import gguf_info
 from pendra_shared.api_errors import InvalidRequest
 from pendra_shared.errors import InstallError
-from pendra_shared.gguf_header import HeaderError, read_header
+from pendra_shared.gguf_info import InvalidGGUF
 from pendra_shared.sources import Guard, HttpSource
 
 logger = logging.getLogger(__name__)
@@ -192,15 +193,9 @@ def check_projector(path: Path, text_n_embd: int) -> None:
     """Refuse a projector whose header says it does not fit the text model (llama.cpp would say
     so only in its log)."""
     try:
-        header = read_header(path)
-    except (HeaderError, OSError) as exc:
-        raise ProjectorRefused(f"{path.name} is not a readable GGUF: {exc}") from None
-    meta = header.metadata
-    if meta.get("general.architecture") != "clip":
-        raise ProjectorRefused(
-            f"{path.name} is not a vision projector (its architecture is "
-            f"{str(meta.get('general.architecture'))[:64]!r}, not 'clip')"
-        )
+        meta = gguf_info.check_projector(path).metadata
+    except InvalidGGUF as exc:
+        raise ProjectorRefused(f"{path.name}: {exc}") from None
     if not meta.get("clip.has_vision_encoder"):
         raise ProjectorRefused(f"{path.name} has no vision encoder (an audio projector?)")
     width = meta.get("clip.vision.projection_dim")
@@ -287,9 +282,7 @@ class Projector:
             mtmd.mtmd_free(ctx)
             raise ProjectorRefused(f"{path.name} reads no images (an audio projector?)")
         self.ctx = ctx
-        self.path = path
         self.marker = self._marker.decode()
-        self.mrope = bool(mtmd.mtmd_decode_use_mrope(ctx))
         self._lock = threading.Lock()  # tokenizing runs in request threads
 
     def tokenize(
@@ -349,16 +342,17 @@ class Projector:
             if kind == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
                 n = ctypes.c_size_t(0)
                 ids = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                tokens.extend(ids[j] for j in range(n.value))
+                tokens.extend(ids[: n.value])
                 continue
             if kind != mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                 raise InvalidRequest("only images are read, not audio", param="messages")
-            picture = by_id.get(mtmd.mtmd_input_chunk_get_id(chunk) or b"")
+            key = mtmd.mtmd_input_chunk_get_id(chunk) or b""
+            picture = by_id.get(key)
             if picture is None:
                 raise InvalidRequest(
                     "an image could not be matched to its place in the prompt", param="messages"
                 )
-            part = parts[picture.digest.hex().encode()] = parts.get(picture.digest.hex().encode(), -1) + 1
+            part = parts[key] = parts.get(key, -1) + 1
             n_tokens = int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
             n_pos = int(mtmd.mtmd_input_chunk_get_n_pos(chunk))
             non_causal = bool(mtmd.mtmd_decode_use_non_causal(self.ctx, chunk))
