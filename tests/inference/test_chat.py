@@ -217,6 +217,50 @@ def test_named_tool_choice_streams_a_tool_call(client: openai.OpenAI) -> None:
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+# tiny:q8's byte tokens <0x00>..<0xFF> follow <unk>, <s> and </s>: these are the control characters.
+CONTROL_BYTES = {str(3 + byte): 10 for byte in range(0x20)}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_call_holds_no_raw_control_character(client: openai.OpenAI, stream: bool) -> None:
+    """JSON strings hold control characters only escaped. The forced call's grammar once let a model
+    write a raw newline inside an argument (Gemma 3 270M did, now and then): the grammar ended the
+    call, the parser refused it, and the required call came back as text. Pushed toward control
+    characters, the model still writes a call that parses."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 8}},
+                "required": ["city"],
+            },
+        },
+    }
+    request = {
+        "model": TINY,
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [tool],
+        "tool_choice": "required",
+        "max_tokens": 200,
+        "seed": 0,
+        "logit_bias": CONTROL_BYTES,
+    }
+    if stream:
+        chunks = list(client.chat.completions.create(**request, stream=True))
+        pieces = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        arguments = "".join(p.function.arguments or "" for p in pieces)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        choice = client.chat.completions.create(**request).choices[0]
+        content, finish = choice.message.content or "", choice.finish_reason
+        arguments = "".join(c.function.arguments for c in choice.message.tool_calls or [])
+    assert not content and finish == "tool_calls"
+    assert isinstance(json.loads(arguments)["city"], str)
+
+
 def test_a_client_that_goes_away_stops_generation(client: openai.OpenAI, server: ServerProcess) -> None:
     with raw_stream(server, max_tokens=1500, temperature=1.0) as response:
         for i, _line in enumerate(response.iter_lines()):

@@ -1096,6 +1096,34 @@ WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pari
             "",
             [("get_weather", '{"city": "Par')],
         ),
+        # The bare JSON families too (Gemma 3's generic format, Llama 3): a forced call at temperature 1
+        # can repeat itself inside an argument until max_tokens.
+        (
+            GEMMA2,
+            '{"name": "get_weather", "arguments": {"city": "Par',
+            "",
+            [("get_weather", '{"city": "Par')],
+        ),
+        (
+            GEMMA2,
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',
+            "",
+            [("get_weather", '{"city": "Par')],
+        ),
+        (
+            GEMMA2,
+            '{"name": "get_weather", "arguments": {"city": "P"}',
+            "",
+            [("get_weather", '{"city": "P"}')],
+        ),
+        (GEMMA2, '{"name": "get_weather", "argu', '{"name": "get_weather", "argu', []),  # nothing said yet
+        (
+            LLAMA33,
+            '{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+            '{"name": "get_weather", "parameters": {"ci',
+            "",
+            [("get_weather", '{"city": "Paris"}'), ("get_weather", '{"ci')],
+        ),
         # A string argument holding the closing tag does not close the call.
         (
             QWEN3,
@@ -1171,3 +1199,50 @@ def test_a_qwen_string_parameter_with_an_enum_is_one_of_its_values(vocabs: dict[
     assert vocabs["qwen"].accepts(grammar, call("Rome"))
     assert not vocabs["qwen"].accepts(grammar, call("Berlin"))
     assert _calls(fmt, Turn([tool]), "", call("Rome")) == [("get_weather", {"city": "Rome"})]
+
+
+# What Gemma 3 270M wrote in a CI run for a forced call (`tool_choice: "required"`, temperature 1):
+# raw newlines inside the argument string. The converter's JSON grammar let them through, so the
+# grammar ended the call, the JSON parser refused it, and the forced call came back as text.
+RAW_NEWLINES = (
+    '{"name": "get_weather", "arguments": {"city": "Paris (exterior)}}\n\nThe weather in photos of a city\n'
+    "'{name: 'labels', *_next_asp_zone_name' radios, *_previous_asp_zone_name'}.\n"
+    'You can call these functions. To call one, for example, {" }}'
+)
+
+
+def _weather(city: str) -> str:
+    return '{"name": "get_weather", "arguments": {"city": "' + city + '"}}'
+
+
+def test_a_forced_call_grammar_writes_json_strings_a_json_parser_reads(vocabs: dict[str, Vocab]) -> None:
+    """JSON forbids raw control characters in strings: the grammar lets a model write them only
+    escaped, so every call it completes parses as a call."""
+    fmt = for_template(None)  # the generic format: Gemma 3's
+    assert fmt.name == "generic"
+    grammar = fmt.call_grammar(Turn([WEATHER]), ["get_weather"], False, "off")
+    vocab = vocabs["llama"]
+    assert not vocab.accepts(grammar, RAW_NEWLINES)
+    assert _calls(fmt, Turn([WEATHER]), "", RAW_NEWLINES) == []  # why it must not: it is no call
+    for raw in ("Paris\nFrance", "Paris\tFrance", "Paris\x1fFrance"):
+        assert not vocab.accepts(grammar, _weather(raw)), repr(raw)
+    escaped = _weather('Paris\\nFrance\\t\\u00e9\\/\\\\ \\" é')
+    assert vocab.accepts(grammar, escaped)
+    assert _calls(fmt, Turn([WEATHER]), "", escaped) == [("get_weather", {"city": 'Paris\nFrance\té/\\ " é'})]
+
+
+def test_a_response_format_grammar_writes_json_strings_a_json_parser_reads(vocabs: dict[str, Vocab]) -> None:
+    """The same for `response_format: json_schema` (and a string's minLength/maxLength, which the
+    converter writes with the same character rule)."""
+    from pendra_inference.chat import _schema_grammar
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "code": {"type": "string", "maxLength": 8}},
+        "required": ["city", "code"],
+    }
+    grammar = _schema_grammar(schema, "response_format")
+    vocab = vocabs["llama"]
+    assert vocab.accepts(grammar, '{"city": "Paris\\nFrance", "code": "a\\tb"}')
+    assert not vocab.accepts(grammar, '{"city": "Paris\nFrance", "code": "ab"}')
+    assert not vocab.accepts(grammar, '{"city": "Paris", "code": "a\tb"}')

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.inference.conftest import CHAT
+from tests.inference.conftest import CHAT, TINY
 from tests.support.openai_schemas import validate
 from tests.support.server import ServerProcess
 
@@ -99,8 +99,48 @@ def test_a_function_call_and_its_result(client: openai.OpenAI, server: ServerPro
             model=CHAT, input="Weather in Paris?", tools=[WEATHER], tool_choice="required", stream=True
         )
     )
-    names = [e.type for e in streamed]
-    assert "response.function_call_arguments.done" in names and names[-1] == "response.completed"
+    # Always one call and no text. At temperature 1 the model may also repeat itself inside the
+    # argument until max_output_tokens (the context's end by default): then the response says so,
+    # and its call is the one cut.
+    (done,) = [e for e in streamed if e.type == "response.function_call_arguments.done"]
+    final = streamed[-1].response
+    (streamed_call,) = final.output
+    assert streamed_call.type == "function_call" and streamed_call.arguments == done.arguments
+    if streamed[-1].type == "response.completed":
+        assert isinstance(json.loads(done.arguments)["city"], str) and streamed_call.status == "completed"
+    else:
+        assert streamed[-1].type == "response.incomplete" and streamed_call.status == "incomplete"
+        assert final.incomplete_details is not None and final.incomplete_details.reason == "max_output_tokens"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_cut_by_max_output_tokens_stays_a_call(client: openai.OpenAI, stream: bool) -> None:
+    """A forced call that max_output_tokens cuts is an `incomplete` function_call with the arguments
+    it got, in an incomplete response, never half a call as text. tiny:q8 writes the call byte by
+    byte: 45 tokens end inside its arguments (the shortest call has 49 bytes)."""
+    request = {
+        "model": TINY,
+        "input": "Weather in Paris?",
+        "tools": [WEATHER],
+        "tool_choice": "required",
+        "max_output_tokens": 45,
+    }
+    if stream:
+        events = list(client.responses.create(**request, stream=True))
+        for event in events:
+            validate(event.model_dump(mode="json", exclude_unset=True), "ResponseStreamEvent")
+        kinds = [e.type for e in events]
+        assert kinds[-1] == "response.incomplete" and "response.output_text.delta" not in kinds
+        (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+        response = events[-1].response
+        assert done.arguments == response.output[0].arguments
+    else:
+        response = client.responses.create(**request)
+    assert response.status == "incomplete" and response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+    (call,) = response.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.status == "incomplete"
+    assert '{"city":'.startswith(call.arguments.replace(" ", "")) and call.arguments.startswith("{")
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,9 @@ then one assistant `message` with `output_text` (left out when there are only ca
 (`response.content_part.added`, `response.reasoning_text.delta`... and `.done` or
 `response.output_text.delta`... and `.done`, `response.content_part.done`; a call's
 `response.function_call_arguments.delta`... and `.done`), `response.output_item.done`; then
-`response.completed`. An error after the start is an `error` event.
+`response.completed`, or `response.incomplete` when max_output_tokens cut the answer (the item it
+cut, the last, is `incomplete` too: a cut call stays a call). An error after the start is an
+`error` event.
 """
 
 from __future__ import annotations
@@ -387,14 +389,14 @@ class Items:
             out.append(self.event("response.function_call_arguments.delta", **ids, delta=arguments))
         return out
 
-    def close(self) -> list[str]:
-        """Close the open item, if any."""
+    def close(self, status: str = "completed") -> list[str]:
+        """Close the open item, if any (`incomplete`: max_output_tokens cut it)."""
         kind, self.kind = self.kind, None
         index = len(self.output)
         if kind is None:
             return []
         if kind == "call":
-            done = self.call | {"status": "completed"}
+            done = self.call | {"status": status}
             ids = {"item_id": done["id"], "output_index": index}
             out = [
                 self.event(
@@ -408,21 +410,23 @@ class Items:
             whole = "".join(self.text)
             ids = self._ids()
             if kind == "reasoning":
-                done = self.assembly.reasoning(whole, item_id=self.item_id)
+                done = self.assembly.reasoning(whole, status, self.item_id)
                 out = [self.event("response.reasoning_text.done", **ids, text=whole)]
             else:
-                done = self.assembly.message(whole, item_id=self.item_id)
+                done = self.assembly.message(whole, status, self.item_id)
                 out = [self.event("response.output_text.done", **ids, text=whole, logprobs=[])]
             out.append(self.event("response.content_part.done", **ids, part=done["content"][0]))
         self.output.append(done)
         out.append(self.event("response.output_item.done", output_index=index, item=done))
         return out
 
-    def finish(self) -> list[str]:
-        """Close the last item; an answer with neither text nor calls still has its message."""
-        out = self.close()
+    def finish(self, cut: bool) -> list[str]:
+        """Close the last item, `incomplete` when max_output_tokens `cut` it; an answer with
+        neither text nor calls still has its message."""
+        status = "incomplete" if cut else "completed"
+        out = self.close(status)
         if not any(item["type"] in ("message", "function_call") for item in self.output):
-            out += self._open_text("message") + self.close()
+            out += self._open_text("message") + self.close(status)
         return out
 
 
@@ -437,6 +441,12 @@ class ResponseService:
         choice = result["choices"][0]
         assembly = Assembly(req)
         output = assembly.output(choice["message"])
+        if choice["finish_reason"] == "length":
+            # The item max_output_tokens cut (the last), and the empty message standing for the
+            # answer that never came, as the stream closes them.
+            empty = output[-1]["type"] == "message" and not output[-1]["content"][0]["text"]
+            for item in output[-2:] if empty else output[-1:]:
+                item["status"] = "incomplete"
         return assembly.envelope("completed", output, result["usage"], choice["finish_reason"])
 
     async def stream(
@@ -480,7 +490,7 @@ class ResponseService:
                     for line in sent:
                         yield line
                     finish = choice.get("finish_reason") or finish
-            for line in items.finish():
+            for line in items.finish(cut=finish == "length"):
                 yield line
             final = assembly.envelope("completed", items.output, usage, finish)
             kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"

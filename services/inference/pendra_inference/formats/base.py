@@ -272,6 +272,16 @@ def json_call(inner: str, schemas: dict[str, dict[str, Any]], partial: bool) -> 
     return call_from_object(data, schemas)
 
 
+def cut_call(text: str, schemas: dict[str, dict[str, Any]]) -> Call | None:
+    """A bare JSON call max_tokens cut: `text` ends inside a `{"name": ..., "arguments": ...}`
+    object (it never closed) once the tool's name and the start of its arguments have come. It
+    stays a call with the arguments it got, as the tagged families' cut calls do. None otherwise."""
+    body = text.lstrip(WS)
+    if body[:1] != "{" or json_end(body) != -1:
+        return None
+    return json_call(body, schemas, partial=True)
+
+
 _ALNUM = string.ascii_letters + string.digits
 
 

@@ -1,16 +1,18 @@
 """Models whose template knows no tools (Gemma 3, base models): the tools are described in the
 system message and the answer is a JSON call, in `<tool_call>` tags, a ```json block, or bare.
-The answer is held until it ends, since only then is it known to be a call."""
+The answer is held until it ends, since only then is it known to be a call; one that max_tokens
+cut inside the call is the call with the arguments it got."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from pendra_inference.formats.base import Format, Parsed, call_from_object, loads
+from pendra_inference.formats.base import WS, Format, Parsed, call_from_object, cut_call, loads
 
 _TAGGED = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _FENCED = re.compile(r"^\s*```(?:json)?\s*\n(.*?)\n?```\s*$", re.DOTALL)
+_OPENINGS = ("<tool_call>", "```json", "```")  # what a cut call may stand after
 
 
 class Generic(Format):
@@ -31,4 +33,9 @@ class Generic(Format):
                 call = call_from_object(item, schemas)
                 if call is not None:
                     calls.append(call)
+        if not calls:
+            body = text.lstrip(WS)
+            opening = next((o for o in _OPENINGS if body.startswith(o)), "")
+            cut = cut_call(body[len(opening) :], schemas)
+            calls = [cut] if cut is not None else []
         return Parsed(calls=calls) if calls else Parsed(content=text)

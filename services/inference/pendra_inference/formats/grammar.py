@@ -1,6 +1,6 @@
-"""GBNF for forced tool calls, built from pieces: literals, JSON schemas (llama-cpp-python's own
-converter), and "any text up to this tag" (a small automaton, so the text cannot contain the tag
-before it ends)."""
+"""GBNF for forced tool calls and response formats, built from pieces: literals, JSON schemas
+(llama-cpp-python's own converter, its strings made strict JSON), and "any text up to this tag" (a
+small automaton, so the text cannot contain the tag before it ends)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,27 @@ import json
 import re
 from typing import Any
 
-from llama_cpp.llama_grammar import SchemaConverter
+from llama_cpp.llama_grammar import BuiltinRule, SchemaConverter
 
 _RULE_NAME = re.compile(r"[^a-zA-Z0-9-]+")
+# One character of a JSON string. JSON forbids raw control characters there (RFC 8259, section 7):
+# llama-cpp-python 0.3.36's converter lets them through (`[^"\\]`), so a model could write a raw
+# newline inside an argument, and the call, complete by the grammar, failed to parse and came back
+# as text. The class is llama.cpp's own converter's (common/json-schema-to-grammar.cpp), DEL too.
+JSON_CHAR = BuiltinRule(r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})', [])
+
+
+class _Converter(SchemaConverter):
+    """llama-cpp-python's converter, with JSON strings as strict as JSON parsers read them."""
+
+    def _add_primitive(self, name: str, rule: BuiltinRule) -> str:
+        strict = JSON_CHAR if name == "char" else rule
+        return str(super()._add_primitive(name, strict))
 
 
 class Grammar:
     def __init__(self) -> None:
-        self.converter = SchemaConverter(  # type: ignore[no-untyped-call]
+        self.converter = _Converter(  # type: ignore[no-untyped-call]
             prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
         )
         self.rules: dict[str, str] = {"pendra-ws": "[ \\t\\n]*"}

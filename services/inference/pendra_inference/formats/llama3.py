@@ -3,14 +3,23 @@ maybe after `<|python_tag|>`:
 
     {"name": "get_weather", "parameters": {"city": "Paris"}}
 
-An answer that starts like JSON is held until it ends, since only then is it known to be a call.
+An answer that starts like JSON is held until it ends, since only then is it known to be a call;
+one that max_tokens cut inside its last call keeps that call with the arguments it got.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pendra_inference.formats.base import Format, Parsed, call_from_object, json_end, loads, rstrip_partial
+from pendra_inference.formats.base import (
+    Format,
+    Parsed,
+    call_from_object,
+    cut_call,
+    json_end,
+    loads,
+    rstrip_partial,
+)
 from pendra_inference.formats.grammar import Grammar
 
 PYTHON_TAG = "<|python_tag|>"
@@ -32,12 +41,14 @@ class Llama3(Format):
         while rest:  # objects one after another, `;` between them (not a split: strings hold `;` too)
             end = json_end(rest) if rest.startswith("{") else -1
             try:
-                call = call_from_object(loads(rest[:end]), schemas) if end > 0 else None
+                call = call_from_object(loads(rest[:end]), schemas) if end > 0 else cut_call(rest, schemas)
             except ValueError:
                 call = None
             if call is None:
                 return Parsed(content=text)
             calls.append(call)
+            if end < 0:  # the cut call, the last
+                break
             rest = rest[end:].strip()
             rest = rest.removeprefix(";").strip()
         return Parsed(calls=calls)
