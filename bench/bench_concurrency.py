@@ -2,14 +2,22 @@
 
 Three parts, each measured against Pendra and llama-server in one run:
 
-* sweep: for N in --streams, N concurrent streaming /v1/chat/completions requests, each with a
-  different short prompt ("Write a story about <topic>"), max_tokens --tokens, temperature 0.8
-  and a fixed seed per request. Reports aggregate generated tokens/s (the completion tokens of
-  every usage chunk / wall time from the first request sent to the last response done), time to
-  first token (first non-empty content delta) p50/p95 over the requests, and inter-token latency
-  p50 (gaps between successive content chunks, pooled over all requests). llama-server gets
-  `"ignore_eos": true` so its generations run to max_tokens; Pendra has no such option, so compare
-  the token counts printed under the table (throughput is counted from usage on both sides).
+* sweep: for N in --streams and each sampling profile in --sampling, N concurrent streaming
+  /v1/chat/completions requests, each with a different short prompt ("Write a story about
+  <topic>"), max_tokens --tokens, the profile's sampling parameters and a fixed seed per request.
+  Profiles (SAMPLING): `greedy` is temperature 0; `recommended` is the `sampling` mapping of the
+  catalogue entry RECOMMENDED_FROM (qwen3.6:27b) where the catalogue gives one, else Qwen3.6's
+  published settings (temperature 0.7, top_p 0.8, top_k 20, min_p 0, presence_penalty 1.5);
+  samplers a catalogue mapping leaves out are sent switched off (SAMPLERS_OFF), so llama-server's
+  own defaults never apply to it alone. Both servers get the very same body. Reports aggregate
+  generated tokens/s (the completion tokens of every usage chunk / wall time from the first
+  request sent to the last response done), inter-token latency p50/p95 (gaps between successive
+  content chunks, pooled over all requests), time to first token (first non-empty content delta)
+  p50/p95 over the requests, the ratio of Pendra's tokens/s to each llama-server's and to the best
+  llama-server figure of the level, and at one stream Pendra's inter-token latency minus the
+  lowest llama-server one. llama-server gets `"ignore_eos": true` so its generations run to
+  max_tokens; Pendra has no such option, so compare the token counts printed under the table
+  (throughput is counted from usage on both sides).
   Each server gets one 8-token warm-up request before its first level; each level runs --runs times.
 * prefix: 16 concurrent clients share one ~600-token system prompt (deterministic text) plus a
   different short question each, max_tokens 32, after one warm-up request with that system prompt.
@@ -29,6 +37,9 @@ Targets:
   every sequence may use all of it, so `-c 4*n_ctx`; requests beyond 4 wait for a free slot.
 * llama-server -np N (chat): one server start per level with `-np N -c N*n_ctx` (split KV, n_ctx
   per slot): its best case for N concurrent streams. The prefix part uses `-np 16 -c 16*n_ctx`.
+* llama-server -np N -bs (sweep only): the same with `--backend-sampling`, i.e. sampling as graph
+  operations in llama.cpp (only the token id comes back); skipped, with a note, when the binary
+  has no such flag.
 * llama-server embeddings: `--embeddings --pooling mean -np P -c P*512 -b 512 -ub 512` with
   P = --embed-np (default 32), i.e. up to P single-input tasks (one slot each) packed into one
   llama_decode of at most 512 tokens (llama-server forces n_batch = n_ubatch with --embeddings, and
@@ -39,11 +50,12 @@ Targets:
 Every llama-server gets `-t` and `-tb` = the usable core count, as Pendra uses. All requests send
 `Connection: close`, so llama-server's fixed HTTP thread pool is never held by an idle keep-alive
 connection of this client. Ratio = pendra / llama-server (higher is better for rates).
+--json PATH writes every figure (and the settings that produced them) as one JSON document.
 
     uv run --no-sync python bench/bench_concurrency.py [--model PATH] [--llama-server PATH]
         [--streams 1,2,4,8,16] [--tokens 96] [--n-ctx 1024] [--runs 1]
-        [--parts sweep,prefix,embed] [--embed-model PATH] [--embed-requests 256]
-        [--embed-batch 256] [--embed-np 32]
+        [--sampling greedy,recommended] [--parts sweep,prefix,embed] [--embed-model PATH]
+        [--embed-requests 256] [--embed-batch 256] [--embed-np 32] [--json PATH]
 
 Without --model it uses the Gemma 3 270M test GGUF (assembled from its PyPI package); without
 --embed-model ../shared/models/all-minilm-l6-v2-f16.gguf when it exists, else the chat model.
@@ -59,6 +71,7 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -126,6 +139,23 @@ PREFIX_TOKENS = 32
 EMBED_CTX = 512
 HEADERS = {"Connection": "close"}
 
+# Sampling profiles of the sweep, sent as they are to both servers. "recommended" is replaced by
+# the `sampling` mapping of the catalogue entry RECOMMENDED_FROM where it has one (sampling_profiles).
+RECOMMENDED_FROM = "qwen3.6:27b"
+SAMPLING: dict[str, dict[str, float]] = {
+    "greedy": {"temperature": 0.0},
+    "recommended": {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0, "presence_penalty": 1.5},
+}
+PREFIX_SAMPLING: dict[str, float] = {"temperature": 0.8}  # the prefix part and the warm-ups
+# What a catalogue mapping leaves out is sent switched off, so that llama-server's own defaults
+# (top_k 40, top_p 0.95, min_p 0.05) do not apply to it alone.
+SAMPLERS_OFF: dict[str, float] = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "presence_penalty": 0.0}
+
+# Sweep targets: key -> column label. "np-bs" runs only where llama-server has --backend-sampling.
+TARGETS = {"pendra": "pendra", "default": "ls-def", "np": "ls-npN", "np-bs": "ls-npN-bs"}
+PEERS = ("default", "np", "np-bs")
+BACKEND_SAMPLING = "--backend-sampling"
+
 
 # --------------------------------------------------------------------------------------- figures
 
@@ -171,8 +201,16 @@ class Level:
     def ttft_p(self, q: float) -> float:
         return pct(self.ttfts, q) * 1000
 
-    def itl_p50(self) -> float:
-        return pct([g for s in self.streams for g in s.gaps], 0.5) * 1000
+    def ttft_mean(self) -> float:
+        return statistics.fmean(self.ttfts) * 1000 if self.ttfts else float("nan")
+
+    @property
+    def prompt_tokens(self) -> float:
+        """Mean prompt tokens per request, as usage reports them."""
+        return statistics.fmean(s.prompt_tokens for s in self.streams) if self.streams else 0.0
+
+    def itl_p(self, q: float) -> float:
+        return pct([g for s in self.streams for g in s.gaps], q) * 1000
 
     @property
     def tokens(self) -> int:
@@ -231,14 +269,38 @@ async def stream_chat(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -
     return result
 
 
+def sampling_profiles(names: Sequence[str]) -> tuple[dict[str, dict[str, float]], str]:
+    """The named profiles of SAMPLING, "recommended" from the catalogue entry RECOMMENDED_FROM where
+    it has a `sampling` mapping; and where "recommended" came from, in words."""
+    from pendra_shared.catalogue import Catalogue
+
+    profiles = {name: dict(SAMPLING[name]) for name in names}
+    source = "the bench's fallback (Qwen3.6's published settings)"
+    if "recommended" in profiles:
+        entry = Catalogue.load().entries.get(RECOMMENDED_FROM)
+        given = entry.sampling.values() if entry is not None and entry.sampling is not None else None
+        if given:
+            profiles["recommended"] = {**SAMPLERS_OFF, **given}
+            source = f"the catalogue's {RECOMMENDED_FROM}"
+    return profiles, source
+
+
+def describe(sampling: dict[str, float]) -> str:
+    return ", ".join(f"{key} {value:g}" for key, value in sampling.items())
+
+
 def chat_body(
-    messages: list[dict[str, str]], max_tokens: int, seed: int, peer: bool, temperature: float = 0.8
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    seed: int,
+    peer: bool,
+    sampling: dict[str, float] = PREFIX_SAMPLING,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": "bench:chat",
         "messages": messages,
         "max_tokens": max_tokens,
-        "temperature": temperature,
+        **sampling,
         "seed": seed,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -262,7 +324,9 @@ def warm_up_chat(url: str, peer: bool, messages: list[dict[str, str]] | None = N
     asyncio.run(concurrent_chats(url, [chat_body(messages, 8, 1, peer)]))
 
 
-def sweep_level(url: str, streams: int, tokens: int, runs: int, peer: bool) -> Level:
+def sweep_level(
+    url: str, streams: int, tokens: int, runs: int, peer: bool, sampling: dict[str, float]
+) -> Level:
     level = Level()
     for run in range(runs):
         bodies = [
@@ -271,6 +335,7 @@ def sweep_level(url: str, streams: int, tokens: int, runs: int, peer: bool) -> L
                 tokens,
                 seed=1000 * run + i,
                 peer=peer,
+                sampling=sampling,
             )
             for i in range(streams)
         ]
@@ -382,6 +447,13 @@ def embed_figures(url: str, model: str, requests: int, batch: int, runs: int) ->
 # --------------------------------------------------------------------------------------- servers
 
 
+def has_flag(binary: Path, flag: str) -> bool:
+    """`flag` is one of the options `binary --help` lists."""
+    env = {**os.environ, "LD_LIBRARY_PATH": str(binary.parent)}
+    out = subprocess.run([str(binary), "--help"], capture_output=True, text=True, env=env, timeout=60)
+    return flag in out.stdout + out.stderr
+
+
 @contextmanager
 def llama_server(binary: Path, model: Path, extra: list[str], log_dir: Path, label: str) -> Iterator[str]:
     """A llama-server on a free port with `extra` flags, ready (/health 200) until the block ends."""
@@ -439,43 +511,97 @@ def tail(path: Path, lines: int = 40) -> str:
 
 # --------------------------------------------------------------------------------------- report
 
+Sweep = dict[str, dict[str, dict[int, Level]]]  # sampling profile -> target (TARGETS) -> streams
+
 
 def ms(value: float) -> str:
     return "-" if value != value else f"{value:.0f}"
 
 
+def pair(low: float, high: float, digits: int = 0) -> str:
+    """'p50/p95' from two figures ('-' for a missing one)."""
+    return "/".join("-" if value != value else f"{value:.{digits}f}" for value in (low, high))
+
+
+def quotient(mine: float, theirs: float) -> float:
+    return float("nan") if not theirs or theirs != theirs or mine != mine else mine / theirs
+
+
 def ratio(mine: float, theirs: float) -> str:
-    return "-" if not theirs or theirs != theirs or mine != mine else f"{mine / theirs:.2f}"
+    value = quotient(mine, theirs)
+    return "-" if value != value else f"{value:.2f}"
 
 
-def print_sweep(levels: list[int], res: dict[str, dict[int, Level]], tokens: int) -> None:
-    p, d, n = res["pendra"], res["default"], res["np"]
-    print(f"\n== sweep: N concurrent streams, max_tokens {tokens}, temperature 0.8 ==")
-    head = (
-        f"{'streams':>7} | {'pendra':>7} {'ls-def':>7} {'ls-npN':>7} | {'/def':>5} {'/npN':>5} | "
-        f"{'TTFT p50/p95 ms: pendra':>23} {'ls-def':>11} {'ls-npN':>11} | "
-        f"{'ITL p50 ms: pendra':>18} {'ls-def':>6} {'ls-npN':>6}"
+def best_peer(res: dict[str, dict[int, Level]], streams: int) -> str | None:
+    """The llama-server target with the most tokens/s at this level."""
+    rates = {t: res[t][streams].rate for t in PEERS if streams in res.get(t, {})}
+    rates = {t: rate for t, rate in rates.items() if rate == rate}
+    return max(rates, key=lambda t: rates[t]) if rates else None
+
+
+def itl_gap(res: dict[str, dict[int, Level]]) -> tuple[str, float, float] | None:
+    """At one stream: the llama-server target with the lowest ITL p50, and Pendra's ITL p50 and p95
+    minus its, in ms; None without a one-stream level."""
+    peers = {t: res[t][1] for t in PEERS if 1 in res.get(t, {})}
+    peers = {t: level for t, level in peers.items() if level.itl_p(0.5) == level.itl_p(0.5)}
+    if 1 not in res["pendra"] or not peers:
+        return None
+    best = min(peers, key=lambda t: peers[t].itl_p(0.5))
+    mine = res["pendra"][1]
+    return best, mine.itl_p(0.5) - peers[best].itl_p(0.5), mine.itl_p(0.95) - peers[best].itl_p(0.95)
+
+
+def print_sweep(
+    levels: list[int], res: dict[str, dict[int, Level]], tokens: int, profile: str, sampling: dict[str, float]
+) -> None:
+    targets = [t for t in TARGETS if res.get(t)]
+    peers = [t for t in targets if t != "pendra"]
+    labels = [TARGETS[t] for t in targets]
+    width, wide = 10, 12  # rates and ratios; p50/p95 pairs
+    print(
+        f"\n== sweep, {profile} sampling ({describe(sampling)}): N concurrent streams, max_tokens {tokens} =="
     )
-    print(f"{'':>7} | {'generated tok/s':^23} | {'ratio':^11} |")
+    groups = [
+        ("generated tok/s", len(targets) * width),
+        ("ratio pendra /", (len(peers) + 1) * width),
+        ("ITL p50/p95 ms", len(targets) * wide),
+        ("TTFT p50/p95 ms", len(targets) * wide),
+    ]
+    print((f"{'':>7} | " + " | ".join(f"{name:^{span}}" for name, span in groups)).rstrip())
+    head = f"{'streams':>7} | " + "".join(f"{label:>{width}}" for label in labels) + " | "
+    head += "".join(f"{TARGETS[t]:>{width}}" for t in peers) + f"{'best ls':>{width}} | "
+    head += "".join(f"{label:>{wide}}" for label in labels) + " | "
+    head += "".join(f"{label:>{wide}}" for label in labels)
     print(head)
     print("-" * len(head))
-    for level in levels:
-        a, b, c = p[level], d[level], n[level]
+    for streams in levels:
+        row_levels = [res[t][streams] for t in targets]
+        mine = res["pendra"][streams]
+        best = best_peer(res, streams)
+        best_rate = res[best][streams].rate if best else float("nan")
+        row = f"{streams:>7} | " + "".join(f"{level.rate:>{width}.1f}" for level in row_levels) + " | "
+        row += "".join(f"{ratio(mine.rate, res[t][streams].rate):>{width}}" for t in peers)
+        row += f"{ratio(mine.rate, best_rate):>{width}} | "
+        row += "".join(f"{pair(level.itl_p(0.5), level.itl_p(0.95), 1):>{wide}}" for level in row_levels)
+        row += " | " + "".join(
+            f"{pair(level.ttft_p(0.5), level.ttft_p(0.95)):>{wide}}" for level in row_levels
+        )
+        print(row)
+    gap = itl_gap(res)
+    if gap is not None:
+        best, p50, p95 = gap
         print(
-            f"{level:>7} | {a.rate:>7.1f} {b.rate:>7.1f} {c.rate:>7.1f} | "
-            f"{ratio(a.rate, b.rate):>5} {ratio(a.rate, c.rate):>5} | "
-            f"{ms(a.ttft_p(0.5)) + '/' + ms(a.ttft_p(0.95)):>23} "
-            f"{ms(b.ttft_p(0.5)) + '/' + ms(b.ttft_p(0.95)):>11} "
-            f"{ms(c.ttft_p(0.5)) + '/' + ms(c.ttft_p(0.95)):>11} | "
-            f"{ms(a.itl_p50()):>18} {ms(b.itl_p50()):>6} {ms(c.itl_p50()):>6}"
+            f"one stream, ITL pendra minus {TARGETS[best]} (the lowest): p50 {p50:+.1f} ms, p95 {p95:+.1f} ms"
         )
     print("tokens generated (sum over runs; llama-server ignores EOS, Pendra may stop early):")
-    for level in levels:
-        print(
-            f"  {level:>3} streams: pendra {p[level].tokens}, ls-def {d[level].tokens}, "
-            f"ls-npN {n[level].tokens} (max {level * tokens * len(p[level].rates)})"
-        )
-    print("ls-def = llama-server default (auto: 4 slots, unified KV); ls-npN = llama-server -np N")
+    for streams in levels:
+        counts = ", ".join(f"{TARGETS[t]} {res[t][streams].tokens}" for t in targets)
+        most = streams * tokens * len(res["pendra"][streams].rates)
+        print(f"  {streams:>3} streams: {counts} (max {most})")
+    print(
+        "ls-def = llama-server default (auto: 4 slots, unified KV); ls-npN = llama-server -np N; "
+        "ls-npN-bs = -np N --backend-sampling; best ls = the llama-server target with the most tok/s"
+    )
 
 
 def print_prefix(res: dict[str, Level]) -> None:
@@ -486,12 +612,10 @@ def print_prefix(res: dict[str, Level]) -> None:
     )
     base = res["pendra"].rate
     for name, level in res.items():
-        prompts = [s.prompt_tokens for s in level.streams]
         cached = level.cached
-        mean_ttft = statistics.fmean(level.ttfts) * 1000 if level.ttfts else float("nan")
         print(
-            f"{name:<22}{level.rate:>8.1f}{ms(mean_ttft):>14}"
-            f"{ms(level.ttft_p(0.95)):>13}{(statistics.fmean(prompts) if prompts else 0):>12.0f}"
+            f"{name:<22}{level.rate:>8.1f}{ms(level.ttft_mean()):>14}"
+            f"{ms(level.ttft_p(0.95)):>13}{level.prompt_tokens:>12.0f}"
             f"{'n/a' if cached is None else cached:>18}"
             f"{'' if name == 'pendra' else ratio(base, level.rate):>13}"
         )
@@ -509,15 +633,90 @@ def print_embed(res: dict[str, dict[str, float]], model: Path) -> None:
         print(row)
 
 
+# --------------------------------------------------------------------------------------- json
+
+
+def level_figures(level: Level) -> dict[str, Any]:
+    return {
+        "tok_s": level.rate,
+        "tok_s_runs": level.rates,
+        "tokens": level.tokens,
+        "itl_ms": {"p50": level.itl_p(0.5), "p95": level.itl_p(0.95)},
+        "ttft_ms": {"p50": level.ttft_p(0.5), "p95": level.ttft_p(0.95)},
+    }
+
+
+def sweep_figures(levels: list[int], res: dict[str, dict[int, Level]]) -> dict[str, Any]:
+    """One sampling profile's sweep: every target's figures per level, Pendra's ratios, and the
+    one-stream inter-token latency difference."""
+    figures: dict[str, Any] = {}
+    for streams in levels:
+        here = {t: res[t][streams] for t in TARGETS if streams in res.get(t, {})}
+        mine = here["pendra"].rate
+        best = best_peer(res, streams)
+        figures[str(streams)] = {
+            "targets": {t: level_figures(level) for t, level in here.items()},
+            "ratio": {t: quotient(mine, level.rate) for t, level in here.items() if t != "pendra"},
+            "best_llama_server": best,
+            "ratio_best": quotient(mine, here[best].rate) if best else None,
+        }
+    gap = itl_gap(res)
+    itl = None if gap is None else {"vs": gap[0], "p50_diff_ms": gap[1], "p95_diff_ms": gap[2]}
+    return {"levels": figures, "itl_one_stream": itl}
+
+
+def prefix_figures(res: dict[str, Level]) -> dict[str, Any]:
+    return {
+        name: {
+            "tok_s": level.rate,
+            "ttft_mean_ms": level.ttft_mean(),
+            "ttft_p95_ms": level.ttft_p(0.95),
+            "prompt_tokens_mean": level.prompt_tokens,
+            "cached_tokens": level.cached,
+        }
+        for name, level in res.items()
+    }
+
+
+def plain(value: Any) -> Any:
+    """JSON-ready: nan as null, floats to 3 decimals."""
+    if isinstance(value, float):
+        return None if value != value else round(value, 3)
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    return value
+
+
 # --------------------------------------------------------------------------------------- main
 
 
 def progress(target: str, streams: int, level: Level) -> None:
     print(
         f"    {target} {streams} streams: {level.rate:.1f} tok/s, {level.tokens} tokens, "
-        f"TTFT p50 {ms(level.ttft_p(0.5))} ms",
+        f"TTFT p50 {ms(level.ttft_p(0.5))} ms, ITL p50/p95 {pair(level.itl_p(0.5), level.itl_p(0.95), 1)} ms",
         flush=True,
     )
+
+
+def sweep_target(
+    url: str,
+    target: str,
+    levels: list[int],
+    profiles: dict[str, dict[str, float]],
+    tokens: int,
+    runs: int,
+    into: Sweep,
+) -> None:
+    """Every level once per sampling profile against one started server, into[profile][target]."""
+    peer = target != "pendra"
+    warm_up_chat(url, peer)
+    for streams in levels:
+        for profile, sampling in profiles.items():
+            level = sweep_level(url, streams, tokens, runs, peer, sampling)
+            into[profile].setdefault(target, {})[streams] = level
+            progress(f"{TARGETS[target]} {profile}", streams, level)
 
 
 def main() -> None:
@@ -528,6 +727,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=96, help="max_tokens per sweep request")
     parser.add_argument("--n-ctx", type=int, default=1024, help="context per sequence")
     parser.add_argument("--runs", type=int, default=1, help="runs per level")
+    parser.add_argument("--sampling", default="greedy,recommended", help="sampling profiles for the sweep")
     parser.add_argument("--parts", default="sweep,prefix,embed")
     parser.add_argument("--embed-model", help="embedding GGUF (default: all-MiniLM-L6-v2 if present)")
     parser.add_argument("--embed-requests", type=int, default=256, help="single-input requests per level")
@@ -536,17 +736,24 @@ def main() -> None:
     parser.add_argument(
         "--peer-args", default="", help="extra llama-server flags for every start, e.g. '-ngl 99' on a GPU"
     )
+    parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
     args = parser.parse_args()
     PEER_ARGS[:] = args.peer_args.split()
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"sweep", "prefix", "embed"}
     if unknown:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    names = [p.strip() for p in args.sampling.split(",") if p.strip()]
+    unknown = set(names) - set(SAMPLING)
+    if unknown or not names:
+        parser.error(f"--sampling takes one or more of {', '.join(SAMPLING)}")
+    profiles, recommended_from = sampling_profiles(names)
     levels = sorted({int(s) for s in args.streams.split(",") if s.strip()})
     model = Path(args.model) if args.model else gemma()
     minilm = ROOT.parent / "shared" / "models" / "all-minilm-l6-v2-f16.gguf"
     embed_model = Path(args.embed_model) if args.embed_model else (minilm if minilm.exists() else model)
     peer = peer_binary(args.llama_server)
+    backend_sampling = "sweep" in parts and has_flag(peer, BACKEND_SAMPLING)
     n_ctx = args.n_ctx
     parallel = max([*levels, PREFIX_CLIENTS if "prefix" in parts else 1])
     print(
@@ -554,13 +761,21 @@ def main() -> None:
         f"{CORES} cores, n_ctx {n_ctx}, runs {args.runs}",
         flush=True,
     )
+    if "sweep" in parts:
+        for profile, sampling in profiles.items():
+            print(f"  sampling {profile}: {describe(sampling)}", flush=True)
+        if "recommended" in profiles:
+            print(f"  (recommended from {recommended_from})", flush=True)
+        if not backend_sampling:
+            print(f"  {peer.name} has no {BACKEND_SAMPLING}: no ls-npN-bs target", flush=True)
 
     from pendra_shared.store import ModelStore
 
-    sweep: dict[str, dict[int, Level]] = {"pendra": {}, "default": {}, "np": {}}
+    sweep: Sweep = {profile: {} for profile in profiles}
     prefix: dict[str, Level] = {}
     embed: dict[str, dict[str, float]] = {}
     embed_args = (args.embed_requests, args.embed_batch, args.runs)
+    sweep_args = (profiles, args.tokens, args.runs, sweep)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -579,10 +794,7 @@ def main() -> None:
         print(f"  [pendra] PENDRA_PARALLEL={parallel} PENDRA_N_CTX={n_ctx}", flush=True)
         with pendra(env, tmp / "pendra.log") as url:
             if "sweep" in parts:
-                warm_up_chat(url, peer=False)
-                for level in levels:
-                    sweep["pendra"][level] = sweep_level(url, level, args.tokens, args.runs, peer=False)
-                    progress("pendra", level, sweep["pendra"][level])
+                sweep_target(url, "pendra", levels, *sweep_args)
             if "prefix" in parts:
                 prefix["pendra"] = prefix_level(url, args.runs, peer=False)
             if "embed" in parts:
@@ -591,19 +803,17 @@ def main() -> None:
         if parts & {"sweep", "prefix"}:
             with llama_server(peer, model, ["-c", str(4 * n_ctx)], tmp, "default") as url:
                 if "sweep" in parts:
-                    warm_up_chat(url, peer=True)
-                    for level in levels:
-                        sweep["default"][level] = sweep_level(url, level, args.tokens, args.runs, peer=True)
-                        progress("ls-def", level, sweep["default"][level])
+                    sweep_target(url, "default", levels, *sweep_args)
                 if "prefix" in parts:
                     prefix["llama-server default"] = prefix_level(url, args.runs, peer=True)
         if "sweep" in parts:
-            for level in levels:
-                flags = ["-np", str(level), "-c", str(level * n_ctx)]
-                with llama_server(peer, model, flags, tmp, f"np{level}") as url:
-                    warm_up_chat(url, peer=True)
-                    sweep["np"][level] = sweep_level(url, level, args.tokens, args.runs, peer=True)
-                    progress(f"ls-np{level}", level, sweep["np"][level])
+            for streams in levels:
+                flags = ["-np", str(streams), "-c", str(streams * n_ctx)]
+                with llama_server(peer, model, flags, tmp, f"np{streams}") as url:
+                    sweep_target(url, "np", [streams], *sweep_args)
+                if backend_sampling:
+                    with llama_server(peer, model, [*flags, BACKEND_SAMPLING], tmp, f"np{streams} bs") as url:
+                        sweep_target(url, "np-bs", [streams], *sweep_args)
         if "prefix" in parts:
             flags = ["-np", str(PREFIX_CLIENTS), "-c", str(PREFIX_CLIENTS * n_ctx)]
             with llama_server(peer, model, flags, tmp, f"np{PREFIX_CLIENTS}") as url:
@@ -617,12 +827,42 @@ def main() -> None:
 
     print(f"\nchat model {model.name}; {CORES} threads on both sides; runs {args.runs}")
     if "sweep" in parts:
-        print_sweep(levels, sweep, args.tokens)
+        for profile, sampling in profiles.items():
+            print_sweep(levels, sweep[profile], args.tokens, profile, sampling)
     if "prefix" in parts:
         print_prefix(prefix)
     if "embed" in parts:
         print_embed(embed, embed_model)
     print(f"\ntotal {time.perf_counter() - started:.0f} s; ratio = pendra / llama-server")
+    if args.json:
+        sweep_json = {p: sweep_figures(levels, res) for p, res in sweep.items()} if "sweep" in parts else None
+        document = {
+            "command": shlex.join(
+                ["uv", "run", "--no-sync", "python", "bench/bench_concurrency.py", *sys.argv[1:]]
+            ),
+            "model": model.name,
+            "embed_model": embed_model.name if "embed" in parts else None,
+            "llama_server": str(peer),
+            "peer_args": PEER_ARGS,
+            "cores": CORES,
+            "n_ctx": n_ctx,
+            "runs": args.runs,
+            "tokens": args.tokens,
+            "streams": levels,
+            "targets": {
+                "pendra": f"pendra serve, PENDRA_PARALLEL={parallel}",
+                "default": f"llama-server -c {4 * n_ctx}",
+                "np": f"llama-server -np N -c N*{n_ctx}",
+                "np-bs": f"llama-server -np N -c N*{n_ctx} {BACKEND_SAMPLING}" if backend_sampling else None,
+            },
+            "sampling": profiles,
+            "recommended_from": recommended_from if "recommended" in profiles else None,
+            "sweep": sweep_json,
+            "prefix": prefix_figures(prefix) if "prefix" in parts else None,
+            "embed": embed if "embed" in parts else None,
+        }
+        Path(args.json).write_text(json.dumps(plain(document), indent=2) + "\n")
+        print(f"figures written to {args.json}")
 
 
 if __name__ == "__main__":

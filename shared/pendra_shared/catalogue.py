@@ -43,6 +43,49 @@ def is_sha256(value: object) -> bool:
     return isinstance(value, str) and _SHA256_RE.fullmatch(value) is not None
 
 
+class Sampling(BaseModel):
+    """A model's recommended sampling, as its authors publish it (Qwen3.6: temperature 0.7, top_p
+    0.8, top_k 20, presence_penalty 1.5 without thinking)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+
+    def values(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class Speculative(BaseModel):
+    """Speculative decoding: `ngram` drafts up to `draft_tokens` tokens per step from where the
+    sequence's last `ngram_max` (down to `ngram_min`) tokens occurred before in its prompt or answer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["ngram"] = "ngram"
+    draft_tokens: int = Field(default=4, ge=1, le=64)
+    ngram_min: int = Field(default=2, ge=1, le=64)
+    ngram_max: int = Field(default=4, ge=1, le=64)
+    # Drafts only while at most this many sequences generate: a fuller batch keeps the hardware
+    # busy with real tokens, and checking drafts would take from them.
+    max_sequences: int = Field(default=8, ge=1, le=256)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _sizes(self) -> Speculative:
+        if self.ngram_min > self.ngram_max:
+            raise ValueError("ngram_min is larger than ngram_max")
+        return self
+
+
 class CatalogueEntry(BaseModel):
     """One installable variant. Fields beyond these are kept as extra facts."""
 
@@ -87,6 +130,15 @@ class CatalogueEntry(BaseModel):
             "DeltaNet layers), in bytes, as llama.cpp allocates it: what the console adds to the "
             "file's size for the states and checkpoints a loaded model holds."
         ),
+    )
+    sampling: Sampling | None = Field(
+        default=None,
+        description="The model's recommended sampling: what a request that sets none of these gets.",
+    )
+    speculative: Speculative | None = Field(
+        default=None,
+        description="Speculative decoding for this model (off when absent); the sidecar's "
+        "options.speculative overrides it.",
     )
     license: str | None = None
     description: str | None = None

@@ -12,6 +12,7 @@ from pendra_inference.engine import EngineConfig, LlamaEngine
 from pendra_inference.sampling import SamplingParams
 from pendra_inference.scheduler import Scheduler
 from pendra_inference.sequence import Completion, Result, Ticket
+from pendra_inference.speculation import NgramDraft, Speculation
 from pendra_shared.api_errors import InvalidRequest
 
 from tests.inference.test_scheduler import make as make_scheduler
@@ -119,3 +120,36 @@ def test_with_no_free_id_the_checkpoints_holder_is_taken_over(engine: LlamaEngin
     finally:
         scheduler.close()
         fresh.close()
+
+
+def test_speculation_rolls_a_hybrids_state_back(engine: LlamaEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rejected draft on a hybrid: llama.cpp's rollback snapshots (n_rs_seq) take the recurrent
+    state back to the last kept token, so the greedy answer is the one without speculation. The
+    drafts are the answer itself with every third token wrong (a random model repeats nothing an
+    n-gram lookup could find), so each step keeps some drafts and rejects the rest."""
+    tokens = prompt(engine, "Count: 1 2 3")
+    plain = make(engine)
+    try:
+        want, _ = asyncio.run(run(plain, tokens))
+        answer = next(t for t in plain._cached.values() if t[: len(tokens)] == tokens)[len(tokens) :]
+    finally:
+        plain.close()
+
+    def draft(self: NgramDraft, history: list[int], most: int) -> list[int]:
+        done = len(history) - len(tokens)  # the pending token is answer[done - 1]
+        guess = answer[done : done + most]
+        return [t + 1 if (done + i) % 3 == 2 else t for i, t in enumerate(guess)]
+
+    monkeypatch.setattr(NgramDraft, "draft", draft)
+    fast = make(engine, speculative=Speculation(draft_tokens=4))
+    try:
+        assert fast.speculative is not None  # llama.cpp keeps snapshots for this architecture
+        got, result = asyncio.run(run(fast, tokens))
+    finally:
+        fast.close()
+    assert got == want
+    assert 0 < result.accepted < result.drafted
+
+
+async def run(scheduler: Scheduler, tokens: list[int]) -> tuple[str, Result]:
+    return await collect(scheduler.submit(completion(tokens)))

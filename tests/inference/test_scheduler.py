@@ -17,6 +17,7 @@ from pendra_inference.gguf_writer import write_llama_gguf
 from pendra_inference.sampling import SamplingParams
 from pendra_inference.scheduler import Scheduler, SchedulerConfig
 from pendra_inference.sequence import Completion, Delta, Result, Ticket
+from pendra_inference.speculation import Speculation
 from pendra_shared.api_errors import InvalidRequest, Overloaded, Unavailable
 
 from tests.inference.conftest import TINY_SHAPE
@@ -241,3 +242,123 @@ def test_the_scheduler_refuses_what_can_never_fit(engine: LlamaEngine, tmp_path:
         asyncio.run(scenario())
     finally:
         scheduler.close()
+
+
+def test_sampling_in_the_graph_gives_the_host_paths_text(engine: LlamaEngine) -> None:
+    """Greedy and seeded requests, every sampler parameter set: llama.cpp's graph picks the tokens
+    the host picks from its own row of logits through the same chain and random stream (a request
+    with logprobs samples on the host), and greedy ones what a model sampling on the host gives.
+    (top-k is left out of the seeded cases: llama.cpp's graph keeps the k best in another order
+    than its host sampler, so the same draw may land on another of them;
+    test_the_graph_takes_each_parameter covers it.)"""
+    cases: list[dict[str, Any]] = [
+        {"temperature": 0},
+        {"temperature": 0, "top_k": 20, "presence_penalty": 1.5, "logit_bias": ((60, 5.0), (61, -100.0))},
+        {"temperature": 0.8, "seed": 11},
+        {"temperature": 0.7, "top_p": 0.8, "min_p": 0.05, "presence_penalty": 1.5, "seed": 12},
+        {"temperature": 1.2, "frequency_penalty": 0.8, "seed": 13},
+        {"temperature": 1.0, "min_p": 0.1, "logit_bias": ((70, 3.0),), "seed": 14},
+    ]
+
+    async def run(scheduler: Scheduler, **extra: Any) -> list[str]:
+        return [
+            (await complete(scheduler, prompt(i, 12), max_tokens=32, **c, **extra))[0][0]
+            for i, c in enumerate(cases)
+        ]
+
+    # (gpu: top-p and min-p without top-k in the graph too, where a CPU leaves them to the host)
+    # (each scheduler fresh: a cached prefix's cells change the logits in their last bits)
+    graph, logprobs = make(engine, gpu=True), make(engine, gpu=True)
+    host, cpu = make(engine, backend_sampling=False), make(engine)
+    try:
+        in_graph = asyncio.run(run(graph))
+        assert graph.stats().graph_sampled == 32 * len(cases) and graph.stats().host_sampled == 0
+        assert asyncio.run(run(logprobs, top_logprobs=0)) == in_graph
+        assert logprobs.stats().host_sampled == 32 * len(cases)
+        assert asyncio.run(run(cpu)) == in_graph
+        assert cpu.stats().host_sampled == 2 * 32  # the two cases with top-p or min-p and no top-k
+        greedy = [i for i, c in enumerate(cases) if not c["temperature"]]
+        on_host = asyncio.run(run(host))
+        assert host.stats().graph_sampled == 0
+    finally:
+        for scheduler in (graph, logprobs, host, cpu):
+            scheduler.close()
+    assert [on_host[i] for i in greedy] == [in_graph[i] for i in greedy]
+    assert len(set(in_graph)) == len(cases)
+
+
+def test_the_graph_takes_each_parameter(engine: LlamaEngine) -> None:
+    """top_k 1 is greedy at any temperature; a penalty changes what a seed gives; a banned token
+    never comes, even where greedy picks it over and over."""
+    scheduler = make(engine)
+
+    async def scenario() -> None:
+        greedy = await complete(scheduler, prompt(3), max_tokens=32, temperature=0)
+        for seed in (1, 2):
+            hot = await complete(scheduler, prompt(3), max_tokens=32, temperature=1.5, top_k=1, seed=seed)
+            assert hot[0] == greedy[0]
+        plain = await complete(scheduler, prompt(4), max_tokens=32, temperature=0.9, seed=5)
+        penalized = await complete(
+            scheduler, prompt(4), max_tokens=32, temperature=0.9, seed=5, presence_penalty=2
+        )
+        assert plain[0] != penalized[0]
+        # The token greedy generates most often, banned: greedy and a draw never yield it.
+        tokens = generated_tokens(scheduler, prompt(3))
+        banned = max(set(tokens), key=tokens.count)
+        for sampling in ({"temperature": 0}, {"temperature": 1.0, "seed": 9}):
+            await complete(scheduler, prompt(3), max_tokens=32, logit_bias=((banned, -100.0),), **sampling)
+            assert banned not in generated_tokens(scheduler, prompt(3))
+
+    try:
+        asyncio.run(scenario())
+        assert scheduler.stats().host_sampled == 0
+    finally:
+        scheduler.close()
+
+
+def generated_tokens(scheduler: Scheduler, tokens: list[int]) -> list[int]:
+    """What the last finished sequence for `tokens` generated: its cells stay cached, with their
+    tokens, until another request needs them."""
+    held = [t for t in scheduler._cached.values() if t[: len(tokens)] == tokens]
+    return held[-1][len(tokens) :]
+
+
+def test_speculation_gives_the_same_text_in_fewer_steps(engine: LlamaEngine) -> None:
+    """N-gram drafts: greedy text (and a seeded draw's) equals the text without speculation, alone
+    and batched, with a grammar and logprobs too; a prompt the answer repeats is accepted in part,
+    so the answer takes fewer steps than tokens."""
+    looped = prompt(7, 12) * 4  # the tiny model's greedy answers run in loops too
+    cases: list[tuple[list[int], dict[str, Any]]] = [
+        (looped, {"temperature": 0}),
+        (prompt(8, 30), {"temperature": 0}),
+        (prompt(9, 20) * 3, {"temperature": 0.9, "seed": 4}),
+        (looped, {"temperature": 0, "top_logprobs": 2}),
+        (looped, {"temperature": 0, "grammar": 'root ::= ("w1" | "w2" | "w3" | "w4" | "w5")+'}),
+    ]
+
+    async def run(scheduler: Scheduler, batched: bool) -> list[Outcome]:
+        calls = [complete(scheduler, tokens, max_tokens=48, **sampling) for tokens, sampling in cases]
+        if batched:
+            return list(await asyncio.gather(*calls))
+        return [await call for call in calls]
+
+    plain, fast = make(engine), make(engine, speculative=Speculation(draft_tokens=6))
+    try:
+        expected = asyncio.run(run(plain, False))
+        alone = asyncio.run(run(fast, False))
+        steps = fast.stats().steps
+        crowd = asyncio.run(run(fast, True))
+    finally:
+        plain.close()
+        fast.close()
+    for want, got in zip(expected, alone, strict=True):
+        assert got[0] == want[0] and got[2].completion_tokens == want[2].completion_tokens
+    assert [c[0] for c in crowd] == [e[0] for e in expected]
+    # logprobs arrive one per token, speculated or not
+    assert [lp.token for d in alone[3][3] for lp in d.logprobs or []] == [
+        lp.token for d in expected[3][3] for lp in d.logprobs or []
+    ]
+    drafted, accepted = sum(r[2].drafted for r in alone), sum(r[2].accepted for r in alone)
+    assert drafted > 0 and 0 < accepted <= drafted
+    generated = sum(r[2].completion_tokens[0] for r in alone)
+    assert steps < generated  # decode steps saved by accepted drafts (prompts take a step each)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import llama_cpp
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from llama_cpp.llama_grammar import JSON_GBNF
 from pendra_shared.api_errors import APIError, ContextLengthExceeded, InvalidRequest, error_body
 
 from pendra_inference.formats import Format, Splitter, Turn, for_template
@@ -227,8 +227,9 @@ def _content_grammar(fmt: Format, schema: Any, thinking: Thinking) -> str:
 
 
 def _schema_grammar(schema: Any, param: str) -> str:
-    """GBNF for a JSON schema."""
-    return _built(lambda: str(json_schema_to_gbnf(json.dumps(schema))), param)
+    """GBNF for a JSON schema (through `Grammar`, whose strings are strict JSON)."""
+    g = Grammar()
+    return _built(lambda: g.build(g.json(schema, "answer")), param)
 
 
 def _check_grammar(loaded: Loaded, grammar: str, param: str) -> None:
@@ -349,13 +350,24 @@ def plan(
         )
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     bias = _logit_bias(req.logit_bias, engine.n_vocab)
+    # What the request leaves unset, the model's recommended sampling (its catalogue entry) sets.
+    recommended = {k: v for k, v in engine.sampling_defaults.items() if k not in req.model_fields_set}
+    chosen = {
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "min_p": req.min_p,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        **recommended,
+    }
     sampling = SamplingParams(
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
+        temperature=float(chosen["temperature"]),
+        top_p=float(chosen["top_p"]),
+        top_k=int(chosen["top_k"]),
+        min_p=float(chosen["min_p"]),
+        presence_penalty=float(chosen["presence_penalty"]),
+        frequency_penalty=float(chosen["frequency_penalty"]),
         logit_bias=tuple(sorted(bias.items())) if bias else (),
         seed=None if req.seed is None else req.seed % 2**64,  # OpenAI's seeds may be negative
         grammar=grammar,

@@ -59,6 +59,9 @@ class CompletionRequest(_Request):
     keep_alive: KeepAlive = None
 
 
+SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty"}
+
+
 def prompts_of(req: CompletionRequest) -> list[str]:
     if req.suffix:
         raise InvalidRequest("suffix is not supported: Pendra does not fill in the middle", param="suffix")
@@ -100,6 +103,8 @@ def chat_for(req: CompletionRequest, prompt: str) -> ChatCompletionRequest:
         },
         exclude_none=True,
     )
+    for key in SAMPLING_FIELDS - req.model_fields_set:
+        fields.pop(key, None)  # left to the model's recommended sampling, as in chat
     fields["messages"] = [{"role": "user", "content": prompt or " "}]
     if req.logprobs is not None:
         fields.update(logprobs=True, top_logprobs=req.logprobs)

@@ -84,6 +84,7 @@ class LlamaEngine:
         self.llm = Llama(str(path), **kwargs)
         self.decode_calls = 0  # embedding decodes, for tests and metrics
         self.projector_refused: str | None = None  # why the model's vision projector was not loaded
+        self.sampling_defaults: dict[str, float] = {}  # the model's recommended sampling (catalogue)
 
     # -- facts -------------------------------------------------------------------------------
 

@@ -71,6 +71,32 @@ class InferenceMetrics:
             [MODEL],
             registry=r,
         )
+        self.sampled_tokens = Counter(
+            "pendra_sampled_tokens",
+            "Generated tokens by where they were sampled: graph (in llama.cpp's compute graph, only "
+            "the token id copied back) or host (from the whole row of logits: grammars, logprobs, "
+            "n > 1, speculation).",
+            [MODEL, "where"],
+            registry=r,
+        )
+        self.draft_tokens = Counter(
+            "pendra_speculative_draft_tokens",
+            "Tokens proposed by speculative decoding's draft (n-gram lookup).",
+            [MODEL],
+            registry=r,
+        )
+        self.accepted_tokens = Counter(
+            "pendra_speculative_accepted_tokens",
+            "Drafted tokens the model accepted (each one a decode step saved).",
+            [MODEL],
+            registry=r,
+        )
+        self.acceptance = Gauge(
+            "pendra_speculative_acceptance_ratio",
+            "Drafted tokens accepted, 0 to 1, since a speculating model was loaded.",
+            [MODEL],
+            registry=r,
+        )
         self.requests = Counter(
             "pendra_requests",
             "Finished requests by finish reason: stop, length, tool_calls, abort (the client left or "
@@ -229,6 +255,11 @@ class InferenceMetrics:
         ):
             if count:
                 self.checkpoints.labels(model, event).inc(count)
+        self.sampled_tokens.labels(model, "graph").inc(result.graph_sampled)
+        self.sampled_tokens.labels(model, "host").inc(generated - result.graph_sampled)
+        if result.drafted:
+            self.draft_tokens.labels(model).inc(result.drafted)
+            self.accepted_tokens.labels(model).inc(result.accepted)
         self.queue_time.labels(model).observe(result.queue_s)
         self.e2e.labels(model).observe(result.end_s)
         if result.first_token_s is not None:
@@ -273,6 +304,8 @@ class InferenceMetrics:
             for counter in (self.generation_tokens, self.generation_seconds, self.prefix_queries):
                 counter.labels(model)
             self.prefix_hits.labels(model)
+            for where in ("graph", "host"):
+                self.sampled_tokens.labels(model, where)
 
     def model_load_failed(self, model: str) -> None:
         self.loads.labels(model, "failed").inc()
@@ -291,6 +324,7 @@ class InferenceMetrics:
             self.model_memory,
             self.checkpoint_bytes,
             self.sequences,
+            self.acceptance,
         ):
             gauge.clear()
         count = 0
@@ -308,6 +342,8 @@ class InferenceMetrics:
             self.sequences.labels(m.name).set(stats.sequences)
             if stats.memory_kind in ("recurrent", "hybrid", "swa"):
                 self.checkpoint_bytes.labels(m.name).set(stats.checkpoint_bytes)
+            if stats.speculative:
+                self.acceptance.labels(m.name).set(stats.accepted / stats.drafted if stats.drafted else 0)
         self.loaded_models.set(count)
 
 

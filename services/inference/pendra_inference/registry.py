@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pendra_shared.api_errors import InvalidRequest, ModelNotFoundError, Unavailable, WrongPurpose
+from pendra_shared.catalogue import Sampling
 from pendra_shared.config import Settings
 from pendra_shared.store import (
     FileIdentity,
@@ -47,6 +48,7 @@ from pendra_shared.store import (
     open_regular,
 )
 from pendra_shared.store import identity_of as stat_identity
+from pydantic import ValidationError
 
 from pendra_inference.backends import activate, usable_cores
 from pendra_inference.embed_batcher import EmbedBatcher
@@ -55,6 +57,7 @@ from pendra_inference.metrics import InferenceMetrics
 from pendra_inference.model_memory import MemoryShape, memory_shape
 from pendra_inference.probe import ProbeResult, probe
 from pendra_inference.scheduler import Scheduler, SchedulerConfig
+from pendra_inference.speculation import Speculation, speculation_of
 from pendra_inference.vision import open_projector
 
 logger = logging.getLogger(__name__)
@@ -403,6 +406,7 @@ class ModelRegistry:
                 gpu=config.n_gpu_layers != 0,
             )
             engine.projector_refused = projector_refused or refused or model.projector_problem
+            engine.sampling_defaults = sampling_defaults(model)
             try:
                 return engine, Scheduler(
                     engine.model,
@@ -440,6 +444,9 @@ class ModelRegistry:
             flash_attention=flash_attention(str(options.get("flash_attention", s.flash_attention)), config),
             n_seq_max=config.sequences,
             checkpoint_budget_bytes=config.checkpoint_bytes,
+            backend_sampling=backend_sampling(options.get("backend_sampling", s.backend_sampling), config),
+            gpu=config.n_gpu_layers != 0,
+            speculative=speculation_for(model),
         )
 
     def parallel_for(
@@ -603,6 +610,45 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def _chosen(model: StoredModel, key: str) -> Any:
+    """A per-model choice: the sidecar's options, else its catalogue entry's (None: neither)."""
+    sidecar = model.sidecar
+    if sidecar is None:
+        return None
+    if key in sidecar.options:
+        return sidecar.options[key]
+    return (sidecar.catalogue or {}).get(key)
+
+
+def speculation_for(model: StoredModel) -> Speculation | None:
+    """The model's speculative decoding, or None; a value that does not parse is logged and ignored
+    (the model serves without speculation rather than not at all)."""
+    try:
+        return speculation_of(_chosen(model, "speculative"))
+    except ValueError as exc:
+        logger.warning("%s: %s; serving without speculative decoding", model.name, exc)
+        return None
+
+
+def sampling_defaults(model: StoredModel) -> dict[str, float]:
+    """The model's recommended sampling (what a request setting none of it gets), or {}."""
+    value = _chosen(model, "sampling")
+    if value is None:
+        return {}
+    try:
+        return Sampling.model_validate(value).values()
+    except ValidationError as exc:
+        logger.warning("%s: sampling: %s; ignored", model.name, exc.errors()[0]["msg"])
+        return {}
+
+
+def backend_sampling(setting: str | bool, config: EngineConfig) -> bool:
+    """Sampling in llama.cpp's graph: on, off, or (auto) where the model runs on a GPU."""
+    if isinstance(setting, bool):
+        return setting
+    return config.n_gpu_layers != 0 if setting == "auto" else setting == "on"
 
 
 def flash_attention(setting: str, config: EngineConfig) -> bool | None:

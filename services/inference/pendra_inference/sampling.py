@@ -88,9 +88,27 @@ class Candidates:
 
 
 class Sampler:
-    """The chain of one sequence. `sample` picks a token from a row of logits and accepts it."""
+    """The chain of one sequence. `sample` picks a token from a row of logits and accepts it; a
+    chain that runs in llama.cpp's graph (`in_graph`, set by the scheduler once llama.cpp took it)
+    picked the token already, and `accept` only records it."""
 
-    def __init__(self, vocab: Any, n_vocab: int, params: SamplingParams, seed_offset: int = 0) -> None:
+    def __init__(
+        self,
+        vocab: Any,
+        n_vocab: int,
+        params: SamplingParams,
+        seed_offset: int = 0,
+        *,
+        history: int = 0,
+        graph: bool = False,
+        sort_in_graph: bool = True,
+    ) -> None:
+        """`history`: the most tokens the sequence generates (what the penalties look back on);
+        `graph`: the model samples in llama.cpp's graph: build llama.cpp's chain, to run there
+        (see `graph_capable`) or, for a seeded draw, on the host with the graph's random stream;
+        `sort_in_graph`: top-p and min-p without top-k may run there too (they sort or scan the
+        whole vocabulary: cheap on a GPU, on a CPU three times the cost of the host's draw)."""
+        self.sort_in_graph = sort_in_graph
         self.params = params
         self.n_vocab = n_vocab
         self.bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
@@ -100,29 +118,40 @@ class Sampler:
         self.rng = np.random.default_rng(seed)
         self.chain: Any = None
         self.grammar: Any = None
+        self.in_graph = False
         if params.grammar is None:
-            return  # greedy and temperature sampling run in numpy (see _draw)
+            # Greedy and unseeded draws run in numpy (see _draw), and so do seeded ones where the
+            # model does not sample in the graph. Where it does, llama.cpp's chain, in the graph or
+            # on the host (logprobs, n > 1), whose random stream is the same in both: a seed gives
+            # one text whichever side drew it. (On the host it costs twice numpy's draw.)
+            if graph and (self.graph_capable or (seed is not None and not params.greedy)):
+                self.chain = _chain(params, seed, n_vocab, max(history, 1), bias=True)
+            return
         # With a grammar: llama.cpp's samplers, whose grammar state follows the accepted tokens.
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        self.chain = chain
-        if params.greedy:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-        else:
-            if params.top_k > 0:
-                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
-            if params.top_p < 1.0:
-                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
-            if params.min_p > 0.0:
-                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
-            dist_seed = (llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed) & 0xFFFFFFFF
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(dist_seed))
+        self.chain = _chain(params, seed, n_vocab, max(history, 1), bias=False)
         self.grammar = llama_cpp.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
         if not self.grammar:
             self.close()
             raise ValueError("the grammar did not compile")
 
+    @property
+    def graph_capable(self) -> bool:
+        """llama.cpp can run this request's whole chain in its graph, and should: no grammar, no
+        logprobs (which need the whole row of logits on the host), and no sort of the whole
+        vocabulary where that costs more in the graph than on the host."""
+        params = self.params
+        if params.grammar is not None or params.top_logprobs is not None:
+            return False
+        whole = not params.greedy and params.top_k == 0 and (params.top_p < 1.0 or params.min_p > 0.0)
+        return self.sort_in_graph or not whole
+
+    def accept(self, token: int) -> None:
+        """Record a token the graph picked: the penalties' counts and the random stream move on."""
+        llama_cpp.llama_sampler_accept(self.chain, token)
+
     def sample(self, logits: np.ndarray, candidates: Candidates) -> int:
+        if self.chain is not None and self.grammar is None:
+            return self._choose(logits, candidates)  # the chain applies bias and penalties itself
         token = self._choose(self._adjusted(logits), candidates)
         if self.params.presence_penalty or self.params.frequency_penalty:
             self.counts[token] = self.counts.get(token, 0) + 1
@@ -147,6 +176,11 @@ class Sampler:
     def _choose(self, logits: np.ndarray, candidates: Candidates) -> int:
         if self.chain is None:
             return int(np.argmax(logits)) if self.params.greedy else self._draw(logits)
+        if self.grammar is None:  # llama.cpp's chain, with the bias and penalties in it
+            llama_cpp.llama_sampler_apply(self.chain, candidates.fill(logits))
+            token = candidates.selected()
+            llama_cpp.llama_sampler_accept(self.chain, token)
+            return token
         cur = candidates.fill(logits)
         llama_cpp.llama_sampler_apply(self.chain, cur)
         token = candidates.selected()
@@ -213,10 +247,49 @@ class Sampler:
         return min(row * block + min(pick, block - 1), size - 1)
 
     def close(self) -> None:
+        """Free the chains; the scheduler has taken a chain in the graph back from llama.cpp first."""
         for sampler in (self.chain, self.grammar):
             if sampler:
                 llama_cpp.llama_sampler_free(sampler)
         self.chain = self.grammar = None
+
+
+def _chain(params: SamplingParams, seed: int | None, n_vocab: int, history: int, *, bias: bool) -> Any:
+    """llama.cpp's chain in llama-server's order: logit bias and OpenAI's penalties (over the
+    tokens generated, at most `history`), then greedy, or top-k, top-p, min-p, temperature and a
+    seeded draw. Every one of them also runs in llama.cpp's graph. (`bias`: with the bias and
+    penalties; a grammar's chain gets logits adjusted in numpy.)"""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+
+    def add(sampler: Any) -> None:
+        llama_cpp.llama_sampler_chain_add(chain, sampler)
+
+    if bias and params.logit_bias:
+        entries = (llama_cpp.llama_logit_bias * len(params.logit_bias))()
+        for entry, (token, value) in zip(entries, params.logit_bias, strict=True):
+            entry.token, entry.bias = token, value
+        add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), entries))
+    if bias and (params.presence_penalty or params.frequency_penalty):
+        add(
+            llama_cpp.llama_sampler_init_penalties(
+                n_vocab, history, 1.0, params.frequency_penalty, params.presence_penalty
+            )
+        )
+    if params.greedy:
+        add(llama_cpp.llama_sampler_init_greedy())
+        return chain
+    if params.top_k > 0:
+        add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+    if params.top_p < 1.0:
+        add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+    if params.min_p > 0.0:
+        add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+    add(llama_cpp.llama_sampler_init_temp(params.temperature))
+    # llama.cpp reads LLAMA_DEFAULT_SEED (2**32 - 1) as "seed at random": a request's seed never is.
+    add(
+        llama_cpp.llama_sampler_init_dist(llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed % 0xFFFFFFFF)
+    )
+    return chain
 
 
 def logprobs_of(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:

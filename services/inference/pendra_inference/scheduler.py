@@ -44,6 +44,7 @@ from pendra_inference.detokenize import TextStream, token_bytes
 from pendra_inference.model_memory import HYBRID, RECURRENT, SWA, kind_of
 from pendra_inference.sampling import Candidates, Sampler, logprobs_of
 from pendra_inference.sequence import ClientGone, Completion, Delta, Result, Sequence, Ticket, TokenLogprob
+from pendra_inference.speculation import NgramDraft, Speculation
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,13 @@ class SchedulerConfig:
     # Host memory for checkpoints of recurrent and hybrid models' states and of sliding-window
     # models' last window (see checkpoints.py).
     checkpoint_budget_bytes: int = 0
+    # Sampling in llama.cpp's graph for every request it can serve (no grammar, no logprobs, one
+    # choice): only the token id comes back, not the row of logits.
+    backend_sampling: bool = True
+    gpu: bool = False  # the model runs on a GPU (top-p's sort of the vocabulary is cheap there)
+    # Speculative decoding (see speculation.py); its sequences sample on the host, each drafted
+    # token's row of logits checked by the sequence's own sampler.
+    speculative: Speculation | None = None
 
 
 @dataclass
@@ -90,6 +98,9 @@ class _Request:
     checkpoints_saved: int = 0
     checkpoints_restored: int = 0
     checkpoints_evicted: int = 0
+    graph_sampled: int = 0
+    drafted: int = 0
+    accepted: int = 0
     first_token_at: float | None = None
     last_token_at: float | None = None
     intervals: list[float] = field(default_factory=list)  # between consecutive tokens of a choice
@@ -120,6 +131,11 @@ class SchedulerStats:
     checkpoints_evicted: int = 0
     sample_seconds: float = 0.0  # choosing tokens, detokenizing, handing them out
     image_tokens: int = 0  # image embeddings decoded
+    graph_sampled: int = 0  # tokens llama.cpp sampled in its graph
+    host_sampled: int = 0  # tokens sampled on the host, from the whole row of logits
+    speculative: bool = False  # the model speculates
+    drafted: int = 0  # speculative decoding: tokens drafted
+    accepted: int = 0  # ... and accepted
 
 
 class Scheduler:
@@ -149,6 +165,13 @@ class Scheduler:
             # could take many GB. Two per sequence of the cache, as the registry would have given.
             self.n_seq_max = min(most, 2 * config.parallel)
             logger.warning("%s: a %s model with no sequence count: %d", name, self.kind, self.n_seq_max)
+        # A rejected draft's cells are removed from the cache: attention cells can be, a recurrent
+        # state can go back only with llama.cpp's rollback snapshots (n_rs_seq), and a sliding
+        # window's cells may be reused by the drafts themselves.
+        self.speculative = config.speculative
+        if self.speculative is not None and self.kind == SWA:
+            logger.warning("%s: no speculative decoding on a sliding-window model", name)
+            self.speculative = None
         checkpointed = self.stateful or self.kind == SWA
         self.checkpoints = CheckpointStore(config.checkpoint_budget_bytes if checkpointed else 0)
         params = llama_cpp.llama_context_default_params()
@@ -160,13 +183,24 @@ class Scheduler:
         params.n_threads = params.n_threads_batch = config.n_threads
         params.no_perf = True
         params.flash_attn_type = {None: -1, False: 0, True: 1}[config.flash_attention]
+        if self.speculative is not None and self.stateful:
+            params.n_rs_seq = self.speculative.draft_tokens
+        # A sequence sampled in the graph has one row of logits a step (speculating ones sample on
+        # the host): llama.cpp then sizes its sampling graph for one output per sequence, not for
+        # a whole batch of them, and runs the penalties in the graph too.
+        params.n_outputs_max_per_seq = 1
         self.ctx = llama_cpp.llama_init_from_model(model, params)
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not create a context of {params.n_ctx} cells")
         self.capacity = int(llama_cpp.llama_n_ctx(self.ctx))
+        if self.speculative is not None and self.stateful and llama_cpp.llama_n_rs_seq(self.ctx) < 1:
+            logger.warning(
+                "%s: llama.cpp cannot roll this %s model's state back: no speculation", name, self.kind
+            )
+            self.speculative = None
         self.batch_size = int(params.n_batch)
         self.ubatch_size = int(params.n_ubatch)
-        self.batch = llama_cpp.llama_batch_init(self.batch_size, 0, 1)
+        self.batch = _Batch(self.batch_size)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.candidates = Candidates(self.n_vocab)
         self._piece = ctypes.create_string_buffer(256)
@@ -177,7 +211,12 @@ class Scheduler:
         self._running: list[_Request] = []
         self._cached: collections.OrderedDict[int, list[int]] = collections.OrderedDict()  # LRU first
         self._free_ids = list(range(self.n_seq_max))
-        self._stats = SchedulerStats(kv_cells=self.capacity, memory_kind=self.kind, sequences=self.n_seq_max)
+        self._stats = SchedulerStats(
+            kv_cells=self.capacity,
+            memory_kind=self.kind,
+            sequences=self.n_seq_max,
+            speculative=self.speculative is not None,
+        )
         self._thread = threading.Thread(target=self._run, name=f"pendra-scheduler-{name}", daemon=True)
         self._thread.start()
 
@@ -227,11 +266,11 @@ class Scheduler:
         for req in self._running:
             self._post(req.ticket, gone)
             for seq in req.seqs:
-                seq.sampler.close()
+                self._release_sampler(seq)
         self._waiting.clear()
         self._running.clear()
         self.checkpoints.clear()
-        llama_cpp.llama_batch_free(self.batch)
+        self.batch.free()
         llama_cpp.llama_free(self.ctx)
         self.ctx = None
 
@@ -329,7 +368,19 @@ class Scheduler:
         completion = ticket.completion
         prompt = completion.prompt
         try:
-            samplers = [Sampler(self.vocab, self.n_vocab, completion.sampling, i) for i in range(n)]
+            graph = self.config.backend_sampling
+            samplers = [
+                Sampler(
+                    self.vocab,
+                    self.n_vocab,
+                    completion.sampling,
+                    i,
+                    history=completion.max_tokens,
+                    graph=graph,
+                    sort_in_graph=self.config.gpu,
+                )
+                for i in range(n)
+            ]
         except ValueError as exc:  # checked before submitting; only this request fails
             self._post(ticket, InvalidRequest(str(exc)))
             return
@@ -402,6 +453,8 @@ class Scheduler:
             seqs = []
             for index, (seq_id, sampler) in enumerate(zip(ids, samplers, strict=True)):
                 seq = Sequence(ticket, index, seq_id, sampler, TextStream(completion.stops), tokens=[])
+                if self.speculative is not None:
+                    seq.drafter = NgramDraft(self.speculative)
                 if index == 0:
                     seq.tokens = list(prompt[:shared])
                     seq.prefill = list(prompt[shared:])
@@ -425,6 +478,11 @@ class Scheduler:
             for sampler in samplers:
                 sampler.close()
             raise
+        for seq in seqs:
+            sampler = seq.sampler
+            # (n > 1: the choices share a row at first; speculation: many rows a step, on the host)
+            if graph and n == 1 and self.speculative is None and sampler.graph_capable:
+                sampler.in_graph = bool(llama_cpp.llama_set_sampler(self.ctx, seq.seq_id, sampler.chain))
         self._running.append(req)
         self._stats.prefix_hit_tokens += shared
         self._stats.prompt_tokens += len(prompt)
@@ -576,17 +634,32 @@ class Scheduler:
 
     def _fill_batch(self) -> list[Sequence]:
         batch = self.batch
-        count = 0
         out: list[Sequence] = []
         generating = sorted(
             (s for r in self._running for s in r.seqs if s.pending is not None), key=lambda s: s.seq_id
         )
-        for seq in generating:
-            self._add(count, seq.pending or 0, seq.n_past + seq.shift, seq.seq_id, True)
-            seq.row = count
+        # The pending token of every generating sequence, a row of logits each, in one go ...
+        count = len(generating)
+        batch.token[:count] = [s.pending for s in generating]
+        batch.pos[:count] = [s.n_past + s.shift for s in generating]
+        batch.seq_id[:count] = [s.seq_id for s in generating]
+        batch.logits[:count] = 1
+        for row, seq in enumerate(generating):
+            seq.row = row
             seq.extra["chunk"] = 0
-            count += 1
+            seq.draft = []
             out.append(seq)
+        # ... then the drafts of speculating ones, each with its row, ...
+        if self.speculative is not None and len(generating) <= self.speculative.max_sequences:
+            for seq in generating:
+                # Drafts never take the answer past max_tokens: their cells are within the request's.
+                left = seq.ticket.completion.max_tokens - seq.generated - 1
+                most = min(self.speculative.draft_tokens, left, self.batch_size - count)
+                seq.draft = seq.drafter.draft([*seq.tokens, seq.pending], most) if seq.drafter else []
+                if seq.draft:
+                    seq.draft_row = count
+                    count = batch.put(count, seq.draft, seq.n_past + seq.shift + 1, seq.seq_id, every=True)
+        # ... then prompt chunks.
         budget = self.batch_size - count
         if generating:
             budget = min(budget, self.config.prefill_budget)
@@ -615,10 +688,7 @@ class Scheduler:
             cuts = [c - seq.n_past for c in stops if c > seq.n_past]
             chunk = seq.prefill[: min([budget, *cuts])]
             last = len(chunk) == len(seq.prefill)
-            start = seq.n_past + seq.shift
-            for j, token in enumerate(chunk):
-                self._add(count, token, start + j, seq.seq_id, last and j == len(chunk) - 1)
-                count += 1
+            count = batch.put(count, chunk, seq.n_past + seq.shift, seq.seq_id, last=last)
             seq.row = count - 1 if last else -1
             seq.extra["chunk"] = len(chunk)
             budget -= len(chunk)
@@ -626,7 +696,7 @@ class Scheduler:
         for req, error in failed:  # (this request only: the others go on)
             logger.warning("%s: %s", self.name, error)
             self._fail(req, error)
-        batch.n_tokens = count
+        batch.raw.n_tokens = count
         return out
 
     def _decode_images(self, seq: Sequence, completion: Completion) -> int:
@@ -667,17 +737,9 @@ class Scheduler:
             self._stats.image_tokens += image.n_tokens
         return used
 
-    def _add(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
-        batch = self.batch
-        batch.token[i] = token
-        batch.pos[i] = pos
-        batch.n_seq_id[i] = 1
-        batch.seq_id[i][0] = seq_id
-        batch.logits[i] = logits
-
     def _decode(self) -> None:
         while True:
-            rc = int(llama_cpp.llama_decode(self.ctx, self.batch))
+            rc = int(llama_cpp.llama_decode(self.ctx, self.batch.raw))
             if rc == 0:
                 return
             if rc == 1 and self._cached:
@@ -715,7 +777,7 @@ class Scheduler:
                 else:
                     rows += [s for s in req.seqs[1:] if s.row >= 0 and s.finish is None]
             for seq in rows:
-                delta = self._next_token(req, seq, now)
+                delta = self._next_token(req, seq, now) if not seq.draft else self._verify(req, seq, now)
                 if delta is not None:
                     events.append((req.ticket, delta))
             for seq in req.seqs:
@@ -726,10 +788,20 @@ class Scheduler:
 
     def _next_token(self, req: _Request, seq: Sequence, now: float) -> Delta | None:
         completion = req.ticket.completion
-        logits = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits_ith(self.ctx, seq.row), shape=(self.n_vocab,)
-        )
-        token = seq.sampler.sample(logits, self.candidates)
+        logits = None
+        if seq.sampler.in_graph:
+            token = int(llama_cpp.llama_get_sampled_token_ith(self.ctx, seq.row))
+            if token < 0:
+                raise RuntimeError("llama.cpp sampled no token in the graph")
+            seq.sampler.accept(token)
+            self._stats.graph_sampled += 1
+            req.graph_sampled += 1
+        else:
+            logits = np.ctypeslib.as_array(
+                llama_cpp.llama_get_logits_ith(self.ctx, seq.row), shape=(self.n_vocab,)
+            )
+            token = seq.sampler.sample(logits, self.candidates)
+            self._stats.host_sampled += 1
         seq.generated += 1
         if req.first_token_at is None:
             req.first_token_at = now
@@ -741,7 +813,7 @@ class Scheduler:
         top = completion.sampling.top_logprobs
         eog = bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
         piece = b"" if eog else self._token_piece(token, token in completion.shown)
-        if top is not None:
+        if top is not None and logits is not None:
             value, alternatives = logprobs_of(logits, token, top)
             logprobs = [
                 TokenLogprob(
@@ -764,6 +836,37 @@ class Scheduler:
             return None
         return Delta(seq.index, text, logprobs, seq.finish)
 
+    def _verify(self, req: _Request, seq: Sequence, now: float) -> Delta | None:
+        """Sample the pending token's row, then each drafted token's while the sampler picks the
+        drafted token: those are kept (their cells hold them already), the first other pick is the
+        next pending token, and the cells of the drafts after it go."""
+        draft, seq.draft = seq.draft, []
+        delta = self._next_token(req, seq, now)
+        kept = 0
+        while kept < len(draft) and seq.finish is None and seq.pending == draft[kept]:
+            seq.tokens.append(draft[kept])
+            seq.pending = None
+            seq.row = seq.draft_row + kept
+            kept += 1
+            delta = _merged(delta, self._next_token(req, seq, now))
+        req.drafted += len(draft)
+        req.accepted += kept
+        self._stats.drafted += len(draft)
+        self._stats.accepted += kept
+        if kept < len(draft) and not llama_cpp.llama_memory_seq_rm(
+            self.memory, seq.seq_id, seq.n_past + seq.shift, -1
+        ):
+            raise RuntimeError("llama.cpp could not remove a rejected draft from the cache")
+        return delta
+
+    def _release_sampler(self, seq: Sequence) -> None:
+        """Take a sequence's chain back from llama.cpp's graph (it must not run on freed memory),
+        then free it."""
+        if seq.sampler.in_graph and self.ctx:
+            llama_cpp.llama_set_sampler(self.ctx, seq.seq_id, None)
+            seq.sampler.in_graph = False
+        seq.sampler.close()
+
     def _alternative(self, token: int, logprob: float) -> tuple[str, float, list[int]]:
         piece = self._token_piece(token)
         return piece.decode("utf-8", errors="replace"), logprob, list(piece)
@@ -777,7 +880,7 @@ class Scheduler:
         """Release a request's sequences; their cells stay cached for later prefixes."""
         self._running.remove(req)
         for seq in req.seqs:
-            seq.sampler.close()
+            self._release_sampler(seq)
             if seq.tokens and self.config.prefix_cache:
                 self._cached[seq.seq_id] = seq.tokens
             else:
@@ -790,6 +893,9 @@ class Scheduler:
             checkpoints_saved=req.checkpoints_saved,
             checkpoints_restored=req.checkpoints_restored,
             checkpoints_evicted=req.checkpoints_evicted,
+            graph_sampled=req.graph_sampled,
+            drafted=req.drafted,
+            accepted=req.accepted,
             completion_tokens=[s.generated for s in req.seqs],
             queue_s=req.admitted_at - ticket.submitted_at,
             first_token_s=None if req.first_token_at is None else req.first_token_at - ticket.submitted_at,
@@ -832,7 +938,7 @@ class Scheduler:
         """Fail one running request: its sequences are emptied and their ids free again."""
         self._running.remove(req)
         for seq in req.seqs:
-            seq.sampler.close()
+            self._release_sampler(seq)
             llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
             self._free_ids.append(seq.seq_id)
         self._post(req.ticket, exc if isinstance(exc, APIError) else APIError(f"generation failed: {exc}"))
@@ -857,12 +963,69 @@ class Scheduler:
                 pass
 
 
+_INT32_P = ctypes.POINTER(ctypes.c_int32)
+
+
+class _Batch:
+    """llama.cpp's batch, its arrays seen through numpy so that rows are written a slice at a time.
+    Each row holds one sequence id, in one array of ours (llama_batch_init gives each row its own
+    allocation, which `free` puts back before llama.cpp frees them)."""
+
+    def __init__(self, size: int) -> None:
+        self.raw = llama_cpp.llama_batch_init(size, 0, 1)
+        raw = self.raw
+        self.token = np.ctypeslib.as_array(raw.token, shape=(size,))
+        self.pos = np.ctypeslib.as_array(raw.pos, shape=(size,))
+        self.logits = np.ctypeslib.as_array(raw.logits, shape=(size,))
+        np.ctypeslib.as_array(raw.n_seq_id, shape=(size,))[:] = 1
+        self.seq_id = np.zeros(size, dtype=np.int32)
+        # (addresses as ints: ctypes' raw.seq_id[i] is a view of the slot, not a copy of it)
+        self._given = [ctypes.cast(raw.seq_id[i], ctypes.c_void_p).value or 0 for i in range(size)]
+        base = self.seq_id.ctypes.data
+        for i in range(size):
+            raw.seq_id[i] = ctypes.cast(base + 4 * i, _INT32_P)
+
+    def put(
+        self,
+        at: int,
+        tokens: list[int],
+        position: int,
+        seq_id: int,
+        *,
+        last: bool = False,
+        every: bool = False,
+    ) -> int:
+        """Rows from `at` for `tokens` of one sequence from `position` on, logits for each (`every`)
+        or the last one (`last`); returns the next free row."""
+        end = at + len(tokens)
+        self.token[at:end] = tokens
+        self.pos[at:end] = np.arange(position, position + len(tokens), dtype=np.int32)
+        self.seq_id[at:end] = seq_id
+        self.logits[at:end] = 1 if every else 0
+        if last and end > at:
+            self.logits[end - 1] = 1
+        return end
+
+    def free(self) -> None:
+        for i, given in enumerate(self._given):
+            self.raw.seq_id[i] = ctypes.cast(given, _INT32_P)
+        llama_cpp.llama_batch_free(self.raw)
+
+
 def _deliver(items: list[tuple[Ticket, Any]]) -> None:
     for ticket, item in items:
         if item is None or isinstance(item, BaseException):
             ticket._admit(item)
         else:
             ticket.events.put_nowait(item)
+
+
+def _merged(first: Delta | None, second: Delta | None) -> Delta | None:
+    """One choice's deltas of one step as one."""
+    if first is None or second is None:
+        return first or second
+    logprobs = None if first.logprobs is None else first.logprobs + (second.logprobs or [])
+    return Delta(first.index, first.text + second.text, logprobs, second.finish_reason)
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

@@ -105,6 +105,10 @@ class Result:
     checkpoints_saved: int = 0
     checkpoints_restored: int = 0
     checkpoints_evicted: int = 0
+    graph_sampled: int = 0  # tokens llama.cpp sampled in its graph (the rest: on the host)
+    # Speculative decoding: tokens proposed by the draft, and those the model accepted.
+    drafted: int = 0
+    accepted: int = 0
 
 
 class Ticket:
@@ -163,6 +167,9 @@ class Sequence:
     finish: str | None = None
     row: int = -1  # this step's row of logits in the batch, or -1
     shift: int = 0  # the position of the next token minus n_past (images under M-RoPE)
+    drafter: Any = None  # speculation.NgramDraft, where the model speculates
+    draft: list[int] = field(default_factory=list)  # this step's drafted tokens, after `pending`
+    draft_row: int = -1  # the batch row of the first drafted token
     first_token_at: float | None = None
     last_token_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
