@@ -229,7 +229,7 @@ class Settings(BaseSettings):
             "greedy) so only the token id leaves it, for every request without a grammar, logprobs "
             "or n > 1; those sample on the host. Same text either way for greedy and seeded "
             "requests. auto: on with a GPU; off on a CPU, where the graph's sampling cost more "
-            "than the host's here (20 against 14 ms a step of one Gemma 3 270M stream)."
+            "than the host's here (bench/bench_sampling.py: 2-39% more a step)."
         ),
     )
     checkpoint_budget_bytes: int | None = Field(

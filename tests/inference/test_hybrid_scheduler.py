@@ -135,8 +135,8 @@ def test_speculation_rolls_a_hybrids_state_back(engine: LlamaEngine, monkeypatch
     finally:
         plain.close()
 
-    def draft(self: NgramDraft, history: list[int], most: int) -> list[int]:
-        done = len(history) - len(tokens)  # the pending token is answer[done - 1]
+    def draft(self: NgramDraft, held: list[int], pending: int, most: int) -> list[int]:
+        done = len(held) + 1 - len(tokens)  # the pending token is answer[done - 1]
         guess = answer[done : done + most]
         return [t + 1 if (done + i) % 3 == 2 else t for i, t in enumerate(guess)]
 

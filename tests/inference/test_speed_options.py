@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from pendra_inference.gguf_writer import write_llama_gguf
-from pendra_inference.registry import sampling_defaults, speculation_for
+from pendra_inference.registry import sampling_defaults, speculation_for, state_copies
 from pendra_inference.speculation import Speculation
 from pendra_shared.catalogue import CatalogueEntry
 from pendra_shared.sidecar import read_sidecar, write_sidecar
@@ -45,7 +45,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     options = {
         PLAIN: {},
         SPECULATING: {"speculative": {"kind": "ngram", "draft_tokens": 6}},
-        RECOMMENDED: {"sampling": {"temperature": 1.5, "top_k": 1}},
+        RECOMMENDED: {"sampling": {"temperature": 0.0, "top_p": 0.9}},
         BROKEN: {"speculative": {"kind": "ngram", "draft_tokens": 0}},
     }
     for name, chosen in options.items():
@@ -113,11 +113,24 @@ def test_a_sidecar_turns_speculation_on_and_the_text_stays(server: ServerProcess
 
 def test_a_models_recommended_sampling_fills_what_a_request_leaves_out(server: ServerProcess) -> None:
     greedy = complete(server, PLAIN, temperature=0)["choices"][0]["text"]
-    # top_k 1 recommended: any seed gives the greedy text while the request sets no top_k ...
+    # temperature 0 recommended: any seed gives the greedy text while the request sets none ...
     for seed in (1, 2):
         assert complete(server, RECOMMENDED, seed=seed)["choices"][0]["text"] == greedy
+    # ... through the Responses API too (one text every time, where its default temperature 1 would
+    # draw three) ...
+    texts = {
+        httpx.post(
+            f"{server.base_url}/v1/responses",
+            json={"model": RECOMMENDED, "input": PROMPT, "max_output_tokens": 40},
+            timeout=120,
+        ).json()["output"][0]["content"][0]["text"]
+        for _ in range(3)
+    }
+    assert len(texts) == 1
     # ... and a request's own values win.
-    drawn = {complete(server, RECOMMENDED, top_k=0, seed=seed)["choices"][0]["text"] for seed in (1, 2)}
+    drawn = {
+        complete(server, RECOMMENDED, temperature=1.0, seed=seed)["choices"][0]["text"] for seed in (1, 2)
+    }
     assert greedy not in drawn and len(drawn) == 2
 
 
@@ -143,9 +156,11 @@ def test_the_catalogue_entry_chooses_and_the_sidecar_overrides(tmp_path: Path) -
     write_sidecar(path, sidecar.model_copy(update={"catalogue": facts}))
     model = store.find("tiny:cat")
     assert speculation_for(model) == Speculation(kind="ngram")
+    assert state_copies(model) == 5  # a recurrent state and 4 rollback snapshots per sequence id
     assert sampling_defaults(model) == {"temperature": 0.7, "top_k": 20}
     set_options(path, {"speculative": False, "sampling": {"top_p": 0.5}})
     model = store.find("tiny:cat")
     assert speculation_for(model) is None and sampling_defaults(model) == {"top_p": 0.5}
+    assert state_copies(model) == 1
     with pytest.raises(ValidationError, match="draft_tokens"):
         CatalogueEntry.model_validate({**entry, "speculative": {"draft_tokens": 100}})

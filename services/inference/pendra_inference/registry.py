@@ -465,7 +465,7 @@ class ModelRegistry:
         if self._checkpoint_setting(model) is not None:  # a set budget is paid once, not per sequence
             share -= checkpoint_bytes
             checkpoint_bytes = 0
-        per_sequence = max(1, shape.context_bytes(n_ctx, sequences) + checkpoint_bytes)
+        per_sequence = max(1, shape.context_bytes(n_ctx, sequences * state_copies(model)) + checkpoint_bytes)
         return max(1, min(32 if gpu else 8, share // per_sequence))
 
     def _checkpoint_setting(self, model: StoredModel) -> Any:
@@ -527,7 +527,7 @@ class ModelRegistry:
             checkpoint_bytes=checkpoint_bytes,
             use_mmap=model.trusted,
         )
-        context_bytes = shape.context_bytes(n_ctx * parallel, max(1, sequences))
+        context_bytes = shape.context_bytes(n_ctx * parallel, max(1, sequences) * state_copies(model))
         projector_bytes = 0 if embedding or model.projector is None else _size(model.projector)
         weights = model.size_bytes + projector_bytes
         return config, weights + shape.overhead_bytes + context_bytes + checkpoint_bytes
@@ -630,6 +630,13 @@ def speculation_for(model: StoredModel) -> Speculation | None:
     except ValueError as exc:
         logger.warning("%s: %s; serving without speculative decoding", model.name, exc)
         return None
+
+
+def state_copies(model: StoredModel) -> int:
+    """Recurrent states llama.cpp keeps per sequence id: one, and with speculative decoding one
+    rollback snapshot per drafted token (`n_rs_seq`, see scheduler.py)."""
+    spec = speculation_for(model)
+    return 1 + (spec.draft_tokens if spec is not None else 0)
 
 
 def sampling_defaults(model: StoredModel) -> dict[str, float]:

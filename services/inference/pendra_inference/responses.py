@@ -175,12 +175,10 @@ def chat_for(req: ResponseRequest) -> ChatCompletionRequest:
             "conversation in input",
             param="previous_response_id",
         )
-    fields: dict[str, Any] = {
-        "model": req.model,
-        "messages": _messages(req),
-        "temperature": req.temperature,
-        "top_p": req.top_p,
-    }
+    fields: dict[str, Any] = {"model": req.model, "messages": _messages(req)}
+    for name in ("temperature", "top_p"):  # unset: the model's recommended sampling decides
+        if name in req.model_fields_set:
+            fields[name] = getattr(req, name)
     if req.max_output_tokens:
         fields["max_tokens"] = req.max_output_tokens
     if req.keep_alive is not None:

@@ -102,12 +102,14 @@ class Sampler:
         history: int = 0,
         graph: bool = False,
         sort_in_graph: bool = True,
+        offload: bool = True,
     ) -> None:
         """`history`: the most tokens the sequence generates (what the penalties look back on);
         `graph`: the model samples in llama.cpp's graph: build llama.cpp's chain, to run there
         (see `graph_capable`) or, for a seeded draw, on the host with the graph's random stream;
         `sort_in_graph`: top-p and min-p without top-k may run there too (they sort or scan the
-        whole vocabulary: cheap on a GPU, on a CPU three times the cost of the host's draw)."""
+        whole vocabulary: cheap on a GPU, on a CPU three times the cost of the host's draw);
+        `offload`: this request may run in the graph (not n > 1, not a speculating model's)."""
         self.sort_in_graph = sort_in_graph
         self.params = params
         self.n_vocab = n_vocab
@@ -124,7 +126,7 @@ class Sampler:
             # model does not sample in the graph. Where it does, llama.cpp's chain, in the graph or
             # on the host (logprobs, n > 1), whose random stream is the same in both: a seed gives
             # one text whichever side drew it. (On the host it costs twice numpy's draw.)
-            if graph and (self.graph_capable or (seed is not None and not params.greedy)):
+            if graph and ((offload and self.graph_capable) or (seed is not None and not params.greedy)):
                 self.chain = _chain(params, seed, n_vocab, max(history, 1), bias=True)
             return
         # With a grammar: llama.cpp's samplers, whose grammar state follows the accepted tokens.

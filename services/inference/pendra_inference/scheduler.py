@@ -211,6 +211,7 @@ class Scheduler:
         self._running: list[_Request] = []
         self._cached: collections.OrderedDict[int, list[int]] = collections.OrderedDict()  # LRU first
         self._free_ids = list(range(self.n_seq_max))
+        self._graph_ok = True  # False once llama.cpp's graph sampled no token (see _next_token)
         self._stats = SchedulerStats(
             kv_cells=self.capacity,
             memory_kind=self.kind,
@@ -368,7 +369,9 @@ class Scheduler:
         completion = ticket.completion
         prompt = completion.prompt
         try:
-            graph = self.config.backend_sampling
+            graph = self.config.backend_sampling and self._graph_ok
+            # (n > 1: the choices share a row at first; speculation: many rows a step, on the host)
+            offload = graph and n == 1 and self.speculative is None
             samplers = [
                 Sampler(
                     self.vocab,
@@ -378,6 +381,7 @@ class Scheduler:
                     history=completion.max_tokens,
                     graph=graph,
                     sort_in_graph=self.config.gpu,
+                    offload=offload,
                 )
                 for i in range(n)
             ]
@@ -480,8 +484,7 @@ class Scheduler:
             raise
         for seq in seqs:
             sampler = seq.sampler
-            # (n > 1: the choices share a row at first; speculation: many rows a step, on the host)
-            if graph and n == 1 and self.speculative is None and sampler.graph_capable:
+            if offload and sampler.graph_capable:
                 sampler.in_graph = bool(llama_cpp.llama_set_sampler(self.ctx, seq.seq_id, sampler.chain))
         self._running.append(req)
         self._stats.prefix_hit_tokens += shared
@@ -508,6 +511,8 @@ class Scheduler:
             for seq in req.seqs:
                 if "wait" in seq.extra:
                     continue
+                if self.stateful and seq.drafter is not None and seq.generated:
+                    continue  # its state may hold a rejected draft until its next decode rolls it back
                 holders.append((seq.seq_id, seq.tokens + seq.prefill, seq if seq.prefill else None))
         for seq_id, tokens, source in holders:
             if not tokens or tokens[0] != prompt[0]:
@@ -655,7 +660,7 @@ class Scheduler:
                 # Drafts never take the answer past max_tokens: their cells are within the request's.
                 left = seq.ticket.completion.max_tokens - seq.generated - 1
                 most = min(self.speculative.draft_tokens, left, self.batch_size - count)
-                seq.draft = seq.drafter.draft([*seq.tokens, seq.pending], most) if seq.drafter else []
+                seq.draft = seq.drafter.draft(seq.tokens, seq.pending, most) if seq.drafter else []
                 if seq.draft:
                     seq.draft_row = count
                     count = batch.put(count, seq.draft, seq.n_past + seq.shift + 1, seq.seq_id, every=True)
@@ -792,7 +797,12 @@ class Scheduler:
         if seq.sampler.in_graph:
             token = int(llama_cpp.llama_get_sampled_token_ith(self.ctx, seq.row))
             if token < 0:
-                raise RuntimeError("llama.cpp sampled no token in the graph")
+                # llama.cpp took the chain but its device lacks an operation of it: this step's
+                # requests fail, and later ones sample on the host.
+                self._graph_ok = False
+                raise RuntimeError(
+                    "llama.cpp sampled no token in its graph; sampling on the host from now on"
+                )
             seq.sampler.accept(token)
             self._stats.graph_sampled += 1
             req.graph_sampled += 1

@@ -40,6 +40,11 @@ def speculation_of(value: Any) -> Speculation | None:
         raise ValueError(f"speculative{'.' + where if where else ''}: {first['msg']}") from None
 
 
+# The most recent tokens a sequence's drafts come from: a long prompt is indexed only this far back,
+# once (about 12 ms of Python for three n-gram sizes).
+WINDOW = 4096
+
+
 class NgramDraft:
     """One sequence's index of where each n-gram of its tokens was last followed by a token."""
 
@@ -49,26 +54,29 @@ class NgramDraft:
         self.follows: dict[tuple[int, ...], int] = {}  # n-gram -> the index of the token after it
         self.indexed = 0  # n-grams ending before this index are in `follows`
 
-    def draft(self, history: list[int], most: int) -> list[int]:
+    def draft(self, tokens: list[int], pending: int, most: int) -> list[int]:
         """Up to `most` tokens that followed the latest earlier occurrence of the longest suffix of
-        `history` seen before; [] when none was."""
+        the sequence (its `tokens`, then its `pending` one) seen before; [] when none was. Only
+        the tokens added since the last call are indexed, within the last WINDOW."""
         if most <= 0:
             return []
-        self._index(history)
-        end = len(history)
+        self._index(tokens)
+        end = len(tokens)
         for n in self.sizes:
-            if n > end:
+            if n - 1 > end:
                 continue
-            at = self.follows.get(tuple(history[end - n :]))
+            at = self.follows.get((*tokens[end - n + 1 :], pending) if n > 1 else (pending,))
             if at is not None:
-                return history[at : at + most]
+                found = tokens[at : at + most]
+                return found + [pending] if len(found) < most and at + len(found) == end else found
         return []
 
-    def _index(self, history: list[int]) -> None:
-        # Every n-gram that has a token after it: ending at index i, followed by history[i + 1].
+    def _index(self, tokens: list[int]) -> None:
+        # Every n-gram with a token after it: ending at index i, followed by index i + 1 (the
+        # pending token's for the last one).
         follows = self.follows
-        for i in range(self.indexed, len(history) - 1):
+        for i in range(max(self.indexed, len(tokens) - WINDOW), len(tokens)):
             for n in self.sizes:
                 if n <= i + 1:
-                    follows[tuple(history[i + 1 - n : i + 1])] = i + 1
-        self.indexed = max(self.indexed, len(history) - 1)
+                    follows[tuple(tokens[i + 1 - n : i + 1])] = i + 1
+        self.indexed = max(self.indexed, len(tokens))
