@@ -87,12 +87,13 @@ def ask(
 ) -> tuple[list[str], int]:
     """The choices' texts and the cached prompt tokens the usage reports."""
     body = {"max_tokens": 16, "temperature": 0, **extra}
+    more = body.pop("extra_body", {})
     r = client.chat.completions.create(
         model=model,
         messages=messages,  # type: ignore[arg-type]
         # The whole answer as content, as generated (Qwen3.5's template opens <think>: the split
         # would move it all to reasoning_content).
-        extra_body={"cache_prompt": cache, "reasoning_format": "none"},
+        extra_body={"cache_prompt": cache, "reasoning_format": "none", **more},
         **body,
     )
     details = r.usage.prompt_tokens_details if r.usage else None
@@ -154,7 +155,10 @@ def test_many_clients_at_once(client: openai.OpenAI, model: str, clients: int) -
 @pytest.mark.parametrize("n", [2, 3])
 def test_n_choices_fork_the_whole_state(client: openai.OpenAI, model: str, n: int) -> None:
     messages = conversation("Give me three words.")
-    sampled: dict[str, Any] = {"temperature": 0.9, "seed": 42}
+    # A random-weight model's distribution is nearly flat over 248k tokens, so a seeded draw from
+    # all of them flips on the last bits that cached cells placed elsewhere change (documented in
+    # the README); from its 8 best the draw is as much a fork and lands the same.
+    sampled: dict[str, Any] = {"temperature": 0.9, "seed": 42, "extra_body": {"top_k": 8}}
     want = fresh(client, model, messages, n=n, **sampled)
     texts, _ = ask(client, model, messages, n=n, **sampled)
     assert texts == want
