@@ -7,12 +7,14 @@ import importlib.util
 import json
 import re
 import subprocess
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
 import yaml
+from pendra_shared.config import Settings
 
 from tests.support.stack import ROOT, interpolate, load_compose
 
@@ -26,6 +28,7 @@ COMBINATIONS = [
     ("compose.yaml",),
     ("compose.yaml", "compose.cpu.yaml"),
     ("compose.yaml", "compose.vulkan.yaml"),
+    ("compose.yaml", "compose.gpus.yaml"),
 ]
 
 
@@ -345,3 +348,31 @@ def test_inference_remembers_its_cpu_variant_where_it_may_write(files: tuple[str
     compose = load_compose(*files)
     assert "inference-cache:/var/cache/pendra" in compose["services"]["inference"]["volumes"]
     assert "inference-cache" in compose["volumes"]
+
+
+def test_the_gpus_override_runs_one_inference_service_per_gpu_behind_the_api() -> None:
+    services = load_compose("compose.yaml", "compose.gpus.yaml")["services"]
+    inference = {
+        name: s for name, s in services.items() if s.get("command") == ["python", "-m", "pendra_inference"]
+    }
+    assert set(inference) == {"inference", "inference-1"}
+    gpus = []
+    for service in inference.values():
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert "count" not in device and device["capabilities"] == ["gpu"]
+        gpus += device["device_ids"]
+        # the same image, volumes and health check as the one inference service of compose.yaml
+        assert service["image"] == services["inference"]["image"] and service["healthcheck"]
+        assert {"models", "inference-cache"} <= {
+            v["source"] if isinstance(v, dict) else v.split(":")[0] for v in service["volumes"]
+        }
+    assert sorted(gpus) == ["0", "1"]  # one GPU each
+    urls = _environment(services["api"])["PENDRA_INFERENCE_URL"].split(",")
+    assert urls == [f"http://{name}:8081" for name in inference]
+    (config,) = [
+        a.split("=", 1)[1] for a in services["prometheus"]["command"] if a.startswith("--config.file=")
+    ]
+    scraped = yaml.safe_load((ROOT / "deploy" / "prometheus" / Path(config).name).read_text())
+    targets = {t for job in scraped["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    assert targets == {"api:8080", "fetcher:8082", *(u.removeprefix("http://") for u in urls)}
+    assert Settings(inference_url=",".join(urls)).inference_urls == urls  # the api takes the list

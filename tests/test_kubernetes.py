@@ -1,7 +1,8 @@
-"""The Kubernetes deployment (deploy/kubernetes: a kustomize base, a monitoring component and gpu,
-cpu and single-node overlays), rendered and checked: every object against the Kubernetes API's
-schemas, and the topology as compose.yaml has it (images, commands, probes, volumes, exposure,
-GPUs, secrets, security, termination)."""
+"""The Kubernetes deployment (deploy/kubernetes: a kustomize base, monitoring, inference-gateway
+and autoscaling components, and gpu, cpu, single-node and gpu-gateway overlays), rendered and
+checked: every object against the Kubernetes API's schemas, and the topology as compose.yaml has
+it (images, commands, probes, volumes, exposure, GPUs, secrets, security, termination). The
+gateway's own objects are checked against their CRDs in tests/test_inference_gateway.py."""
 
 from __future__ import annotations
 
@@ -20,7 +21,15 @@ from tests.support.kustomize import Object, canonical, render
 from tests.support.stack import ROOT, load_compose
 
 K8S = ROOT / "deploy" / "kubernetes"
-OVERLAYS = ["gpu", "cpu", "single-node"]
+OVERLAYS = ["gpu", "cpu", "single-node", "gpu-gateway"]
+GATEWAY_OVERLAYS = {"gpu-gateway"}  # components/inference-gateway: the gateway, a second entry
+# API groups of CRDs, whose objects the Kubernetes schemas do not know.
+CRD_GROUPS = {
+    "monitoring.coreos.com",  # the Prometheus operator: test_monitoring_objects
+    "inference.networking.k8s.io",  # the inference extension: tests/test_inference_gateway.py
+    "inference.networking.x-k8s.io",
+    "gateway.networking.k8s.io",  # Gateway API: tests/test_inference_gateway.py
+}
 KUBERNETES_VERSION = "1.31"
 PENDRA = {"api", "inference", "fetcher"}
 
@@ -66,8 +75,8 @@ def test_every_object_validates_against_the_kubernetes_schemas(overlay: str) -> 
     kinds = {o["kind"] for o in objects}
     assert {"Deployment", "StatefulSet", "Service", "PersistentVolumeClaim", "NetworkPolicy", "Job"} <= kinds
     for obj in objects:
-        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
-            continue  # the Prometheus operator's CRD: checked in test_monitoring_objects
+        if obj["apiVersion"].split("/")[0] in CRD_GROUPS:
+            continue  # checked against their CRDs' schemas elsewhere (CRD_GROUPS)
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
 
 
@@ -132,8 +141,17 @@ def test_the_models_volume_is_written_by_the_fetcher_only(overlay: str) -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_only_the_api_is_an_entry_and_network_policies_close_the_rest(overlay: str) -> None:
+    """The api is the entry; with the inference gateway, the operator's Gateway is a second one,
+    for inference alone: an HTTPRoute to the pool, and its proxies let through to inference."""
     objects = rendered(overlay)
     assert not [o for o in objects if o["kind"] == "Ingress"]  # the operator adds one, for the api
+    routes = [o for o in objects if o["kind"] == "HTTPRoute"]
+    if overlay in GATEWAY_OVERLAYS:
+        (route,) = routes
+        backends = {(b["kind"], b["name"]) for r in route["spec"]["rules"] for b in r["backendRefs"]}
+        assert backends == {("InferencePool", "pendra-inference-pool")}
+    else:
+        assert not routes
     for service in (o for o in objects if o["kind"] == "Service"):
         assert service["spec"].get("type", "ClusterIP") == "ClusterIP", service["metadata"]["name"]
     for workload in workloads(objects):
@@ -161,6 +179,31 @@ def test_only_the_api_is_an_entry_and_network_policies_close_the_rest(overlay: s
         "pendra-minio": {"fetcher", "minio-init"},
         "pendra-fetcher": {None},
     }
+    base = {
+        "pendra-default-deny",
+        "pendra-api",
+        "pendra-inference",
+        "pendra-fetcher",
+        "pendra-redis",
+        "pendra-minio",
+    }
+    if overlay in GATEWAY_OVERLAYS:
+        # Inference, also from the endpoint picker and the Gateway's proxies (pods labelled with
+        # its name, in this namespace); the picker, from those proxies and Prometheus.
+        assert set(policies) == base | {"pendra-inference-gateway", "pendra-endpoint-picker"}
+        gateway = {"gateway.networking.k8s.io/gateway-name": "pendra-inference-gateway"}
+        assert [p["podSelector"]["matchLabels"] for p in allowed_from("pendra-inference-gateway")] == [
+            {"app.kubernetes.io/name": "pendra", "app.kubernetes.io/component": "endpoint-picker"},
+            gateway,
+        ]
+        assert [p["podSelector"]["matchLabels"] for p in allowed_from("pendra-endpoint-picker")] == [
+            gateway,
+            {"app.kubernetes.io/name": "prometheus"},
+        ]
+        for name in ("pendra-inference-gateway", "pendra-endpoint-picker"):
+            assert all(rule.get("from") for rule in policies[name]["ingress"]), name  # never from anyone
+    else:
+        assert set(policies) == base
     for peer in allowed_from("pendra-inference") + allowed_from("pendra-fetcher"):
         if "namespaceSelector" in peer:
             assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
@@ -218,7 +261,8 @@ def test_every_container_runs_unprivileged_with_limits(overlay: str) -> None:
         assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] > 0, (
             name
         )
-        assert spec["automountServiceAccountToken"] is False, name
+        # Only the endpoint picker talks to the Kubernetes API: it watches its pool and the pods.
+        assert spec["automountServiceAccountToken"] is (name == "pendra-endpoint-picker"), name
         for c in spec["containers"]:
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], name
@@ -287,3 +331,15 @@ def test_inference_keeps_its_cpu_variant_verdict_on_a_writable_volume(overlay: s
         if v["name"] == mount["name"]
     ]
     assert volume == {"name": mount["name"], "emptyDir": {}}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_api_routes_between_every_inference_pod(overlay: str) -> None:
+    objects = rendered(overlay)
+    service = find(objects, "Service", "pendra-inference")
+    assert service["spec"]["clusterIP"] == "None"  # headless: the name resolves to each ready pod
+    env = {e["name"]: e.get("value") for e in container(objects, "api")["env"]}
+    assert env["PENDRA_INFERENCE_URL"] == "http://pendra-inference:8081"
+    assert env["PENDRA_INFERENCE_RESOLVE"] == "true"
+    inference = find(objects, "Deployment", "pendra-inference")
+    assert service["spec"]["selector"].items() <= inference["spec"]["template"]["metadata"]["labels"].items()

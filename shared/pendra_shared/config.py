@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -464,7 +465,23 @@ class Settings(BaseSettings):
     api_key: str = Field(default="", description="The bearer token `pendra models` sends to PENDRA_API_URL.")
     inference_url: str = Field(
         default="http://127.0.0.1:8081",
-        description="Where the API service reaches the inference service (compose: http://inference:8081).",
+        description=(
+            "Where the API service reaches the inference service (compose: http://inference:8081); "
+            "several, comma-separated, are routed between by model, conversation and load."
+        ),
+    )
+    inference_resolve: bool = Field(
+        default=False,
+        description=(
+            "Resolve each PENDRA_INFERENCE_URL's host again every poll and route between all its "
+            "addresses (a Kubernetes headless Service: one per ready inference pod)."
+        ),
+    )
+    inference_poll_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="How often the API reads each inference endpoint's /status when there are several.",
     )
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
@@ -510,6 +527,22 @@ class Settings(BaseSettings):
     @property
     def catalogue_locations(self) -> list[str]:
         return split_locations(self.catalogue)
+
+    @field_validator("inference_url", mode="after")
+    @classmethod
+    def _inference_urls(cls, value: str) -> str:
+        urls = [u.strip() for u in value.split(",") if u.strip()]
+        if not urls:
+            raise ValueError("PENDRA_INFERENCE_URL names no URL")
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url!r} is not an http(s) URL with a host")
+        return ",".join(urls)
+
+    @property
+    def inference_urls(self) -> list[str]:
+        return self.inference_url.split(",")
 
     @property
     def api_key_list(self) -> list[str]:

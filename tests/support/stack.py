@@ -8,6 +8,7 @@ inference:8081, the /models volume) mapped to the loopback ports and directories
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import signal
@@ -33,15 +34,34 @@ class ComposeLoader(yaml.SafeLoader):
 
 
 ComposeLoader.add_constructor("!reset", lambda loader, node: {"__reset__": True})
+ComposeLoader.add_constructor(
+    "!override",
+    lambda loader, node: (
+        {"__override__": loader.construct_sequence(node, deep=True)}
+        if isinstance(node, yaml.SequenceNode)
+        else {"__override__": loader.construct_mapping(node, deep=True)}
+    ),
+)
 
 
 def load_compose(*files: str) -> dict[str, Any]:
     """compose.yaml, merged with override files the way `docker compose -f a -f b` merges them
-    for the keys Pendra uses (mappings merged, `!reset` removing a key)."""
+    for the keys Pendra uses (mappings merged, `!reset` removing a key, `!override` replacing
+    one, a service's `extends` of another file's service resolved first)."""
     merged: dict[str, Any] = {}
     for name in files or ("compose.yaml",):
         with (ROOT / name).open(encoding="utf-8") as fh:
-            _merge(merged, yaml.load(fh, Loader=ComposeLoader))  # noqa: S506 - a SafeLoader subclass
+            data = yaml.load(fh, Loader=ComposeLoader)  # noqa: S506 - a SafeLoader subclass
+        for service in data.get("services", {}).values():
+            if isinstance(service, dict) and "extends" in service:
+                base = copy.deepcopy(
+                    load_compose(service["extends"]["file"])["services"][service["extends"]["service"]]
+                )
+                own = {k: v for k, v in service.items() if k != "extends"}
+                service.clear()
+                _merge(service, base)
+                _merge(service, own)
+        _merge(merged, data)
     return merged
 
 
@@ -49,6 +69,8 @@ def _merge(into: dict[str, Any], data: dict[str, Any]) -> None:
     for key, value in data.items():
         if isinstance(value, dict) and value.get("__reset__"):
             into.pop(key, None)
+        elif isinstance(value, dict) and "__override__" in value:
+            into[key] = value["__override__"]
         elif isinstance(value, dict) and isinstance(into.get(key), dict):
             _merge(into[key], value)
         else:

@@ -27,6 +27,7 @@ from pendra_api.console.system import UpstreamSystem
 from pendra_api.http_metrics import HTTPMetrics, around
 from pendra_api.management import Management
 from pendra_api.queue import InstallQueue
+from pendra_api.routing import Router
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +36,23 @@ def create_app(settings: Settings, queue: InstallQueue | None = None) -> FastAPI
     metrics = ServiceMetrics()
     http_metrics = HTTPMetrics(metrics)
     upstream_metrics = proxy.UpstreamMetrics(metrics)
+
+    async def count_endpoints() -> None:
+        router = getattr(app.state, "router", None)
+        if router is not None:
+            upstream_metrics.count_endpoints(router)
+
+    metrics.on_scrape(count_endpoints)
     job_metrics = JobMetrics(metrics.registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         install_queue = queue or ArqQueue(settings.redis_url, job_metrics)
         await install_queue.start()
-        app.state.upstream = proxy.upstream_client(settings.inference_url)
+        urls = settings.inference_urls
+        app.state.upstream = proxy.upstream_client(urls[0])
+        app.state.router = Router(urls, resolve=settings.inference_resolve, poll_s=settings.inference_poll_s)
+        await app.state.router.start()
         app.state.management = Management(
             Catalogue.load(settings.catalogue_locations),
             ModelStore.from_settings(settings),
@@ -57,6 +68,7 @@ def create_app(settings: Settings, queue: InstallQueue | None = None) -> FastAPI
         try:
             yield
         finally:
+            await app.state.router.close()
             await app.state.upstream.aclose()
             await install_queue.close()
 
@@ -77,11 +89,7 @@ def create_app(settings: Settings, queue: InstallQueue | None = None) -> FastAPI
             await request.app.state.management.queue.check()
         except APIError as exc:
             body.update(status="unavailable", queue=exc.message)
-        try:
-            upstream = await request.app.state.upstream.get("/ready", timeout=2.0)
-            body["inference"] = "ok" if upstream.status_code == 200 else f"HTTP {upstream.status_code}"
-        except httpx.TransportError:
-            body["inference"] = "unreachable"
+        body["inference"] = await inference_ready(request.app.state.upstream, request.app.state.router)
         status = 200 if body["status"] == "ready" else 503
         return JSONResponse(body, status_code=status, headers={"Retry-After": "5"} if status == 503 else None)
 
@@ -96,6 +104,21 @@ def create_app(settings: Settings, queue: InstallQueue | None = None) -> FastAPI
     app.include_router(proxy.router)
     secure(app, settings, http_metrics)
     return app
+
+
+async def inference_ready(client: httpx.AsyncClient, router: Router) -> str:
+    """ "ok" when an inference endpoint is ready, else what the first one answered."""
+    answers = []
+    for endpoint in router.endpoints.values():
+        try:
+            upstream = await client.get(f"{endpoint.url}/ready", timeout=2.0)
+        except httpx.TransportError:
+            answers.append("unreachable")
+            continue
+        if upstream.status_code == 200:
+            return "ok"
+        answers.append(f"HTTP {upstream.status_code}")
+    return answers[0] if answers else "unreachable"
 
 
 def run(settings: Settings) -> None:

@@ -1,9 +1,11 @@
-"""`/v1/*` on the gateway: forwarded to the inference service with one shared `httpx.AsyncClient`.
+"""`/v1/*` on the gateway: forwarded to the inference service with one shared `httpx.AsyncClient`
+(to the endpoint `routing.Router` picks, where there are several).
 
 Bytes pass through as they come (no buffering, no re-encoding), so a streamed completion reaches
 the client token by token. When the client goes away, Starlette stops the stream and the
 response's background task closes the upstream request, which makes the inference service stop
-generating. An inference service that cannot be reached is a 503 with Retry-After; one that dies
+generating. An endpoint that refuses the connection, or closes it before answering, is skipped
+for the next one; when none can be reached the answer is a 503 with Retry-After. One that dies
 in the middle of an event stream ends it with an error event and `[DONE]`, not a silent cut.
 """
 
@@ -18,10 +20,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pendra_shared.api_errors import NotFound, UpstreamUnavailable, stream_error_end
 from pendra_shared.metrics import DURATION_BUCKETS, ServiceMetrics
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.background import BackgroundTask
 
 from pendra_api.http_metrics import route_label
+from pendra_api.routing import Endpoint, Route, Router
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,25 @@ class UpstreamMetrics:
             registry=metrics.registry,
         )
         self.unavailable.labels("/v1/chat/completions")  # from zero, so its rate shows the first one
+        self.routed = Counter(
+            "pendra_api_routed_requests",
+            "Requests sent to an inference endpoint, by why it was chosen: prefix (it holds the "
+            "conversation), model (it has the model loaded, with room), least_loaded, only (one "
+            "endpoint configured), or retried (the first choice could not be reached).",
+            ["reason"],
+            registry=metrics.registry,
+        )
+        self.endpoints = Gauge(
+            "pendra_api_inference_endpoints",
+            "Inference endpoints the gateway knows, up (its /status answers) or down.",
+            ["state"],
+            registry=metrics.registry,
+        )
+
+    def count_endpoints(self, router: Router) -> None:
+        up = sum(e.up for e in router.endpoints.values())
+        self.endpoints.labels("up").set(up)
+        self.endpoints.labels("down").set(len(router.endpoints) - up)
 
 
 # The inference service's routes outside /v1 that the gateway passes on as they are.
@@ -99,32 +121,49 @@ for _path, _methods in PASSED.items():
 async def _pass(request: Request, path: str) -> StreamingResponse:
     """The request to the inference service, its answer's bytes back as they come."""
     client: httpx.AsyncClient = request.app.state.upstream
+    router: Router = request.app.state.router
     metrics: UpstreamMetrics = request.app.state.upstream_metrics
-    route = route_label(request.scope)
+    label = route_label(request.scope)
     headers = {k: v for k in FORWARD_REQUEST if (v := request.headers.get(k)) is not None}
-    upstream = client.build_request(
-        request.method,
-        path,
-        params=request.query_params,
-        headers=headers,
-        content=await request.body(),
-    )
+    body = await request.body()
+    route = router.route(body)
     started = time.monotonic()
-    try:
-        response = await client.send(upstream, stream=True)
-    except httpx.TransportError as exc:
-        metrics.unavailable.labels(route).inc()
-        logger.warning("inference service unreachable at %s: %s", client.base_url, exc)
-        raise UpstreamUnavailable(
-            "the inference service is not reachable (starting or restarting?); retry shortly"
-        ) from None
-    metrics.latency.labels(route).observe(time.monotonic() - started)
-    return StreamingResponse(
-        relay(response),
-        status_code=response.status_code,
-        headers={k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP},
-        background=BackgroundTask(response.aclose),
+    for endpoint in route.endpoints:
+        upstream = client.build_request(
+            request.method, endpoint.url + path, params=request.query_params, headers=headers, content=body
+        )
+        router.sent(route, endpoint)
+        try:
+            response = await client.send(upstream, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            # Refused, or closed before any answer: nothing reached the client, the next may serve it.
+            router.ended(route, endpoint)
+            router.unreachable(endpoint)
+            logger.warning("inference service unreachable at %s: %s", endpoint.url, exc)
+            continue
+        except httpx.TransportError as exc:
+            router.ended(route, endpoint)
+            logger.warning("inference service at %s failed: %s", endpoint.url, exc)
+            break
+        metrics.latency.labels(label).observe(time.monotonic() - started)
+        metrics.routed.labels(route.reason if endpoint is route.endpoints[0] else "retried").inc()
+        return StreamingResponse(
+            relay(response),
+            status_code=response.status_code,
+            headers={k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP},
+            background=BackgroundTask(_close, response, router, route, endpoint),
+        )
+    metrics.unavailable.labels(label).inc()
+    raise UpstreamUnavailable(
+        "the inference service is not reachable (starting or restarting?); retry shortly"
     )
+
+
+async def _close(response: httpx.Response, router: Router, route: Route, endpoint: Endpoint) -> None:
+    try:
+        await response.aclose()
+    finally:
+        router.ended(route, endpoint)
 
 
 async def relay(response: httpx.Response) -> AsyncIterator[bytes]:

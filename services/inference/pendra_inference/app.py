@@ -25,12 +25,11 @@ from pendra_inference.completions import CompletionService
 from pendra_inference.doctor import preflight
 from pendra_inference.embeddings import EmbeddingService
 from pendra_inference.engine import LlamaEngine
-from pendra_inference.metrics import InferenceMetrics, LoadedModel
+from pendra_inference.metrics import InferenceMetrics
 from pendra_inference.registry import EngineFactory, ModelRegistry
 from pendra_inference.rerank import RerankService
 from pendra_inference.responses import ResponseService
 from pendra_inference.routes import router
-from pendra_inference.scheduler import Scheduler
 from pendra_inference.state import AppState
 from pendra_inference.tokens import TokenService
 from pendra_inference.watcher import watch_store
@@ -82,14 +81,9 @@ class InferenceRuntime:
         return self.state
 
     async def _refresh_metrics(self) -> None:
+        registry = self.registry
         self.state.metrics.set_loaded(
-            LoadedModel(
-                m.name,
-                m.model.purpose or "chat",
-                m.memory_bytes,
-                m.runner.stats() if isinstance(m.runner, Scheduler) else None,
-            )
-            for m in self.registry.loaded_models()
+            registry.report(), registry.loading, registry.settings.max_loaded_models
         )
 
     async def stop(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -48,6 +49,34 @@ class LoadedModel:
     purpose: str
     memory_bytes: int
     stats: SchedulerStats | None  # a chat model's scheduler figures
+    in_flight: int = 0  # requests holding the model (an embedding model's running requests)
+
+
+@dataclass(frozen=True)
+class ServerLoad:
+    """The whole server's load across its models: what a router or an endpoint picker reads."""
+
+    waiting: int  # queued in a scheduler, or waiting for their model to load
+    running: int
+    kv_cache_usage: float  # KV cells in use over every loaded chat model's cells, 0 to 1
+    loaded: list[str]
+    loading: list[str]  # models requests wait to be loaded
+
+    @classmethod
+    def of(cls, loaded: Iterable[LoadedModel], loading: dict[str, int]) -> ServerLoad:
+        waiting = sum(loading.values())
+        running = cells = used = 0
+        names = []
+        for m in loaded:
+            names.append(m.name)
+            if m.stats is None:
+                running += m.in_flight
+                continue
+            waiting += m.stats.waiting
+            running += m.stats.running
+            cells += m.stats.kv_cells
+            used += m.stats.kv_cells_used
+        return cls(waiting, running, used / cells if cells else 0.0, sorted(names), sorted(loading))
 
 
 class InferenceMetrics:
@@ -220,6 +249,33 @@ class InferenceMetrics:
             registry=r,
         )  # fmt: skip
         self.loaded_models = Gauge("pendra_loaded_models", "Models loaded in memory.", registry=r)
+        # The whole server's gauges, with no labels, for the Gateway API Inference Extension's
+        # endpoint picker (its model-server protocol; the picker's configuration names these
+        # series: deploy/kubernetes/components/inference-gateway) and for autoscaling on requests
+        # waiting per pod. A model loading for waiting requests is listed as running too: the
+        # picker's affinity then sends its next requests to the one load under way.
+        self.server_waiting = Gauge(
+            "pendra_server_requests_waiting",
+            "Requests waiting across every model: queued, or waiting for their model to load.",
+            registry=r,
+        )
+        self.server_running = Gauge(
+            "pendra_server_requests_running", "Requests running across every model.", registry=r
+        )
+        self.server_kv_usage = Gauge(
+            "pendra_server_kv_cache_usage_ratio",
+            "KV-cache cells in use over every loaded chat model's cells, 0 to 1.",
+            registry=r,
+        )
+        self.server_models = Gauge(
+            "pendra_server_models_info",
+            "The models loaded or loading (running_lora_adapters) and those being loaded for waiting "
+            "requests (waiting_lora_adapters), comma-separated, and how many may be loaded at once "
+            "(max_lora), in the labels the endpoint picker reads adapters from; the value is when it "
+            "was read (Unix seconds).",
+            ["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+            registry=r,
+        )
         self.model_memory = Gauge(
             "pendra_model_memory_bytes",
             "Memory a loaded model holds (weights, KV cache, recurrent states and checkpoints), one "
@@ -313,8 +369,19 @@ class InferenceMetrics:
     def model_unloaded(self, model: str, reason: str) -> None:
         self.unloads.labels(model, reason).inc()
 
-    def set_loaded(self, loaded: Iterable[LoadedModel]) -> None:
-        """The gauges, from the loaded models as they are now."""
+    def set_loaded(
+        self, loaded: Iterable[LoadedModel], loading: dict[str, int] | None = None, max_loaded: int = 0
+    ) -> None:
+        """The gauges, from the loaded models as they are now (and the requests waiting for a
+        model to load)."""
+        loaded = list(loaded)
+        load = ServerLoad.of(loaded, loading or {})
+        self.server_waiting.set(load.waiting)
+        self.server_running.set(load.running)
+        self.server_kv_usage.set(load.kv_cache_usage)
+        self.server_models.clear()
+        running = ",".join(sorted({*load.loaded, *load.loading}))
+        self.server_models.labels(running, ",".join(load.loading), str(max_loaded)).set(time.time())
         for gauge in (
             self.waiting,
             self.running,

@@ -53,7 +53,7 @@ from pydantic import ValidationError
 from pendra_inference.backends import activate, usable_cores
 from pendra_inference.embed_batcher import EmbedBatcher
 from pendra_inference.engine import POOLING, EngineConfig, LlamaEngine, gpu_offload_supported
-from pendra_inference.metrics import InferenceMetrics
+from pendra_inference.metrics import InferenceMetrics, LoadedModel, ServerLoad
 from pendra_inference.model_memory import MemoryShape, memory_shape
 from pendra_inference.probe import ProbeResult, probe
 from pendra_inference.scheduler import Scheduler, SchedulerConfig
@@ -145,6 +145,7 @@ class ModelRegistry:
         self.gpu = gpu_offload_supported()
         self._loaded: dict[str, Loaded] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
+        self.loading: dict[str, int] = {}  # model name: requests waiting for it to load
         self._scan: ScanResult | None = None
         self._scan_lock = asyncio.Lock()
         self._probed: dict[str, Identity] = {}  # file name: the identity that passed the probe
@@ -238,7 +239,16 @@ class ModelRegistry:
             keep = parse_keep_alive(keep_alive, self.default_keep_alive)
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="keep_alive") from None
-        loaded = await self._acquire(model)
+        if self.is_loaded(model.name):
+            loaded = await self._acquire(model)
+        else:
+            self.loading[model.name] = self.loading.get(model.name, 0) + 1
+            try:
+                loaded = await self._acquire(model)
+            finally:
+                self.loading[model.name] -= 1
+                if not self.loading[model.name]:
+                    del self.loading[model.name]
         loaded.in_flight += 1
         try:
             yield loaded
@@ -603,6 +613,22 @@ class ModelRegistry:
 
     def loaded_models(self) -> list[Loaded]:
         return list(self._loaded.values())
+
+    def report(self) -> list[LoadedModel]:
+        """What `/metrics` and `/status` show of each loaded model."""
+        return [
+            LoadedModel(
+                m.name,
+                m.model.purpose or "chat",
+                m.memory_bytes,
+                m.runner.stats() if isinstance(m.runner, Scheduler) else None,
+                m.in_flight,
+            )
+            for m in self._loaded.values()
+        ]
+
+    def load(self) -> ServerLoad:
+        return ServerLoad.of(self.report(), self.loading)
 
 
 def _size(path: Path) -> int:

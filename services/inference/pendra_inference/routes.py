@@ -92,6 +92,7 @@ def status_report(state: AppState) -> dict[str, Any]:
     registry = state.registry
     report = registry.backends
     now = time.monotonic()
+    load = registry.load()
     return {
         "version": __version__,
         "llama_cpp_python": report.llama_cpp_python,
@@ -111,6 +112,11 @@ def status_report(state: AppState) -> dict[str, Any]:
         ],
         "memory_budget_bytes": registry.budget,
         "max_loaded_models": registry.settings.max_loaded_models,
+        # The whole server's load, as pendra_server_* on /metrics: what the API's router reads.
+        "requests_waiting": load.waiting,
+        "requests_running": load.running,
+        "kv_cache_usage": round(load.kv_cache_usage, 4),
+        "loading": load.loading,
         "loaded": [
             {
                 "name": m.name,
@@ -131,6 +137,9 @@ def _memory_facts(runner: Any) -> dict[str, Any]:
         return {}
     stats = runner.stats()
     return {
+        "waiting": stats.waiting,
+        "running": stats.running,
+        "parallel": stats.parallel,
         "memory_kind": stats.memory_kind,
         "sequences": stats.sequences,
         "checkpoints": stats.checkpoints,

@@ -124,6 +124,7 @@ class SchedulerStats:
     decode_seconds: float = 0.0  # in llama_decode
     memory_kind: str = "attention"  # attention, swa, recurrent or hybrid (see model_memory.py)
     sequences: int = 0  # sequence ids of the context (n_seq_max)
+    parallel: int = 0  # requests generating at once (config.parallel)
     checkpoints: int = 0  # checkpoints held (recurrent states, sliding windows)
     checkpoint_bytes: int = 0
     checkpoints_saved: int = 0
@@ -216,6 +217,7 @@ class Scheduler:
             kv_cells=self.capacity,
             memory_kind=self.kind,
             sequences=self.n_seq_max,
+            parallel=config.parallel,
             speculative=self.speculative is not None,
         )
         self._thread = threading.Thread(target=self._run, name=f"pendra-scheduler-{name}", daemon=True)

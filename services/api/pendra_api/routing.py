@@ -1,0 +1,282 @@
+"""Which inference endpoint serves a request, when the gateway has several (PENDRA_INFERENCE_URL
+lists them, or names a headless Service whose pods PENDRA_INFERENCE_RESOLVE finds again as they
+come and go). Small on purpose: it reads each endpoint's own `/status`, it is not an endpoint
+picker (deploy/kubernetes/components/inference-gateway plugs in the real one).
+
+For a request naming a model, in order:
+1. **its conversation**: the endpoint that served the longest prefix of this prompt (the same
+   messages, or the same leading blocks of a prompt string) still holds it in its prefix cache;
+   kept unless that endpoint has requests waiting for the model;
+2. **the model**: of the endpoints that have it loaded (or are loading it, or were just sent it),
+   the least loaded one with room (fewer requests waiting for the model than it runs at once);
+3. **the least loaded** endpoint, preferring one with a free model slot: the model is loaded
+   there, as many replicas as its traffic needs.
+
+An endpoint is up while its `/status` answers (polled every PENDRA_INFERENCE_POLL_S); one that
+refuses a connection is down at once and the request goes to the next candidate, so a stopped
+replica costs no request. Load is the larger of what the endpoint reported and what this gateway
+has in flight there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+BLOCK_CHARS = 512  # a prompt string's prefix is matched a block at a time
+REMEMBERED_PREFIXES = 65_536
+ASSUMED_LOADING_S = 30.0  # a model sent to an endpoint counts as there until its /status says so
+MIN_ROOM = 2  # requests that may wait for a model on an endpoint that still counts as having room
+
+
+@dataclass
+class Endpoint:
+    url: str
+    up: bool = False
+    loaded: set[str] = field(default_factory=set)
+    loading: set[str] = field(default_factory=set)
+    waiting: dict[str, int] = field(default_factory=dict)  # per model, as reported
+    parallel: dict[str, int] = field(default_factory=dict)  # per model: full-context sequences
+    running: int = 0  # as reported, every model
+    server_waiting: int = 0  # as reported: queued, or waiting for a model to load
+    max_loaded: int = 0
+    in_flight: collections.Counter[str] = field(default_factory=collections.Counter)  # sent here, by model
+    sent: dict[str, float] = field(default_factory=dict)  # model: when a request for it was sent here
+
+    def load(self) -> int:
+        return max(self.running + self.server_waiting, sum(self.in_flight.values()))
+
+    def holds(self, model: str, now: float) -> bool:
+        return (
+            model in self.loaded
+            or model in self.loading
+            or now - self.sent.get(model, -ASSUMED_LOADING_S) < ASSUMED_LOADING_S
+        )
+
+    def has_room(self, model: str) -> bool:
+        """Fewer requests wait for the model there than it runs at once (a queue that short
+        costs each request at most one other's time), as last reported, or none of this
+        gateway's requests for it is still there (the report is older than that). Requests
+        waiting for the model to load are not a lack of room: loading it elsewhere too would
+        not be sooner."""
+        room = max(MIN_ROOM, self.parallel.get(model, 0))
+        return self.waiting.get(model, 0) < room or self.in_flight[model] == 0
+
+    def free_slot(self) -> bool:
+        return self.max_loaded == 0 or len(self.loaded | self.loading) < self.max_loaded
+
+    def read(self, status: dict[str, Any]) -> None:
+        loaded = status.get("loaded", [])
+        self.loaded = {m["name"] for m in loaded}
+        self.loading = set(status.get("loading", []))
+        self.waiting = {m["name"]: int(m.get("waiting", 0)) for m in loaded}
+        self.parallel = {m["name"]: int(m.get("parallel", 0)) for m in loaded}
+        self.running = int(status.get("requests_running", 0))
+        self.server_waiting = int(status.get("requests_waiting", 0))
+        self.max_loaded = int(status.get("max_loaded_models", 0))
+        self.up = True
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request goes, in order of preference, and why the first was chosen."""
+
+    endpoints: list[Endpoint]
+    reason: str  # prefix, model, least_loaded or only
+    model: str | None
+    keys: list[bytes]
+
+
+class Router:
+    def __init__(
+        self,
+        urls: Iterable[str],
+        resolve: bool = False,
+        poll_s: float = 0.5,
+        client: httpx.AsyncClient | None = None,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self.configured = [u.rstrip("/") for u in urls]
+        self.resolve = resolve
+        self.poll_s = poll_s
+        self.endpoints: dict[str, Endpoint] = {u: Endpoint(u, up=True) for u in self.configured}
+        self._prefixes: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(max(1.0, 2 * poll_s)))
+        self._task: asyncio.Task[None] | None = None
+        self._resolver = resolver or _addresses
+
+    @property
+    def single(self) -> bool:
+        """One fixed endpoint: every request goes there, nothing to poll."""
+        return len(self.configured) == 1 and not self.resolve
+
+    async def start(self) -> None:
+        if not self.single:
+            await self.poll()
+            self._task = asyncio.create_task(self._poll_forever())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._client.aclose()
+
+    # -- what the endpoints say --------------------------------------------------------------
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.poll()
+            except Exception:  # noqa: BLE001 - the next poll tries again
+                logger.exception("polling the inference endpoints failed")
+
+    async def poll(self) -> None:
+        if self.resolve:
+            await self._resolve()
+        await asyncio.gather(*(self._poll(e) for e in list(self.endpoints.values())))
+
+    async def _poll(self, endpoint: Endpoint) -> None:
+        try:
+            r = await self._client.get(f"{endpoint.url}/status")
+            r.raise_for_status()
+            was_up = endpoint.up
+            endpoint.read(r.json())
+            if not was_up:
+                logger.info("inference endpoint %s is up", endpoint.url)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            if endpoint.up:
+                logger.warning("inference endpoint %s is down: %s", endpoint.url, exc)
+            endpoint.up = False
+
+    async def _resolve(self) -> None:
+        """Each configured URL's host resolved to its addresses (a headless Service: one per ready
+        pod); endpoints that went away are forgotten, new ones polled before they are used."""
+        found: dict[str, None] = {}
+        for url in self.configured:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            try:
+                addresses = await self._resolver(parts.hostname or "", port)
+            except OSError as exc:
+                logger.warning("resolving %s failed: %s", parts.hostname, exc)
+                continue
+            for ip in addresses:
+                host = f"[{ip}]" if ":" in ip else ip
+                found[urlunsplit((parts.scheme, f"{host}:{port}", parts.path, "", ""))] = None
+        for url in found:
+            if url not in self.endpoints:
+                self.endpoints[url] = Endpoint(url)
+                logger.info("inference endpoint %s found", url)
+        for url in list(self.endpoints):
+            if url not in found:
+                del self.endpoints[url]
+                logger.info("inference endpoint %s gone", url)
+
+    # -- choosing ----------------------------------------------------------------------------
+
+    def route(self, body: bytes) -> Route:
+        endpoints = list(self.endpoints.values())
+        if self.single:
+            return Route(endpoints, "only", None, [])
+        model, keys = request_facts(body)
+        up = [e for e in endpoints if e.up] or endpoints  # none up: try them all the same
+        now = time.monotonic()
+        if model is None:
+            return Route(sorted(random.sample(up, len(up)), key=Endpoint.load), "least_loaded", None, [])
+        first: Endpoint | None = None
+        reason = "least_loaded"
+        for key in reversed(keys):
+            url = self._prefixes.get(key)
+            held = self.endpoints.get(url) if url else None
+            if held is not None and held.up and held.has_room(model):
+                first, reason = held, "prefix"
+                break
+        if first is None:
+            holding = [e for e in up if e.holds(model, now) and e.has_room(model)]
+            if holding:  # (ties broken at random, here and below)
+                first, reason = min(random.sample(holding, len(holding)), key=Endpoint.load), "model"
+        rest = sorted(
+            random.sample(up, len(up)), key=lambda e: (e.load(), not e.free_slot(), not e.holds(model, now))
+        )
+        order = [first] if first is not None else []
+        order += [e for e in rest if e is not first]
+        order += [e for e in endpoints if e not in order]  # down ones last: they may be back
+        return Route(order, reason, model, keys)
+
+    def sent(self, route: Route, endpoint: Endpoint) -> None:
+        """`endpoint` took the request: it is in flight there, and its prefixes live there."""
+        if route.model is None:
+            return
+        endpoint.in_flight[route.model] += 1
+        endpoint.sent[route.model] = time.monotonic()
+        for key in route.keys:
+            self._prefixes[key] = endpoint.url
+            self._prefixes.move_to_end(key)
+        while len(self._prefixes) > REMEMBERED_PREFIXES:
+            self._prefixes.popitem(last=False)
+
+    def ended(self, route: Route, endpoint: Endpoint) -> None:
+        if route.model is not None:
+            endpoint.in_flight[route.model] -= 1
+            if endpoint.in_flight[route.model] <= 0:
+                del endpoint.in_flight[route.model]
+
+    def unreachable(self, endpoint: Endpoint) -> None:
+        if endpoint.up:
+            logger.warning("inference endpoint %s refused a request: down until it answers", endpoint.url)
+        endpoint.up = False
+
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def _addresses(host: str, port: int) -> list[str]:
+    """The host's addresses, as the system resolver gives them (cluster DNS in a pod)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(address[0]) for *_, address in infos))
+
+
+def request_facts(body: bytes) -> tuple[str | None, list[bytes]]:
+    """The model a JSON request names, and keys of its prompt's prefixes, shortest first: one per
+    message (chat, Ollama's chat, Responses' items) or per block of a prompt string."""
+    try:
+        doc = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError):
+        return None, []
+    if not isinstance(doc, dict) or not isinstance(doc.get("model"), str):
+        return None, []
+    model: str = doc["model"]
+    parts: list[str] = []
+    for name in ("system", "instructions"):
+        if isinstance(doc.get(name), str):
+            parts.append(doc[name])
+    for name in ("messages", "input", "prompt"):
+        value = doc.get(name)
+        if isinstance(value, list) and value and not all(isinstance(v, str) for v in value):
+            parts += [json.dumps(item, sort_keys=True) for item in value]
+        elif isinstance(value, str):
+            parts += [value[i : i + BLOCK_CHARS] for i in range(0, len(value), BLOCK_CHARS)]
+    digest = hashlib.blake2b(model.encode(), digest_size=16)
+    keys = []
+    for part in parts:
+        digest.update(part.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+        keys.append(digest.copy().digest())
+    return model, keys
