@@ -14,11 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.inference.conftest import CHAT, GEMMA_EMBED
 from tests.inference.test_metrics import NO_END
-from tests.support.picker import PICKER_METRICS, picker_metrics
+from tests.support.picker import PICKER_METRICS, loaded_in, picker_metrics, picker_scrape
 from tests.support.server import ServerProcess, start_server
 
 PARALLEL = 2
@@ -40,28 +39,7 @@ def two_sequences(served_store: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def scrape(server: ServerProcess) -> dict[str, Any]:
-    """Each picker metric as the endpoint picker takes it: the family by name, a gauge; the one
-    sample of an unlabelled series, and for the adapters the latest (highest value) sample."""
-    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    out: dict[str, Any] = {}
-    for role, name in PICKER_METRICS.items():
-        family = families[name]
-        assert family.type == "gauge", name
-        if role == "lora":
-            latest = max(family.samples, key=lambda s: s.value)
-            assert set(latest.labels) == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}
-            out[role] = latest.labels
-            out["lora_time"] = latest.value
-        else:
-            (sample,) = family.samples
-            assert sample.labels == {}, name
-            out[role] = sample.value
-    return out
-
-
-def models(labels: dict[str, str], key: str) -> set[str]:
-    return {m.strip() for m in labels[key].split(",") if m.strip()}
+    return picker_scrape(server.base_url)
 
 
 def test_the_picker_is_configured_to_read_these_series() -> None:
@@ -103,7 +81,7 @@ def test_the_values_follow_real_load(two_sequences: ServerProcess) -> None:
         assert now["running"] == PARALLEL
         assert now["waiting"] == 1
         assert 0 < now["kv_usage"] <= 1
-        assert models(now["lora"], "running_lora_adapters") == {CHAT}
+        assert loaded_in(now["lora"], "running_lora_adapters") == {CHAT}
     finally:
         leave.set()
         for c in clients:
@@ -133,10 +111,10 @@ def test_a_model_loading_for_a_waiting_request_is_a_waiting_adapter(two_sequence
     finally:
         done.set()
         watcher.join()
-    loading = [s for s in seen if GEMMA_EMBED in models(s["lora"], "waiting_lora_adapters")]
+    loading = [s for s in seen if GEMMA_EMBED in loaded_in(s["lora"], "waiting_lora_adapters")]
     assert loading, "no scrape saw the embedding model loading"
     assert all(s["waiting"] >= 1 for s in loading)  # its request waits for it
     # ... and it is listed as running too, so the picker sends the next requests to this one load
-    assert all(GEMMA_EMBED in models(s["lora"], "running_lora_adapters") for s in loading)
-    assert GEMMA_EMBED in models(scrape(two_sequences)["lora"], "running_lora_adapters")
-    assert models(scrape(two_sequences)["lora"], "waiting_lora_adapters") == set()
+    assert all(GEMMA_EMBED in loaded_in(s["lora"], "running_lora_adapters") for s in loading)
+    assert GEMMA_EMBED in loaded_in(scrape(two_sequences)["lora"], "running_lora_adapters")
+    assert loaded_in(scrape(two_sequences)["lora"], "waiting_lora_adapters") == set()

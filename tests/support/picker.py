@@ -4,7 +4,11 @@ for the contract tests that read a real server's `/metrics` the way it does."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import httpx
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.kustomize import render
 from tests.support.stack import ROOT
@@ -38,3 +42,28 @@ def picker_metrics() -> dict[str, str]:
     (engine,) = extractor["parameters"]["engineConfigs"]
     assert extractor["parameters"]["defaultEngine"] == engine["name"]
     return {role: engine[spec] for role, spec in SPECS.items()}
+
+
+def picker_scrape(url: str) -> dict[str, Any]:
+    """Each picker metric as the endpoint picker takes it: the family by name, a gauge; the one
+    sample of an unlabelled series, and for the adapters the latest (highest value) sample."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    out: dict[str, Any] = {}
+    for role, name in PICKER_METRICS.items():
+        family = families[name]
+        assert family.type == "gauge", name
+        if role == "lora":
+            latest = max(family.samples, key=lambda s: s.value)
+            assert set(latest.labels) == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}
+            out[role] = latest.labels
+            out["lora_time"] = latest.value
+        else:
+            (sample,) = family.samples
+            assert sample.labels == {}, name
+            out[role] = sample.value
+    return out
+
+
+def loaded_in(labels: dict[str, str], key: str) -> set[str]:
+    return {m.strip() for m in labels[key].split(",") if m.strip()}
