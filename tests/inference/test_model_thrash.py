@@ -4,6 +4,8 @@ is answered, or refused with a clear 503 while the others hold the slots; never 
 from __future__ import annotations
 
 import concurrent.futures
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -37,9 +39,24 @@ def test_requests_across_more_models_than_fit_are_served_or_refused_cleanly(tmp_
         }
         return httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=180)
 
+    most_loaded = 0
+    done = threading.Event()
+
+    def watch() -> None:  # loads under way count against the limit too: never two at once
+        nonlocal most_loaded
+        while not done.is_set():
+            loaded = httpx.get(f"{server.base_url}/status", timeout=10).json()["loaded"]
+            most_loaded = max(most_loaded, len(loaded))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     try:
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             answers = list(pool.map(ask, range(24)))
+        done.set()
+        watcher.join()
+        assert most_loaded == 1
         statuses = [answer.status_code for answer in answers]
         assert set(statuses) <= {200, 503}, [(a.status_code, a.text) for a in answers if a.status_code >= 400]
         assert statuses.count(200) >= len(names)  # every model was loaded and served in turn
@@ -51,4 +68,5 @@ def test_requests_across_more_models_than_fit_are_served_or_refused_cleanly(tmp_
         assert server.proc.poll() is None
         assert ask(0).status_code == 200
     finally:
+        done.set()
         server.stop()

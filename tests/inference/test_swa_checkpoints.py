@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import llama_cpp
+import openai
 import pytest
 from pendra_inference.engine import EngineConfig, LlamaEngine
 from pendra_inference.gguf_gemma import GEMMA3_TINY, write_gemma3_gguf
@@ -30,6 +31,8 @@ from pendra_inference.sampling import SamplingParams
 from pendra_inference.scheduler import Scheduler, SchedulerConfig
 from pendra_inference.sequence import Completion, Result, TokenLogprob
 from pendra_shared.store import ModelStore
+
+from tests.inference.conftest import CHAT
 
 WEIGHTS = "f32"
 TOLERANCE = 1e-2
@@ -196,3 +199,30 @@ def test_the_registry_gives_a_sliding_window_model_a_checkpoint_budget(gguf: Pat
     assert default[0].checkpoint_bytes == 2 * 4 * shape.swa_state_bytes  # two per sequence
     assert none[0].checkpoint_bytes == 0
     assert default[1] - none[1] == default[0].checkpoint_bytes
+
+
+def test_a_system_prompt_gemma_folds_into_the_first_turn_is_shared_between_conversations(
+    client: openai.OpenAI,
+) -> None:
+    """Gemma 3's template writes the system prompt inside the first user turn, so the prompt has
+    no message boundary after it; the chat service marks where it ends (rendered before a
+    placeholder user message), the prefill checkpoints the window there, and another conversation
+    with the same system prompt restores it instead of decoding the whole prompt again."""
+    system = "You answer questions about the lighthouse museum and its lamps. " * 50  # past the window
+    usages = []
+    for i in range(3):
+        r = client.chat.completions.create(
+            model=CHAT,
+            messages=[
+                {"role": "system", "content": system},
+                {"role": "user", "content": f"Lamp number {i}?"},
+            ],
+            max_tokens=4,
+            temperature=0,
+        )
+        assert r.usage is not None and r.usage.prompt_tokens_details is not None
+        usages.append((r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens or 0))
+    (prompt, first), *others = usages
+    assert prompt > 512 and first == 0  # longer than Gemma 3's 512-token window
+    for prompt, cached in others:
+        assert prompt - 20 < cached < prompt  # the system prompt: all but the user's question

@@ -27,6 +27,7 @@ from tests.support.replicas import Process, Replicas, wait_ready
 from tests.support.server import free_port
 
 MODELS = ("tiny:a", "tiny:b")
+PARALLEL = 6  # each model's sequences on a replica: more of its requests at once go to a second one
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
         path = write_llama_gguf(workdir / f"{name.replace(':', '-')}.gguf", TINY_SHAPE, name=name)
         store.import_file(path, name=name, purpose="chat")
     redis_server.flush()
-    env = {"PENDRA_N_CTX": "1024", "PENDRA_PARALLEL": "4"}
+    env = {"PENDRA_N_CTX": "1024", "PENDRA_PARALLEL": str(PARALLEL)}
     stack = Replicas(workdir, store.root, redis_server, inference_env=env).start()
     try:
         yield stack
@@ -112,6 +113,32 @@ def test_a_mix_of_two_models_loads_each_on_one_replica(replicas: Replicas, clien
     for model in MODELS:
         assert sum(model in held for held in holders) == 1
     assert api_metric(replicas, "pendra_api_routed_requests_total", reason="model") >= 12
+
+
+def test_a_model_with_twice_its_sequences_in_flight_gets_a_second_replica(
+    replicas: Replicas, client: openai.OpenAI
+) -> None:
+    model = MODELS[1]
+    (holder,) = [i for i, held in enumerate(loaded(replicas)) if model in held]
+    before = served(replicas)
+    clients = 3 * PARALLEL
+
+    def long_answer(i: int) -> str:
+        r = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": f"Busy {i}"}],
+            max_tokens=300,
+            temperature=0,
+            logit_bias={"0": -100, "1": -100, "2": -100},  # no end: each request runs its 300 tokens
+        )
+        return r.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(clients) as pool:
+        assert all(pool.map(long_answer, range(clients)))
+    per_replica = delta(before, served(replicas), model)
+    assert sum(per_replica) == clients
+    assert per_replica[holder] >= 2 * PARALLEL  # the replica holding it took twice its sequences
+    assert sum(n > 0 for n in per_replica) >= 2, per_replica  # the rest went to a second one
 
 
 def test_a_conversation_stays_where_its_prefix_is_cached(replicas: Replicas, client: openai.OpenAI) -> None:

@@ -8,7 +8,8 @@ For a request naming a model, in order:
    messages, or the same leading blocks of a prompt string) still holds it in its prefix cache;
    kept unless that endpoint has requests waiting for the model;
 2. **the model**: of the endpoints that have it loaded (or are loading it, or were just sent it),
-   the least loaded one with room (fewer requests waiting for the model than it runs at once);
+   the least loaded one with room (fewer than two requests waiting for the model, fewer than
+   twice its sequences in flight from here), preferring those below its sequences;
 3. **the least loaded** endpoint, preferring one with a free model slot: the model is loaded
    there, as many replicas as its traffic needs.
 
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 BLOCK_CHARS = 512  # a prompt string's prefix is matched a block at a time
 REMEMBERED_PREFIXES = 65_536
 ASSUMED_LOADING_S = 30.0  # a model sent to an endpoint counts as there until its /status says so
-MIN_ROOM = 2  # requests that may wait for a model on an endpoint that still counts as having room
+MIN_ROOM = 2  # an endpoint where this many requests wait for a model has no room for more
 
 
 @dataclass
@@ -51,15 +52,16 @@ class Endpoint:
     loaded: set[str] = field(default_factory=set)
     loading: set[str] = field(default_factory=set)
     waiting: dict[str, int] = field(default_factory=dict)  # per model, as reported
-    parallel: dict[str, int] = field(default_factory=dict)  # per model: full-context sequences
-    running: int = 0  # as reported, every model
+    running: dict[str, int] = field(default_factory=dict)  # per model, as reported
+    parallel: dict[str, int] = field(default_factory=dict)  # per chat model: the sequences it was sized for
+    total_running: int = 0  # as reported, every model
     server_waiting: int = 0  # as reported: queued, or waiting for a model to load
     max_loaded: int = 0
     in_flight: collections.Counter[str] = field(default_factory=collections.Counter)  # sent here, by model
     sent: dict[str, float] = field(default_factory=dict)  # model: when a request for it was sent here
 
     def load(self) -> int:
-        return max(self.running + self.server_waiting, sum(self.in_flight.values()))
+        return max(self.total_running + self.server_waiting, sum(self.in_flight.values()))
 
     def holds(self, model: str, now: float) -> bool:
         return (
@@ -69,13 +71,25 @@ class Endpoint:
         )
 
     def has_room(self, model: str) -> bool:
-        """Fewer requests wait for the model there than it runs at once (a queue that short
-        costs each request at most one other's time), as last reported, or none of this
-        gateway's requests for it is still there (the report is older than that). Requests
-        waiting for the model to load are not a lack of room: loading it elsewhere too would
-        not be sooner."""
-        room = max(MIN_ROOM, self.parallel.get(model, 0))
-        return self.waiting.get(model, 0) < room or self.in_flight[model] == 0
+        """Fewer than two requests wait for the model there (a request waits once the model's
+        cache or sequences are all taken; one seen waiting may have just arrived), as last
+        reported, or none of this gateway's requests for it is still there (the report is older
+        than that); and this gateway has fewer than twice the model's sequences in flight there
+        (a burst, before the next report shows its queue). Requests waiting for the model to load
+        are not a lack of room: loading it elsewhere too would not be sooner."""
+        mine = self.in_flight[model]
+        cap = self.parallel.get(model, 0)
+        if cap and mine >= 2 * cap:
+            return False
+        return self.waiting.get(model, 0) < MIN_ROOM or mine == 0
+
+    def under_capacity(self, model: str) -> bool:
+        """Fewer of the model's requests there than the sequences it was sized for (its
+        `parallel`: past that, each one more slows all of them), counting this gateway's own in
+        flight and what the endpoint last reported (other gateways' too)."""
+        cap = self.parallel.get(model, 0)
+        busy = max(self.in_flight[model], self.running.get(model, 0) + self.waiting.get(model, 0))
+        return cap == 0 or busy < cap
 
     def free_slot(self) -> bool:
         return self.max_loaded == 0 or len(self.loaded | self.loading) < self.max_loaded
@@ -85,8 +99,9 @@ class Endpoint:
         self.loaded = {m["name"] for m in loaded}
         self.loading = set(status.get("loading", []))
         self.waiting = {m["name"]: int(m.get("waiting", 0)) for m in loaded}
+        self.running = {m["name"]: int(m.get("running", 0)) for m in loaded}
         self.parallel = {m["name"]: int(m.get("parallel", 0)) for m in loaded}
-        self.running = int(status.get("requests_running", 0))
+        self.total_running = int(status.get("requests_running", 0))
         self.server_waiting = int(status.get("requests_waiting", 0))
         self.max_loaded = int(status.get("max_loaded_models", 0))
         self.up = True
@@ -119,6 +134,7 @@ class Router:
         self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(max(1.0, 2 * poll_s)))
         self._task: asyncio.Task[None] | None = None
         self._resolver = resolver or _addresses
+        logging.getLogger("httpx").addFilter(_quiet_polls)  # twice a second per endpoint: not news
 
     @property
     def single(self) -> bool:
@@ -209,15 +225,26 @@ class Router:
                 first, reason = held, "prefix"
                 break
         if first is None:
+            # Where the model is: below its sequences if one is, else where it does not queue.
             holding = [e for e in up if e.holds(model, now) and e.has_room(model)]
+            holding = [e for e in holding if e.under_capacity(model)] or holding
             if holding:  # (ties broken at random, here and below)
                 first, reason = min(random.sample(holding, len(holding)), key=Endpoint.load), "model"
+        # A free model slot first: loading the model where another must go would move that one's
+        # traffic to a load elsewhere in turn.
         rest = sorted(
-            random.sample(up, len(up)), key=lambda e: (e.load(), not e.free_slot(), not e.holds(model, now))
+            random.sample(up, len(up)), key=lambda e: (not e.free_slot(), e.load(), not e.holds(model, now))
         )
         order = [first] if first is not None else []
         order += [e for e in rest if e is not first]
         order += [e for e in endpoints if e not in order]  # down ones last: they may be back
+        logger.debug(
+            "%s for %s: %s (%s)",
+            reason,
+            model,
+            order[0].url,
+            ", ".join(f"{e.url} load {e.load()}" for e in up),
+        )
         return Route(order, reason, model, keys)
 
     def sent(self, route: Route, endpoint: Endpoint) -> None:
@@ -245,6 +272,14 @@ class Router:
 
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+def _quiet_polls(record: logging.LogRecord) -> bool:
+    """httpx's INFO line for each `/status` poll left out of the log."""
+    args = record.args
+    if record.levelno > logging.INFO or not isinstance(args, tuple) or len(args) < 2:
+        return True
+    return not str(args[1]).endswith("/status")
 
 
 async def _addresses(host: str, port: int) -> list[str]:

@@ -52,6 +52,12 @@ logger = logging.getLogger(__name__)
 # Names the backend, so a client comparing seeds can tell when it changed.
 FINGERPRINT = f"fp_pendra_llama_cpp_{llama_cpp.__version__}"
 _TOKEN_ID_RE = re.compile(r"[0-9]{1,10}")
+# A user message rendered after the system prompt to find where a template that folds the system
+# prompt into the first user message ends it (a private-use character no prompt is made of), and
+# how many tokens before that end the prompt's own tokens may start to differ (where the system
+# prompt's last characters and the user's first merge into one token).
+PLACEHOLDER = "\ue000\ue001"
+FOLD_SLACK = 2
 
 
 @dataclass
@@ -375,7 +381,7 @@ def plan(
     )
     stops_all = tuple(stops) + (() if raw is not None else tuple(template.stop))
     marks: tuple[int, ...] = ()
-    if raw is None and scheduler.stateful and req.cache_prompt and not images:
+    if raw is None and scheduler.checkpointed and req.cache_prompt and not images:
         variables = fmt.template_vars(turn) if template.native else None
         marks = _message_marks(loaded, template, messages, text, prompt, tools, limits, variables)
     # The family's special tokens are written out only where its parser reads them.
@@ -474,28 +480,50 @@ def _message_marks(
     message): the token positions a recurrent model checkpoints at. A boundary counts only where the
     template renders the earlier messages alone as a prefix of the prompt that tokenizes alike."""
     engine = loaded.engine
+
+    def render(some: list[dict[str, Any]]) -> str:
+        return template.render(
+            some,
+            bos=engine.bos_text,
+            eos=engine.eos_text,
+            tools=tools,
+            max_chars=limits.template_max_chars,
+            timeout_s=limits.template_timeout_s,
+            generation_prompt=False,
+            variables=variables,
+        )
+
     users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
     marks = []
     for k in sorted({1, *users[-1:]}):
         if not 0 < k < len(messages):
             continue
+        first = messages[0].get("content") if k == 1 else None
         try:
-            head = template.render(
-                messages[:k],
-                bos=engine.bos_text,
-                eos=engine.eos_text,
-                tools=tools,
-                max_chars=limits.template_max_chars,
-                timeout_s=limits.template_timeout_s,
-                generation_prompt=False,
-                variables=variables,
-            )
+            head = render(messages[:k])
         except TemplateRenderError:
-            continue  # (Qwen's templates refuse a conversation with no user message)
+            head = ""  # (Qwen's templates refuse a conversation with no user message)
+        if isinstance(first, str) and first not in head:
+            head = ""  # (Gemma's renders a lone system message as nothing: it folds it, below)
         if head and text.startswith(head):
             tokens = engine.tokenize_prompt(head)
             if prompt[: len(tokens)] == tokens:
                 marks.append(len(tokens))
+                continue
+        if isinstance(first, str) and first and messages[0].get("role") == "system":
+            # Templates that fold the system prompt into the first user message (Gemma's): the
+            # text before a placeholder user message, as far as its tokens agree with the prompt's.
+            try:
+                folded = render([messages[0], {"role": "user", "content": PLACEHOLDER}])
+            except TemplateRenderError:
+                continue
+            end = folded.find(PLACEHOLDER)
+            if end > len(first) and first in folded[:end] and text.startswith(folded[:end]):
+                tokens = engine.tokenize_prompt(folded[:end])
+                pairs = enumerate(zip(tokens, prompt, strict=False))
+                agreed = next((i for i, (a, b) in pairs if a != b), min(len(tokens), len(prompt)))
+                if agreed >= len(tokens) - FOLD_SLACK:
+                    marks.append(agreed)
     return tuple(marks)
 
 

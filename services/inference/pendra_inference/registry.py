@@ -146,6 +146,7 @@ class ModelRegistry:
         self._loaded: dict[str, Loaded] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
         self.loading: dict[str, int] = {}  # model name: requests waiting for it to load
+        self._reserved: dict[str, int] = {}  # model name: the memory of a load under way
         self._scan: ScanResult | None = None
         self._scan_lock = asyncio.Lock()
         self._probed: dict[str, Identity] = {}  # file name: the identity that passed the probe
@@ -279,6 +280,7 @@ class ModelRegistry:
                 identity = stat_identity(model.file_name, os.fstat(fd))
                 config, memory = self.engine_config(model)
                 await self._make_room(model.name, memory)
+                self._reserved[model.name] = memory  # (no await since the room was made)
                 path = fd_path(fd, model.path)
                 await self._probe_if_untrusted(model, identity, config, path, fd)
                 projector, refused = await self._probe_projector(model, identity, config, path, fd)
@@ -301,6 +303,7 @@ class ModelRegistry:
                 self.metrics.model_loaded(model.name, model.purpose or "chat", time.monotonic() - started)
             finally:
                 os.close(fd)
+                self._reserved.pop(model.name, None)
             loaded = Loaded(model, engine, identity, memory, self.default_keep_alive, runner)
             self._loaded[model.name] = loaded
             return loaded
@@ -543,12 +546,16 @@ class ModelRegistry:
         return config, weights + shape.overhead_bytes + context_bytes + checkpoint_bytes
 
     async def _make_room(self, name: str, needed: int) -> None:
-        def used() -> int:
-            return sum(m.memory_bytes for m in self._loaded.values())
+        """Unload idle models (least recently used first) until `name` fits beside the loaded
+        models and the loads under way, in model count and memory."""
 
-        while self._loaded and (
-            len(self._loaded) >= self.settings.max_loaded_models or used() + needed > self.budget
-        ):
+        def used() -> int:
+            return sum(m.memory_bytes for m in self._loaded.values()) + sum(self._reserved.values())
+
+        def count() -> int:
+            return len(self._loaded) + len(self._reserved)
+
+        while count() and (count() >= self.settings.max_loaded_models or used() + needed > self.budget):
             idle = [m for m in self._loaded.values() if m.in_flight == 0]
             if not idle:
                 raise Unavailable(

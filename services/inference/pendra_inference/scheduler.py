@@ -173,8 +173,9 @@ class Scheduler:
         if self.speculative is not None and self.kind == SWA:
             logger.warning("%s: no speculative decoding on a sliding-window model", name)
             self.speculative = None
-        checkpointed = self.stateful or self.kind == SWA
-        self.checkpoints = CheckpointStore(config.checkpoint_budget_bytes if checkpointed else 0)
+        # Checkpoints of a recurrent state, or of a sliding window's last cells (see checkpoints.py).
+        self.checkpointed = self.stateful or self.kind == SWA
+        self.checkpoints = CheckpointStore(config.checkpoint_budget_bytes if self.checkpointed else 0)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = config.n_ctx * config.parallel
         params.n_batch = max(config.n_batch, self.n_seq_max)
