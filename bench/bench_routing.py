@@ -11,8 +11,8 @@ PENDRA_INFERENCE_URL listing the three. Every arm starts cold: no model loaded, 
 Threads: three llama.cpp processes share this machine's cores; one thread each (the default) keeps
 them from oversubscribing two cores, where llama.cpp's spinning threads slow everyone down.
 
-Trace (the same in both arms): --conversations conversations (12), each bound to one model in the
---mix proportions (50,30,20: 6/4/2 of 12), in a fixed shuffled order. Each model has its own
+Trace (the same in both arms): --conversations conversations (24), each bound to one model in the
+--mix proportions (50,30,20: 12/7/5 of 24), in a fixed shuffled order. Each model has its own
 system prompt of about --system-tokens tokens (1000; deterministic prose), shared by all its
 conversations; each conversation has --turns turns (4) of one-sentence user messages. At most
 --concurrency conversations run at once (6; the next one starts when one ends); within one, each
@@ -51,7 +51,7 @@ no model loaded on more replicas than its traffic needs, where a model's need is
 ceil(peak requests for it in flight at once / --parallel) replicas (peak measured by this client),
 and loaded once per replica (a second load on the same replica is an eviction and a reload).
 
-    uv run --no-sync python bench/bench_routing.py [--conversations 12] [--turns 4]
+    uv run --no-sync python bench/bench_routing.py [--conversations 24] [--turns 4]
         [--concurrency 6] [--max-tokens 32] [--system-tokens 1000] [--mix 50,30,20]
         [--max-loaded 3] [--parallel 4] [--threads 1] [--n-ctx 4096]
         [--arms routed,round-robin] [--quick] [--workdir DIR] [--json PATH]
@@ -106,7 +106,7 @@ KEPT = 0.9  # a turn kept its conversation's cache: cached >= KEPT x the previou
 RETRIES = 30  # 503s with Retry-After sent again, at most, per request
 RETRY_CAP_S = 5.0
 QUICK = {"conversations": 6, "turns": 3, "system_tokens": 1000, "max_tokens": 16, "concurrency": 4}
-FULL = {"conversations": 12, "turns": 4, "system_tokens": 1000, "max_tokens": 32, "concurrency": 6}
+FULL = {"conversations": 24, "turns": 4, "system_tokens": 1000, "max_tokens": 32, "concurrency": 6}
 
 
 # --------------------------------------------------------------------------------------- trace
@@ -285,6 +285,7 @@ class Arm:
     server_ttft: tuple[float, float]  # pendra_time_to_first_token_seconds sum and count, all replicas
     reasons: dict[str, int] = field(default_factory=dict)  # the api's routed requests by reason
     others_cpu: float = math.nan  # CPU seconds of every process outside this bench during the trace
+    checkpoints: dict[str, int] = field(default_factory=dict)  # pendra_checkpoints_total by event
 
     @property
     def turns(self) -> list[Turn]:
@@ -348,6 +349,7 @@ def metric_rows(url: str) -> list[tuple[str, dict[str, str], float]]:
 def collect(name: str, drive: Drive, replicas: Replicas) -> Arm:
     loads, served, held = [], [], []
     ttft_sum = ttft_count = 0.0
+    checkpoints: collections.Counter[str] = collections.Counter()
     for process in replicas.inference:
         per_loads: dict[str, int] = collections.Counter()
         per_served: dict[str, int] = collections.Counter()
@@ -361,6 +363,8 @@ def collect(name: str, drive: Drive, replicas: Replicas) -> Arm:
                 ttft_sum += value
             elif metric == "pendra_time_to_first_token_seconds_count":
                 ttft_count += value
+            elif metric == "pendra_checkpoints_total":
+                checkpoints[labels.get("event", "?")] += int(value)
         loads.append(dict(per_loads))
         served.append(dict(per_served))
         status = httpx.get(f"{process.url}/status", timeout=30).json()
@@ -370,7 +374,9 @@ def collect(name: str, drive: Drive, replicas: Replicas) -> Arm:
         for metric, labels, value in metric_rows(replicas.api.url):
             if metric == "pendra_api_routed_requests_total" and value:
                 reasons[labels.get("reason", "?")] = int(value)
-    return Arm(name, drive, loads, served, held, (ttft_sum, ttft_count), reasons)
+    return Arm(
+        name, drive, loads, served, held, (ttft_sum, ttft_count), reasons, checkpoints=dict(checkpoints)
+    )
 
 
 def need(arm: Arm, model: str, parallel: int) -> int:
@@ -492,6 +498,13 @@ def report(
                 for n in names
             ],
         )
+    row(
+        "checkpoints saved / restored / evicted (all replicas)",
+        [
+            "{saved} / {restored} / {evicted}".format_map(collections.defaultdict(int, arms[n].checkpoints))
+            for n in names
+        ],
+    )
     row(
         "api routed requests by reason",
         [", ".join(f"{k} {v}" for k, v in sorted(arms[n].reasons.items())) or "n/a" for n in names],

@@ -218,3 +218,28 @@ def test_checkpoints_evicted_under_a_tiny_budget_keep_every_answer_right(
             assert status["loaded"][0]["checkpoint_bytes"] <= 300_000
     finally:
         proc.stop()
+
+
+def test_a_shared_system_prompt_s_checkpoint_outlives_a_long_conversation(
+    hybrid_store: Path, tmp_path: Path
+) -> None:
+    # Room for about four of the tiny qwen35's checkpoints (128 KiB each); one conversation's turns
+    # save two each, so least-recently-used alone would push the system prompt's out long before a
+    # new conversation comes to share it.
+    proc = serve(hybrid_store, tmp_path / "serve.log", PENDRA_CHECKPOINT_BUDGET_BYTES=str(600_000))
+    try:
+        with openai.OpenAI(base_url=f"{proc.base_url}/v1", api_key="-", max_retries=0, timeout=120) as c:
+            model = "qwen35:tiny"
+            history: tuple[tuple[str, str], ...] = ()
+            for turn in range(5):
+                texts, _ = ask(c, model, conversation(f"Long talk, turn {turn}?", history))
+                history = (*history, (f"Long talk, turn {turn}?", texts[0]))
+            assert checkpoints(proc, model, "evicted") > 0
+            restored = checkpoints(proc, model, "restored")
+            messages = conversation("A new conversation?")
+            texts, hit = ask(c, model, messages)
+            assert hit > 0  # the system prompt, from its checkpoint
+            assert checkpoints(proc, model, "restored") == restored + 1
+            assert texts == fresh(c, model, messages)
+    finally:
+        proc.stop()

@@ -15,7 +15,9 @@ window cache, `llama_kv_cache_iswa::state_write`) is those layers' cells of the 
 restored checkpoint replaces the ones the new sequence got with the shared prefix.
 
 Checkpoints live in host memory under a byte budget (counted in the model's memory figure), least
-recently used first out. One thread uses a store: the scheduler's.
+recently used first out; those at the end of a prompt's first message (a system prompt many
+conversations share) go last, while they hold at most half the budget. One thread uses a store:
+the scheduler's.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class CheckpointStore:
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = max(0, budget_bytes)
         self._by_tokens: collections.OrderedDict[tuple[int, ...], Checkpoint] = collections.OrderedDict()
+        self._lasting: set[tuple[int, ...]] = set()  # first messages' ends: evicted last
         self.stats = CheckpointStats()
 
     def __len__(self) -> int:
@@ -83,10 +86,12 @@ class CheckpointStore:
     def drop(self, checkpoint: Checkpoint) -> None:
         """Forget `checkpoint` (it could not be restored: it would fail again)."""
         if self._by_tokens.pop(checkpoint.tokens, None) is not None:
+            self._lasting.discard(checkpoint.tokens)
             self._count()
 
-    def save(self, ctx: Any, seq_id: int, tokens: list[int]) -> bool:
-        """Save the recurrent part of `seq_id`, which has decoded exactly `tokens`."""
+    def save(self, ctx: Any, seq_id: int, tokens: list[int], lasting: bool = False) -> bool:
+        """Save the recurrent part of `seq_id`, which has decoded exactly `tokens` (`lasting`: the
+        end of its first message, which other conversations may share: evicted last)."""
         key = tuple(tokens)
         if not key or self.has(tokens):
             return bool(key)
@@ -102,6 +107,8 @@ class CheckpointStore:
         if written != size:
             return False
         self._by_tokens[key] = Checkpoint(key, data)
+        if lasting:
+            self._lasting.add(key)
         self.stats.saved += 1
         self._count()
         return True
@@ -119,10 +126,19 @@ class CheckpointStore:
 
     def clear(self) -> None:
         self._by_tokens.clear()
+        self._lasting.clear()
         self._count()
 
     def _drop_oldest(self) -> None:
-        self._by_tokens.popitem(last=False)
+        """The least recently used checkpoint goes, a lasting one only when nothing else is left or
+        the lasting ones hold more than half the budget."""
+        lasting_bytes = sum(self._by_tokens[k].size for k in self._lasting)
+        others = (k for k in self._by_tokens if k not in self._lasting)
+        victim = None if 2 * lasting_bytes > self.budget_bytes else next(others, None)
+        if victim is None:  # (the oldest lasting one)
+            victim = next((k for k in self._by_tokens if k in self._lasting), next(iter(self._by_tokens)))
+        del self._by_tokens[victim]
+        self._lasting.discard(victim)
         self.stats.evicted += 1
         self._count()
 

@@ -474,6 +474,9 @@ class Scheduler:
                     outgrows = self.kind == SWA and len(prompt) + completion.max_tokens >= self.n_swa
                     if (self.stateful or outgrows) and reuse and self.checkpoints.budget_bytes:
                         seq.extra["marks"] = self._marks(completion, shared)
+                        # The first message's end (a system prompt): the mark others share.
+                        firsts = [*completion.marks, *self._message_starts(prompt)[:1]]
+                        seq.extra["lasting"] = min(firsts, default=0)
                 seqs.append(seq)
             now = time.monotonic()
             req = _Request(ticket, seqs, now, cached_tokens=shared, checkpoints_restored=int(restored))
@@ -635,7 +638,9 @@ class Scheduler:
     def _save_checkpoint(self, seq: Sequence) -> None:
         stats = self.checkpoints.stats
         saved, evicted = stats.saved, stats.evicted
-        self.checkpoints.save(self.ctx, seq.seq_id, seq.tokens)
+        self.checkpoints.save(
+            self.ctx, seq.seq_id, seq.tokens, lasting=seq.n_past == seq.extra.get("lasting")
+        )
         req = next(r for r in self._running if r.ticket is seq.ticket)
         req.checkpoints_saved += stats.saved - saved
         req.checkpoints_evicted += stats.evicted - evicted
