@@ -126,8 +126,9 @@ async def _pass(request: Request, path: str) -> StreamingResponse:
     label = route_label(request.scope)
     headers = {k: v for k in FORWARD_REQUEST if (v := request.headers.get(k)) is not None}
     body = await request.body()
-    route = router.route(body)
+    route = router.route(body, path)
     started = time.monotonic()
+    dropped = 0
     for endpoint in route.endpoints:
         upstream = client.build_request(
             request.method, endpoint.url + path, params=request.query_params, headers=headers, content=body
@@ -135,23 +136,38 @@ async def _pass(request: Request, path: str) -> StreamingResponse:
         router.sent(route, endpoint)
         try:
             response = await client.send(upstream, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-            # Refused, or closed before any answer: nothing reached the client, the next may serve it.
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # Refused: the request never reached it, the next endpoint may serve it.
             router.ended(route, endpoint)
             router.unreachable(endpoint)
             logger.warning("inference service unreachable at %s: %s", endpoint.url, exc)
             continue
-        except httpx.TransportError as exc:
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            # Closed before an answer: a kept-alive connection to a process that has gone (then
+            # the request never ran), or one that died of this very request. Sent on once, and
+            # only when the endpoint now refuses connections: gone, not busy.
             router.ended(route, endpoint)
+            logger.warning("inference service at %s closed the connection: %s", endpoint.url, exc)
+            if dropped or not await _refuses(client, endpoint):
+                break
+            dropped += 1
+            router.unreachable(endpoint)
+            continue
+        except BaseException as exc:  # a timeout, or the client went away: nothing is in flight
+            router.ended(route, endpoint)
+            if not isinstance(exc, httpx.TransportError):
+                raise
             logger.warning("inference service at %s failed: %s", endpoint.url, exc)
             break
+        router.answered(route, endpoint, response.status_code)
         metrics.latency.labels(label).observe(time.monotonic() - started)
         metrics.routed.labels(route.reason if endpoint is route.endpoints[0] else "retried").inc()
+        end = _Ending(response, router, route, endpoint)
         return StreamingResponse(
-            relay(response),
+            relay(response, end),
             status_code=response.status_code,
             headers={k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP},
-            background=BackgroundTask(_close, response, router, route, endpoint),
+            background=BackgroundTask(end),
         )
     metrics.unavailable.labels(label).inc()
     raise UpstreamUnavailable(
@@ -159,16 +175,40 @@ async def _pass(request: Request, path: str) -> StreamingResponse:
     )
 
 
-async def _close(response: httpx.Response, router: Router, route: Route, endpoint: Endpoint) -> None:
+async def _refuses(client: httpx.AsyncClient, endpoint: Endpoint) -> bool:
     try:
-        await response.aclose()
-    finally:
-        router.ended(route, endpoint)
+        await client.get(f"{endpoint.url}/health", timeout=1.0)
+    except (httpx.ConnectError, httpx.ConnectTimeout):
+        return True
+    except httpx.HTTPError:
+        return False
+    return False
 
 
-async def relay(response: httpx.Response) -> AsyncIterator[bytes]:
+class _Ending:
+    """Closes the upstream response and ends the request's count once, whichever comes first:
+    the relay's end (a cut stream, a client gone) or the response's background task."""
+
+    def __init__(self, response: httpx.Response, router: Router, route: Route, endpoint: Endpoint) -> None:
+        self.response, self.router, self.route, self.endpoint = response, router, route, endpoint
+        self.done = False
+
+    async def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            await self.response.aclose()
+        finally:
+            self.router.ended(self.route, self.endpoint)
+
+
+async def relay(
+    response: httpx.Response, end: Callable[[], Awaitable[None]] | None = None
+) -> AsyncIterator[bytes]:
     """The upstream bytes as they come; if the inference service goes away mid-stream, an event
-    stream ends the way a client can read (an error event, then `[DONE]`)."""
+    stream ends the way a client can read (an error event, then `[DONE]`). `end` runs however the
+    relay ends (Starlette skips the background task when the stream raises)."""
     try:
         async for chunk in response.aiter_raw():
             yield chunk
@@ -178,3 +218,6 @@ async def relay(response: httpx.Response) -> AsyncIterator[bytes]:
             raise  # a cut JSON body must not look complete: the client sees the connection drop
         message = "the inference service stopped before this response finished; retry it"
         yield b"\n\n" + stream_error_end(UpstreamUnavailable(message))  # after a possibly cut event
+    finally:
+        if end is not None:
+            await end()

@@ -39,9 +39,14 @@ import httpx
 
 logger = logging.getLogger(__name__)
 
+# The routes whose prompt a later request may extend (the rest are routed by model and load).
+PROMPT_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/api/chat", "/api/generate"}
+)
 BLOCK_CHARS = 512  # a prompt string's prefix is matched a block at a time
 REMEMBERED_PREFIXES = 65_536
 ASSUMED_LOADING_S = 30.0  # a model sent to an endpoint counts as there until its /status says so
+DOWN_AFTER_FAILED_POLLS = 2  # polls that fail other than by a refused connection
 MIN_ROOM = 2  # an endpoint where this many requests wait for a model has no room for more
 
 
@@ -57,6 +62,7 @@ class Endpoint:
     total_running: int = 0  # as reported, every model
     server_waiting: int = 0  # as reported: queued, or waiting for a model to load
     max_loaded: int = 0
+    failed_polls: int = 0
     in_flight: collections.Counter[str] = field(default_factory=collections.Counter)  # sent here, by model
     sent: dict[str, float] = field(default_factory=dict)  # model: when a request for it was sent here
 
@@ -91,8 +97,10 @@ class Endpoint:
         busy = max(self.in_flight[model], self.running.get(model, 0) + self.waiting.get(model, 0))
         return cap == 0 or busy < cap
 
-    def free_slot(self) -> bool:
-        return self.max_loaded == 0 or len(self.loaded | self.loading) < self.max_loaded
+    def free_slot(self, now: float) -> bool:
+        """Room for one more model (those just sent here count: the report may not show them)."""
+        recent = {m for m, at in self.sent.items() if now - at < ASSUMED_LOADING_S}
+        return self.max_loaded == 0 or len(self.loaded | self.loading | recent) < self.max_loaded
 
     def read(self, status: dict[str, Any]) -> None:
         loaded = status.get("loaded", [])
@@ -131,9 +139,10 @@ class Router:
         self.poll_s = poll_s
         self.endpoints: dict[str, Endpoint] = {u: Endpoint(u, up=True) for u in self.configured}
         self._prefixes: collections.OrderedDict[bytes, str] = collections.OrderedDict()
-        self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(max(1.0, 2 * poll_s)))
+        self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(max(2.0, 2 * poll_s)))
         self._task: asyncio.Task[None] | None = None
         self._resolver = resolver or _addresses
+        self._resolved: dict[str, list[str]] = {}  # configured URL: the addresses it gave last
         logging.getLogger("httpx").addFilter(_quiet_polls)  # twice a second per endpoint: not news
 
     @property
@@ -169,17 +178,22 @@ class Router:
         await asyncio.gather(*(self._poll(e) for e in list(self.endpoints.values())))
 
     async def _poll(self, endpoint: Endpoint) -> None:
+        """Read the endpoint's `/status`: a refused connection marks it down at once, other
+        failures (a slow answer from a busy endpoint) only the second time in a row."""
         try:
             r = await self._client.get(f"{endpoint.url}/status")
             r.raise_for_status()
             was_up = endpoint.up
             endpoint.read(r.json())
+            endpoint.failed_polls = 0
             if not was_up:
                 logger.info("inference endpoint %s is up", endpoint.url)
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            if endpoint.up:
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            endpoint.failed_polls += 1
+            refused = isinstance(exc, httpx.ConnectError)
+            if endpoint.up and (refused or endpoint.failed_polls >= DOWN_AFTER_FAILED_POLLS):
                 logger.warning("inference endpoint %s is down: %s", endpoint.url, exc)
-            endpoint.up = False
+                endpoint.up = False
 
     async def _resolve(self) -> None:
         """Each configured URL's host resolved to its addresses (a headless Service: one per ready
@@ -190,9 +204,10 @@ class Router:
             port = parts.port or (443 if parts.scheme == "https" else 80)
             try:
                 addresses = await self._resolver(parts.hostname or "", port)
-            except OSError as exc:
+            except OSError as exc:  # (cluster DNS hiccups: keep what this name gave last time)
                 logger.warning("resolving %s failed: %s", parts.hostname, exc)
-                continue
+                addresses = self._resolved.get(url, [])
+            self._resolved[url] = addresses
             for ip in addresses:
                 host = f"[{ip}]" if ":" in ip else ip
                 found[urlunsplit((parts.scheme, f"{host}:{port}", parts.path, "", ""))] = None
@@ -207,11 +222,13 @@ class Router:
 
     # -- choosing ----------------------------------------------------------------------------
 
-    def route(self, body: bytes) -> Route:
+    def route(self, body: bytes, path: str = "") -> Route:
         endpoints = list(self.endpoints.values())
         if self.single:
             return Route(endpoints, "only", None, [])
         model, keys = request_facts(body)
+        if path not in PROMPT_PATHS:
+            keys = []  # (embeddings and the rest: no cache to come back to)
         up = [e for e in endpoints if e.up] or endpoints  # none up: try them all the same
         now = time.monotonic()
         if model is None:
@@ -221,7 +238,7 @@ class Router:
         for key in reversed(keys):
             url = self._prefixes.get(key)
             held = self.endpoints.get(url) if url else None
-            if held is not None and held.up and held.has_room(model):
+            if held is not None and held.up and held.holds(model, now) and held.has_room(model):
                 first, reason = held, "prefix"
                 break
         if first is None:
@@ -230,11 +247,13 @@ class Router:
             holding = [e for e in holding if e.under_capacity(model)] or holding
             if holding:  # (ties broken at random, here and below)
                 first, reason = min(random.sample(holding, len(holding)), key=Endpoint.load), "model"
+
         # A free model slot first: loading the model where another must go would move that one's
         # traffic to a load elsewhere in turn.
-        rest = sorted(
-            random.sample(up, len(up)), key=lambda e: (not e.free_slot(), e.load(), not e.holds(model, now))
-        )
+        def rank(e: Endpoint) -> tuple[bool, int, bool]:
+            return (not e.free_slot(now), e.load(), not e.holds(model, now))
+
+        rest = sorted(random.sample(up, len(up)), key=rank)
         order = [first] if first is not None else []
         order += [e for e in rest if e is not first]
         order += [e for e in endpoints if e not in order]  # down ones last: they may be back
@@ -248,10 +267,15 @@ class Router:
         return Route(order, reason, model, keys)
 
     def sent(self, route: Route, endpoint: Endpoint) -> None:
-        """`endpoint` took the request: it is in flight there, and its prefixes live there."""
-        if route.model is None:
+        """The request goes to `endpoint`: in flight there until `ended`."""
+        if route.model is not None:
+            endpoint.in_flight[route.model] += 1
+
+    def answered(self, route: Route, endpoint: Endpoint, status: int) -> None:
+        """`endpoint` took the request (a 2xx): the model is there, or loading, and the prompt's
+        prefixes will be in its cache."""
+        if route.model is None or not 200 <= status < 300:
             return
-        endpoint.in_flight[route.model] += 1
         endpoint.sent[route.model] = time.monotonic()
         for key in route.keys:
             self._prefixes[key] = endpoint.url
@@ -266,6 +290,8 @@ class Router:
                 del endpoint.in_flight[route.model]
 
     def unreachable(self, endpoint: Endpoint) -> None:
+        if self.single:
+            return  # (nothing polls it back up; the next request tries it all the same)
         if endpoint.up:
             logger.warning("inference endpoint %s refused a request: down until it answers", endpoint.url)
         endpoint.up = False

@@ -381,13 +381,16 @@ def plan(
     )
     stops_all = tuple(stops) + (() if raw is not None else tuple(template.stop))
     marks: tuple[int, ...] = ()
+    system_end = 0
     if raw is None and scheduler.checkpointed and req.cache_prompt and not images:
         variables = fmt.template_vars(turn) if template.native else None
-        marks = _message_marks(loaded, template, messages, text, prompt, tools, limits, variables)
+        at = dict(_message_marks(loaded, template, messages, text, prompt, tools, limits, variables))
+        marks = tuple(at.values())
+        system_end = at.get(1, -1) if messages[0].get("role") == "system" else 0
     # The family's special tokens are written out only where its parser reads them.
     shown = _shown(loaded, fmt) if raw is None and (tools or fmt.thinks) else frozenset[int]()
     completion = Completion(
-        prompt, wanted, sampling, stops_all, req.n, req.cache_prompt, "chat", marks, shown, images
+        prompt, wanted, sampling, stops_all, req.n, req.cache_prompt, "chat", marks, shown, images, system_end
     )
     split = raw is None and (req.reasoning_format or reasoning_format) != "none"
     return Plan(completion, fmt, turn, text, split)
@@ -474,7 +477,7 @@ def _message_marks(
     tools: list[dict[str, Any]] | None,
     limits: RequestLimits,
     variables: dict[str, Any] | None,
-) -> tuple[int, ...]:
+) -> tuple[tuple[int, int], ...]:
     """Where this conversation's prompt may later diverge from another's (the end of the first
     message, usually the system prompt) or from its own next version (the start of the last user
     message): the token positions a recurrent model checkpoints at. A boundary counts only where the
@@ -508,7 +511,7 @@ def _message_marks(
         if head and text.startswith(head):
             tokens = engine.tokenize_prompt(head)
             if prompt[: len(tokens)] == tokens:
-                marks.append(len(tokens))
+                marks.append((k, len(tokens)))
                 continue
         if isinstance(first, str) and first and messages[0].get("role") == "system":
             # Templates that fold the system prompt into the first user message (Gemma's): the
@@ -523,7 +526,7 @@ def _message_marks(
                 pairs = enumerate(zip(tokens, prompt, strict=False))
                 agreed = next((i for i, (a, b) in pairs if a != b), min(len(tokens), len(prompt)))
                 if agreed >= len(tokens) - FOLD_SLACK:
-                    marks.append(agreed)
+                    marks.append((k, agreed))
     return tuple(marks)
 
 

@@ -185,15 +185,17 @@ class Sampler:
     def _moved(self) -> tuple[np.ndarray, np.ndarray]:
         """The tokens whose logits the bias and penalties move, ascending, and by how much."""
         params = self.params
-        moves: dict[int, float] = {}
-        for token, value in zip(self.bias_ids.tolist(), self.bias_values.tolist(), strict=True):
-            moves[token] = moves.get(token, 0.0) + value
-        if params.presence_penalty or params.frequency_penalty:
-            for token, count in self.counts.items():
-                penalty = params.presence_penalty + params.frequency_penalty * count
-                moves[token] = moves.get(token, 0.0) - penalty
-        ids = np.array(sorted(moves), dtype=np.int64)
-        return ids, np.array([moves[t] for t in ids.tolist()], dtype=np.float32)
+        ids, values = [self.bias_ids], [self.bias_values]
+        if (params.presence_penalty or params.frequency_penalty) and self.counts:
+            n = len(self.counts)
+            counts = np.fromiter(self.counts.values(), dtype=np.float32, count=n)
+            ids.append(np.fromiter(self.counts, dtype=np.int64, count=n))
+            values.append(-(params.presence_penalty + params.frequency_penalty * counts))
+        every = np.concatenate(ids)
+        moved, where = np.unique(every, return_inverse=True)
+        moves = np.zeros(len(moved), dtype=np.float32)
+        np.add.at(moves, where, np.concatenate(values).astype(np.float32))
+        return moved, moves
 
     def _best(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k best tokens after bias and penalties, ascending by id, and their adjusted logits:

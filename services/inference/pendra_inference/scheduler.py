@@ -474,9 +474,7 @@ class Scheduler:
                     outgrows = self.kind == SWA and len(prompt) + completion.max_tokens >= self.n_swa
                     if (self.stateful or outgrows) and reuse and self.checkpoints.budget_bytes:
                         seq.extra["marks"] = self._marks(completion, shared)
-                        # The first message's end (a system prompt): the mark others share.
-                        firsts = [*completion.marks, *self._message_starts(prompt)[:1]]
-                        seq.extra["lasting"] = min(firsts, default=0)
+                        seq.extra["lasting"] = self._system_end(completion)
                 seqs.append(seq)
             now = time.monotonic()
             req = _Request(ticket, seqs, now, cached_tokens=shared, checkpoints_restored=int(restored))
@@ -575,6 +573,12 @@ class Scheduler:
             for m in marks
             if shared < m < len(prompt) and completion.snap(m) == m and not self.checkpoints.has(prompt[:m])
         }
+
+    def _system_end(self, completion: Completion) -> int:
+        """Where the prompt's system prompt ends (0: it has none), the mark other conversations share."""
+        if completion.system_end >= 0:
+            return completion.system_end
+        return next(iter(self._message_starts(completion.prompt)), 0)
 
     def _message_starts(self, prompt: list[int]) -> tuple[int, ...]:
         """The end of the first message (a system prompt, shared by many conversations) and the

@@ -48,6 +48,10 @@ class Completion:
     # The prompt's images (vision.ImageChunk), in order: each a run of placeholder ids in `prompt`
     # that the scheduler encodes and decodes whole.
     images: tuple[Any, ...] = ()
+    # Where a system prompt other conversations may share ends (0: no system prompt; -1: one whose
+    # end the template did not show, then the second message's start): its checkpoint is kept
+    # longest.
+    system_end: int = 0
 
     @property
     def cells(self) -> int:
