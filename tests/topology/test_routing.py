@@ -227,10 +227,11 @@ def test_a_headless_service_s_pods_are_followed_as_they_come_and_go(
         return list(pods)
 
     async def polled(router: Router, want: dict[str, bool]) -> None:
-        for _ in range(5):  # (a busy machine may answer a first /status late)
+        for _ in range(50):  # (a busy machine may answer a first /status late)
             await router.poll()
             if {e.url: e.up for e in router.endpoints.values()} == want:
                 return
+            await asyncio.sleep(0.2)
         assert {e.url: e.up for e in router.endpoints.values()} == want
 
     async def scenario() -> None:
@@ -253,8 +254,16 @@ def test_a_headless_service_s_pods_are_followed_as_they_come_and_go(
             await router.close()
 
     try:
-        for process in (first, second):
-            wait_ready(process)
+        wait_ready(first)
+        deadline = time.monotonic() + 120  # (wait_ready asks 127.0.0.1, the first one's address)
+        while True:
+            assert second.alive() and time.monotonic() < deadline, second.log()
+            try:
+                if httpx.get(f"http://127.0.0.2:{port}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
         asyncio.run(scenario())
     finally:
         first.stop()

@@ -70,9 +70,12 @@ class Endpoint:
         return max(self.total_running + self.server_waiting, sum(self.in_flight.values()))
 
     def holds(self, model: str, now: float) -> bool:
+        """The model is loaded there, or loading: as reported, or as this gateway knows it (its
+        requests for it are there, or one was answered lately)."""
         return (
             model in self.loaded
             or model in self.loading
+            or self.in_flight[model] > 0
             or now - self.sent.get(model, -ASSUMED_LOADING_S) < ASSUMED_LOADING_S
         )
 
@@ -99,7 +102,7 @@ class Endpoint:
 
     def free_slot(self, now: float) -> bool:
         """Room for one more model (those just sent here count: the report may not show them)."""
-        recent = {m for m, at in self.sent.items() if now - at < ASSUMED_LOADING_S}
+        recent = {m for m, at in self.sent.items() if now - at < ASSUMED_LOADING_S} | set(self.in_flight)
         return self.max_loaded == 0 or len(self.loaded | self.loading | recent) < self.max_loaded
 
     def read(self, status: dict[str, Any]) -> None:
