@@ -473,8 +473,12 @@ class Scheduler:
                     # A sliding window's cells are reused once a sequence outgrows it.
                     outgrows = self.kind == SWA and len(prompt) + completion.max_tokens >= self.n_swa
                     if (self.stateful or outgrows) and reuse and self.checkpoints.budget_bytes:
-                        seq.extra["marks"] = self._marks(completion, shared)
-                        seq.extra["lasting"] = self._system_end(completion)
+                        starts = self._message_starts(prompt)
+                        seq.extra["marks"] = self._marks(completion, shared, starts)
+                        # Where the system prompt ends (the mark other conversations share): as
+                        # the chat service found it, else where the second message starts.
+                        end = completion.system_end
+                        seq.extra["lasting"] = end if end >= 0 else next(iter(starts), 0)
                 seqs.append(seq)
             now = time.monotonic()
             req = _Request(ticket, seqs, now, cached_tokens=shared, checkpoints_restored=int(restored))
@@ -561,24 +565,18 @@ class Scheduler:
         llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
         return False
 
-    def _marks(self, completion: Completion, shared: int) -> set[int]:
+    def _marks(self, completion: Completion, shared: int, starts: tuple[int, ...]) -> set[int]:
         """Where a checkpointed model's prefill stops to save a checkpoint: where the caller says a
         later request may diverge (the end of the system prompt, the last user message), and a few
         tokens before the end of the prompt (a chat's next turn resends this prompt, and the
         generation prompt's last tokens often differ from how the template writes the answer)."""
         prompt = completion.prompt
-        marks = {*completion.marks, *self._message_starts(prompt), len(prompt) - CHECKPOINT_BEFORE_END}
+        marks = {*completion.marks, *starts, len(prompt) - CHECKPOINT_BEFORE_END}
         return {
             m
             for m in marks
             if shared < m < len(prompt) and completion.snap(m) == m and not self.checkpoints.has(prompt[:m])
         }
-
-    def _system_end(self, completion: Completion) -> int:
-        """Where the prompt's system prompt ends (0: it has none), the mark other conversations share."""
-        if completion.system_end >= 0:
-            return completion.system_end
-        return next(iter(self._message_starts(completion.prompt)), 0)
 
     def _message_starts(self, prompt: list[int]) -> tuple[int, ...]:
         """The end of the first message (a system prompt, shared by many conversations) and the
