@@ -164,6 +164,64 @@ def test_a_failed_install_says_why_in_words_and_offers_a_retry(page: Any, consol
     log.assert_clean()
 
 
+DROP_PROGRESS_OF_BROKEN = """
+(() => {
+  const fetched = window.fetch.bind(window);
+  window.fetch = async (input, init) => {
+    const response = await fetched(input, init);
+    if (!String(input.url || input).includes("/api/jobs/events")) return response;
+    let buffer = "";
+    const decoder = new TextDecoder();
+    const encoder = new TextEncoder();
+    const drop = (block) => block.startsWith("event: progress") && block.includes('"model":"broken:1b"');
+    const body = response.body.pipeThrough(new TransformStream({
+      transform(chunk, out) {
+        buffer += decoder.decode(chunk, { stream: true });
+        const blocks = buffer.split("\\n\\n");
+        buffer = blocks.pop();
+        for (const block of blocks) if (!drop(block)) out.enqueue(encoder.encode(block + "\\n\\n"));
+      },
+    }));
+    return new Response(body, { status: response.status, headers: response.headers });
+  };
+})();
+"""
+
+
+def test_an_install_that_fails_before_its_start_is_answered_is_still_told(
+    page: Any, console: Console
+) -> None:
+    """On a slow machine a checksum failure can reach the page's job stream before the install's
+    own POST has answered, and with no progress event before it (the job began and ended between
+    two of the stream's looks): the page must still say it failed. The page's fetch is wrapped to
+    drop the job's progress events, and the POST's answer is held until the job has failed."""
+    page.add_init_script(DROP_PROGRESS_OF_BROKEN)
+    log = open_page(page, console, "/console/models")
+    ends: list[str] = []
+
+    def answer_late(route: Any) -> None:
+        response = route.fetch()
+        job = response.json()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            state = httpx.get(f"{console.url}/api/jobs/{job['id']}", timeout=10).json()["state"]
+            if state in ("done", "failed", "cancelled"):
+                ends.append(state)
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)  # the stream's word of the end reaches the page first
+        route.fulfill(response=response)
+
+    page.route("**/api/models/install", answer_late)
+    variant(page, "broken:1b").get_by_role("button", name="Retry install").click()
+    expect(page.locator("#toast")).to_have_text("Installing broken:1b failed (checksum_mismatch).")
+    assert ends == ["failed"]
+    failure = variant(page, "broken:1b").locator(".job-failed")
+    expect(failure).to_contain_text("Install failed (checksum_mismatch)")
+    page.unroute("**/api/models/install")
+    log.assert_clean()
+
+
 def test_a_reload_reattaches_to_a_running_install_which_can_be_cancelled(page: Any, console: Console) -> None:
     log = open_page(page, console, "/console/models")
     row = variant(page, "gemma3:270m-slow")

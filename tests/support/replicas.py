@@ -5,6 +5,7 @@ ports, over one model store. For the routing tests and bench/bench_routing.py.""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -94,7 +95,9 @@ class Replicas:
 
     def logs(self) -> str:
         every = [*([self.api] if self.api else []), *self.inference]
-        return "\n".join(f"--- {p.name}\n{p.log()[-3000:]}" for p in every)
+        polls = re.compile(r'"GET /(status|metrics|ready) HTTP')
+        quiet = ["\n".join(line for line in p.log().splitlines() if not polls.search(line)) for p in every]
+        return "\n".join(f"--- {p.name}\n{text[-4000:]}" for p, text in zip(every, quiet, strict=True))
 
 
 def wait_ready(process: Process, timeout_s: float = 120) -> None:

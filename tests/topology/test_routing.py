@@ -38,7 +38,9 @@ def replicas(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
         path = write_llama_gguf(workdir / f"{name.replace(':', '-')}.gguf", TINY_SHAPE, name=name)
         store.import_file(path, name=name, purpose="chat")
     redis_server.flush()
-    env = {"PENDRA_N_CTX": "1024", "PENDRA_PARALLEL": str(PARALLEL)}
+    # One thread each, as bench_routing runs them: three processes of two spinning threads on a
+    # two-core machine slowed decoding many times over.
+    env = {"PENDRA_N_CTX": "1024", "PENDRA_PARALLEL": str(PARALLEL), "PENDRA_N_THREADS": "1"}
     stack = Replicas(workdir, store.root, redis_server, inference_env=env).start()
     try:
         yield stack
@@ -47,6 +49,14 @@ def replicas(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
         raise
     finally:
         stack.stop()
+
+
+@pytest.fixture(autouse=True)
+def logs_on_failure(request: pytest.FixtureRequest, replicas: Replicas) -> Iterator[None]:
+    """The module's processes outlive each test: a failing test prints their logs itself."""
+    yield
+    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+        print(replicas.logs())
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +147,9 @@ def test_a_model_with_twice_its_sequences_in_flight_gets_a_second_replica(
         assert all(pool.map(long_answer, range(clients)))
     per_replica = delta(before, served(replicas), model)
     assert sum(per_replica) == clients
-    assert per_replica[holder] >= 2 * PARALLEL  # the replica holding it took twice its sequences
+    # The holder filled its sequences and queued more (the api spills once the holder reports two
+    # waiting or has twice its sequences in flight, whichever comes first)...
+    assert per_replica[holder] > PARALLEL, per_replica
     assert sum(n > 0 for n in per_replica) >= 2, per_replica  # the rest went to a second one
 
 

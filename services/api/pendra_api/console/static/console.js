@@ -268,9 +268,15 @@
 
   const FINAL = ["done", "failed", "cancelled"];
 
+  const startedHere = new Set(); // jobs this page's Install started
+  const told = new Set(); // jobs whose end this page has said
+
   function ended(job, before) {
-    // Said once, for a job this page saw running (the stream may repeat one that just ended).
-    if (before && !FINAL.includes(before.state)) {
+    // Said once, for a job this page saw running or started itself (the stream may repeat one
+    // that just ended, and a job that fails at once can end before its POST has answered).
+    const ran = (before && !FINAL.includes(before.state)) || startedHere.has(job.id);
+    if (ran && !told.has(job.id)) {
+      told.add(job.id);
       if (job.state === "done") toast(`${job.model} is installed.`);
       else if (job.state === "failed") toast(`Installing ${job.model} failed (${job.error_code || "install_failed"}).`);
       else toast(`The install of ${job.model} was cancelled.`);
@@ -311,7 +317,10 @@
       button.textContent = "Starting…";
       try {
         const job = await (await postJSON("/api/models/install", { model: button.dataset.install })).json();
-        jobs.set(job.id, job);
+        startedHere.add(job.id);
+        const seen = jobs.get(job.id); // the stream may already have told more than this answer
+        if (!seen) jobs.set(job.id, job);
+        else if (FINAL.includes(seen.state)) ended(seen, undefined);
       } catch (error) {
         toast(`Could not start the install: ${error.message}`);
       }
