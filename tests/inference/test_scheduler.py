@@ -323,6 +323,40 @@ def generated_tokens(scheduler: Scheduler, tokens: list[int]) -> list[int]:
     return held[-1][len(tokens) :]
 
 
+def test_cached_prompts_give_way_to_running_ones(engine: LlamaEngine) -> None:
+    """An idle server keeps every finished prompt for later prefixes; once a request runs, the
+    cache keeps at most one n_ctx or the running cells' worth of them (each cached cell costs every
+    running sequence's attention in a unified cache), the most recently used last out."""
+    scheduler = make(engine, n_ctx=64)
+
+    async def scenario() -> None:
+        prompts = [complete(scheduler, prompt(i, 40), max_tokens=8, temperature=0) for i in range(6)]
+        first = await asyncio.gather(*prompts)
+        assert scheduler.stats().cached_sequences == 6  # 6 × 47 cells, idle: all kept
+        assert scheduler.stats().cache_trimmed == 0
+        # The most recently used is still there.
+        again = await complete(scheduler, prompt(5, 40), max_tokens=8, temperature=0)
+        assert again[2].cached_tokens == 40 and again[0] == first[5][0]
+        seen: list[tuple[int, int]] = []
+        ticket = scheduler.submit(Completion(prompt(20, 40), 20, SamplingParams(temperature=0), (), 1))
+        await ticket.admitted
+        while not isinstance(item := await ticket.events.get(), Result):
+            assert not isinstance(item, BaseException)
+            stats = scheduler.stats()
+            if item.finish_reason is None:  # (its own sequence is cached once it ends)
+                seen.append((stats.cached_sequences, stats.kv_cells_used))
+        assert seen and max(n for n, _ in seen) <= 1  # 5 older prompts went as it started
+        assert max(used for _, used in seen) <= 64 + 41 + 20  # one n_ctx cached, the running one
+        assert scheduler.stats().cache_trimmed >= 5
+        lru = await complete(scheduler, prompt(0, 40), max_tokens=8, temperature=0)
+        assert lru[2].cached_tokens == 1 and lru[0] == first[0][0]  # decoded again but its BOS; same text
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.close()
+
+
 def test_speculation_gives_the_same_text_in_fewer_steps(engine: LlamaEngine) -> None:
     """N-gram drafts: greedy text (and a seeded draw's) equals the text without speculation, alone
     and batched, with a grammar and logprobs too; a prompt the answer repeats is accepted in part,

@@ -8,7 +8,8 @@ to others; there is no fixed slot count. Its thread repeats one step:
 1. drop requests whose client left, and fail those that waited too long;
 2. admit waiting requests: reuse the longest prefix any sequence holds, running or finished
    (`llama_memory_seq_cp` shares cells, it copies nothing), and evict finished sequences, least
-   recently used first, only when their cells are needed; where the prefix of a sequence cannot be
+   recently used first, when their cells are needed, or while sequences run, beyond as many cells
+   as those hold (or one n_ctx; see _trim_cache); where the prefix of a sequence cannot be
    shared by its cells alone (a recurrent state, a sliding window's reused cells), the prefix ends
    at a checkpoint, restored into the new sequence (see checkpoints.py);
 3. build one batch: the pending token of every generating sequence, then prompt chunks of newly
@@ -118,6 +119,7 @@ class SchedulerStats:
     kv_cells_used: int = 0  # held by running and cached sequences (shared prefixes counted once each)
     kv_cells_reserved: int = 0  # promised to running requests (prompt + max_tokens)
     cached_sequences: int = 0
+    cache_trimmed: int = 0  # cached sequences dropped to keep the running ones' attention short
     steps: int = 0
     prefix_hit_tokens: int = 0
     prompt_tokens: int = 0  # prompt tokens offered (cached or not)
@@ -303,6 +305,7 @@ class Scheduler:
         self._admit()
         if not self._running:
             return
+        self._trim_cache()
         self._resolve_waits()
         sequences = self._fill_batch()
         if not sequences:
@@ -603,6 +606,25 @@ class Scheduler:
         llama_cpp.llama_memory_seq_rm(self.memory, victim, -1, -1)
         self._free_ids.append(victim)
         return True
+
+    def _trim_cache(self) -> None:
+        """Finished sequences kept for their prefixes are not free while others generate: in a
+        unified cache every generating sequence's attention spans every used cell, the cached ones
+        too. 16 streams beside ten runs' worth of cached prompts decoded at 158 tokens/s against 240
+        beside none. So while sequences run, the cache keeps at most as many cells as they hold, or
+        one request's n_ctx where that is more (a conversation's next turn, a system prompt), least
+        recently used out first; an idle server keeps everything (it costs nothing then)."""
+        if not self._cached:
+            return
+        limit = max(self.config.n_ctx, sum(s.n_past for r in self._running for s in r.seqs))
+        cached = self._cached_cells()
+        if cached <= limit:
+            return
+        while cached > limit:
+            cached -= len(next(iter(self._cached.values())))
+            self._evict()
+            self._stats.cache_trimmed += 1
+        self._update_usage()
 
     # -- one step ------------------------------------------------------------------------------
 
