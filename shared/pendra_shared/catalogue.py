@@ -62,11 +62,13 @@ class Sampling(BaseModel):
 
 class Speculative(BaseModel):
     """Speculative decoding: `ngram` drafts up to `draft_tokens` tokens per step from where the
-    sequence's last `ngram_max` (down to `ngram_min`) tokens occurred before in its prompt or answer."""
+    sequence's last `ngram_max` (down to `ngram_min`) tokens occurred before in its prompt or answer;
+    `draft` has `model`, a small installed model of the same vocabulary, write them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["ngram"] = "ngram"
+    kind: Literal["ngram", "draft"] = "ngram"
+    model: str | None = Field(default=None, min_length=1, max_length=200)
     draft_tokens: int = Field(default=4, ge=1, le=64)
     ngram_min: int = Field(default=2, ge=1, le=64)
     ngram_max: int = Field(default=4, ge=1, le=64)
@@ -83,6 +85,8 @@ class Speculative(BaseModel):
     def _sizes(self) -> Speculative:
         if self.ngram_min > self.ngram_max:
             raise ValueError("ngram_min is larger than ngram_max")
+        if (self.kind == "draft") != (self.model is not None):
+            raise ValueError("a draft model is named for kind draft, and only for it")
         return self
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from pendra_inference.speculation import Speculation
 from pendra_shared.api_errors import InvalidRequest, Overloaded, Unavailable
 
 from tests.inference.conftest import TINY_SHAPE
+from tests.support.hybrids import write_qwen35
 
 
 @pytest.fixture(scope="module")
@@ -396,3 +398,94 @@ def test_speculation_gives_the_same_text_in_fewer_steps(engine: LlamaEngine) -> 
     assert drafted > 0 and 0 < accepted <= drafted
     generated = sum(r[2].completion_tokens[0] for r in alone)
     assert steps < generated  # decode steps saved by accepted drafts (prompts take a step each)
+
+
+def drafting(engine: LlamaEngine, draft: Path, **overrides: object) -> Scheduler:
+    values: dict[str, object] = {
+        "n_ctx": 512,
+        "parallel": 16,
+        "n_batch": 512,
+        "n_ubatch": 512,
+        "prefill_budget": 16,
+        "max_queue": 64,
+        "queue_timeout_s": 60.0,
+        "n_threads": 2,
+        "flash_attention": False,
+        "speculative": Speculation(kind="draft", model="draft", draft_tokens=4),
+    }
+    values.update(overrides)
+    config = SchedulerConfig(**values)  # type: ignore[arg-type]
+    return Scheduler(engine.model, engine.vocab, config, "tiny", draft=draft)
+
+
+def test_a_draft_model_gives_the_same_text_in_fewer_steps(engine: LlamaEngine, tmp_path: Path) -> None:
+    """Drafts from a second model of the same vocabulary, batched over the sequences: the text is
+    the one without speculation (greedy, seeded, with logprobs; alone and batched). With the
+    model itself as its draft, its greedy drafts are all accepted; another random model's seldom
+    are, and cost no text."""
+    cases: list[tuple[list[int], dict[str, Any]]] = [
+        (prompt(8, 30), {"temperature": 0}),
+        (prompt(9, 20), {"temperature": 0.9, "seed": 4}),
+        (prompt(10, 25), {"temperature": 0, "top_logprobs": 2}),
+        (prompt(11, 35), {"temperature": 0}),
+    ]
+
+    async def run(scheduler: Scheduler, batched: bool) -> list[Outcome]:
+        calls = [complete(scheduler, tokens, max_tokens=40, **sampling) for tokens, sampling in cases]
+        if batched:
+            return list(await asyncio.gather(*calls))
+        return [await call for call in calls]
+
+    other = write_llama_gguf(tmp_path / "other.gguf", TINY_SHAPE, name="other", seed=5)
+    plain = make(engine)
+    try:
+        expected = asyncio.run(run(plain, False))
+    finally:
+        plain.close()
+    texts = [e[0] for e in expected]
+    for draft, greedy_accepts in ((engine.path, True), (other, False)):
+        fast = drafting(engine, draft)
+        try:
+            assert fast.draft_model is not None
+            alone = asyncio.run(run(fast, False))
+            steps = fast.stats().steps
+            crowd = asyncio.run(run(fast, True))
+            assert not fast.draft_model.held  # each finished sequence's draft cells went
+        finally:
+            fast.close()
+        assert [a[0] for a in alone] == texts and [c[0] for c in crowd] == texts
+        assert [lp.token for d in alone[2][3] for lp in d.logprobs or []] == [
+            lp.token for d in expected[2][3] for lp in d.logprobs or []
+        ]
+        drafted, accepted = sum(r[2].drafted for r in alone), sum(r[2].accepted for r in alone)
+        assert drafted > 0
+        generated = sum(r[2].completion_tokens[0] for r in alone)
+        if greedy_accepts:
+            # every greedy request's drafts are its own picks; the seeded one's only where it draws the top
+            greedy = [alone[i][2] for i in (0, 2, 3)]
+            assert all(r.accepted == r.drafted > 0 for r in greedy)
+            assert steps < generated * 0.5
+        else:
+            assert accepted < drafted
+
+
+def test_a_draft_model_that_cannot_draft_is_refused(
+    engine: LlamaEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another vocabulary, or a hybrid draft (its recurrent state could not drop a rejected
+    draft): the model serves, without speculation, and the log says why."""
+    wide = write_llama_gguf(tmp_path / "wide.gguf", replace(TINY_SHAPE, n_vocab=2048), name="wide")
+    hybrid = write_qwen35(tmp_path / "hybrid.gguf")
+    for draft, why in (
+        (wide, "the draft model has 2048 tokens, the model 2000"),
+        (hybrid, "hybrid draft model"),
+    ):
+        caplog.clear()
+        scheduler = drafting(engine, draft)
+        try:
+            assert scheduler.draft_model is None and scheduler.speculative is None
+            outcome = asyncio.run(complete(scheduler, prompt(3, 20), temperature=0))
+            assert outcome[2].drafted == 0 and outcome[2].completion_tokens == [24]
+        finally:
+            scheduler.close()
+        assert why in caplog.text and "no speculation" in caplog.text

@@ -26,6 +26,9 @@ PLAIN = "tiny:plain"
 SPECULATING = "tiny:ngram"
 RECOMMENDED = "tiny:recommended"
 BROKEN = "tiny:bad-option"
+DRAFTING = "tiny:drafting"  # speculates with DRAFT, the same file under another name
+DRAFT = "tiny:draft"
+MISSING_DRAFT = "tiny:no-draft"  # names a draft model the store lacks
 # The tiny model's pieces are w<id>: a prompt that repeats itself, as quoted code does.
 PROMPT = "w300w301w302w303w304w305w306w307" * 6
 
@@ -47,6 +50,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         SPECULATING: {"speculative": {"kind": "ngram", "draft_tokens": 6}},
         RECOMMENDED: {"sampling": {"temperature": 0.0, "top_p": 0.9}},
         BROKEN: {"speculative": {"kind": "ngram", "draft_tokens": 0}},
+        DRAFTING: {"speculative": {"kind": "draft", "model": DRAFT, "draft_tokens": 4}},
+        DRAFT: {},
+        MISSING_DRAFT: {"speculative": {"kind": "draft", "model": "nothing:here"}},
     }
     for name, chosen in options.items():
         set_options(store.import_file(tiny, name=name, purpose="chat").path, chosen)
@@ -164,3 +170,26 @@ def test_the_catalogue_entry_chooses_and_the_sidecar_overrides(tmp_path: Path) -
     assert state_copies(model) == 1
     with pytest.raises(ValidationError, match="draft_tokens"):
         CatalogueEntry.model_validate({**entry, "speculative": {"draft_tokens": 100}})
+    for wrong in ({"kind": "draft"}, {"kind": "ngram", "model": "qwen3:0.6b"}):
+        with pytest.raises(ValidationError, match="a draft model is named for kind draft"):
+            CatalogueEntry.model_validate({**entry, "speculative": wrong})
+    drafting = CatalogueEntry.model_validate(
+        {**entry, "speculative": {"kind": "draft", "model": "qwen3:0.6b"}}
+    )
+    set_options(path, {"speculative": drafting.facts()["speculative"]})
+    spec = speculation_for(store.find("tiny:cat"))
+    assert spec is not None and spec.kind == "draft" and spec.model == "qwen3:0.6b"
+
+
+def test_a_sidecar_names_a_draft_model_and_the_text_stays(server: ServerProcess) -> None:
+    plain = complete(server, PLAIN, temperature=0, prompt="w5w9w12")
+    fast = complete(server, DRAFTING, temperature=0, prompt="w5w9w12")
+    assert fast["choices"][0]["text"] == plain["choices"][0]["text"]
+    drafted = metric(server, "pendra_speculative_draft_tokens_total", DRAFTING)
+    accepted = metric(server, "pendra_speculative_accepted_tokens_total", DRAFTING)
+    assert drafted > 0 and accepted == drafted  # the draft is the model itself: every greedy draft holds
+    assert metric(server, "pendra_speculative_acceptance_ratio", DRAFTING) == 1.0
+    # A draft model the store lacks: the model serves, without speculation.
+    missing = complete(server, MISSING_DRAFT, temperature=0, prompt="w5w9w12")
+    assert missing["choices"][0]["text"] == plain["choices"][0]["text"]
+    assert metric(server, "pendra_speculative_draft_tokens_total", MISSING_DRAFT) == 0

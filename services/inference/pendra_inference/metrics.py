@@ -110,7 +110,7 @@ class InferenceMetrics:
         )
         self.draft_tokens = Counter(
             "pendra_speculative_draft_tokens",
-            "Tokens proposed by speculative decoding's draft (n-gram lookup).",
+            "Tokens proposed by speculative decoding's draft (n-gram lookup or a draft model).",
             [MODEL],
             registry=r,
         )

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pendra_shared.api_errors import InvalidRequest, ModelNotFoundError, Unavailable, WrongPurpose
+from pendra_shared.api_errors import APIError, InvalidRequest, ModelNotFoundError, Unavailable, WrongPurpose
 from pendra_shared.catalogue import Sampling
 from pendra_shared.config import Settings
 from pendra_shared.store import (
@@ -284,6 +284,7 @@ class ModelRegistry:
                 path = fd_path(fd, model.path)
                 await self._probe_if_untrusted(model, identity, config, path, fd)
                 projector, refused = await self._probe_projector(model, identity, config, path, fd)
+                draft_fd = await self._draft_file(model, config)
                 logger.info(
                     "loading %s (%s, n_ctx=%d, gpu_layers=%d)",
                     model.name,
@@ -293,8 +294,9 @@ class ModelRegistry:
                 )
                 started = time.monotonic()
                 try:
+                    draft = None if draft_fd is None else fd_path(draft_fd[0], draft_fd[1])
                     engine, runner = await asyncio.to_thread(
-                        self._load, model, config, path, projector, refused
+                        self._load, model, config, path, projector, refused, draft
                     )
                 except (ValueError, RuntimeError, OSError) as exc:
                     logger.exception("loading %s failed", model.name)
@@ -303,6 +305,8 @@ class ModelRegistry:
                 self.metrics.model_loaded(model.name, model.purpose or "chat", time.monotonic() - started)
             finally:
                 os.close(fd)
+                if draft_fd is not None:
+                    os.close(draft_fd[0])
                 self._reserved.pop(model.name, None)
             loaded = Loaded(model, engine, identity, memory, self.default_keep_alive, runner)
             self._loaded[model.name] = loaded
@@ -323,6 +327,32 @@ class ModelRegistry:
                 os.close(fd)
             model = self._lookup(await self.refresh(), model.name)
         raise Unavailable(f"'{model.name}' is being changed on disk; retry when it is in place")
+
+    async def _draft_file(self, model: StoredModel, config: EngineConfig) -> tuple[int, Path] | None:
+        """The draft model's open file, where the model speculates with one: installed, for chat,
+        and probed like any model no pinned install verified. None (the model then serves without
+        speculation, as the scheduler logs) where there is none or it cannot be used."""
+        spec = speculation_for(model)
+        if spec is None or spec.kind != "draft" or spec.model is None:
+            return None
+        try:
+            draft = self._lookup(await self.refresh(), spec.model)
+            if (draft.purpose or "chat") != "chat":
+                raise InvalidRequest(f"'{draft.name}' is a {draft.purpose} model")
+            fd = await asyncio.to_thread(open_regular, draft.path)
+        except (APIError, OSError) as exc:
+            logger.warning("%s: draft model %r: %s", model.name, spec.model, getattr(exc, "message", exc))
+            return None
+        try:
+            path = fd_path(fd, draft.path)
+            await self._probe_if_untrusted(
+                draft, stat_identity(draft.file_name, os.fstat(fd)), config, path, fd
+            )
+        except APIError as exc:
+            os.close(fd)
+            logger.warning("%s: draft model %r: %s", model.name, spec.model, exc.message)
+            return None
+        return fd, draft.path
 
     async def _probe_if_untrusted(
         self, model: StoredModel, identity: Identity, config: EngineConfig, path: Path, fd: int
@@ -405,6 +435,7 @@ class ModelRegistry:
         path: Path,
         projector_path: Path | None = None,
         projector_refused: str | None = None,
+        draft: Path | None = None,
     ) -> tuple[LlamaEngine, Any]:
         engine = self.engine_factory(path, config)
         try:
@@ -428,6 +459,8 @@ class ModelRegistry:
                     model.name,
                     self.metrics.observer(model.name),
                     projector=projector,
+                    draft=draft,
+                    draft_gpu_layers=config.n_gpu_layers,
                 )
             except BaseException:
                 if projector is not None:

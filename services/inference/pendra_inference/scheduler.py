@@ -34,14 +34,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
 import numpy as np
 from pendra_shared.api_errors import APIError, InvalidRequest, Overloaded, Unavailable
 
+from pendra_inference.batch import Batch
 from pendra_inference.checkpoints import Checkpoint, CheckpointStore
 from pendra_inference.detokenize import TextStream, token_bytes
+from pendra_inference.draft_model import DraftModel
 from pendra_inference.model_memory import HYBRID, RECURRENT, SWA, kind_of
 from pendra_inference.sampling import Candidates, Sampler, logprobs_of
 from pendra_inference.sequence import ClientGone, Completion, Delta, Result, Sequence, Ticket, TokenLogprob
@@ -150,6 +153,8 @@ class Scheduler:
         name: str = "",
         observer: Observer | None = None,
         projector: Any = None,
+        draft: Path | None = None,
+        draft_gpu_layers: int = 0,
     ) -> None:
         self.config = config
         self.name = name
@@ -202,9 +207,16 @@ class Scheduler:
                 "%s: llama.cpp cannot roll this %s model's state back: no speculation", name, self.kind
             )
             self.speculative = None
+        # A draft model's file (speculation of kind "draft"), loaded here with a context of its own
+        # as large as this one's.
+        self.draft_model: DraftModel | None = None
+        if self.speculative is not None and self.speculative.kind == "draft":
+            self.draft_model = self._open_draft(draft, int(params.n_batch), draft_gpu_layers)
+            if self.draft_model is None:
+                self.speculative = None
         self.batch_size = int(params.n_batch)
         self.ubatch_size = int(params.n_ubatch)
-        self.batch = _Batch(self.batch_size)
+        self.batch = Batch(self.batch_size)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.candidates = Candidates(self.n_vocab)
         self._piece = ctypes.create_string_buffer(256)
@@ -225,6 +237,26 @@ class Scheduler:
         )
         self._thread = threading.Thread(target=self._run, name=f"pendra-scheduler-{name}", daemon=True)
         self._thread.start()
+
+    def _open_draft(self, draft: Path | None, n_batch: int, n_gpu_layers: int) -> DraftModel | None:
+        if draft is None:
+            logger.warning("%s: no draft model was found for it: no speculation", self.name)
+            return None
+        try:
+            return DraftModel(
+                draft,
+                self.vocab,
+                n_gpu_layers=n_gpu_layers,
+                flash_attn_type={None: -1, False: 0, True: 1}[self.config.flash_attention],
+                n_ctx=self.capacity,
+                n_seq_max=self.n_seq_max,
+                n_batch=n_batch,
+                n_threads=self.config.n_threads,
+                name=self.name,
+            )
+        except (ValueError, RuntimeError) as exc:
+            logger.warning("%s: %s: no speculation", self.name, exc)
+            return None
 
     # -- the event loop's side ---------------------------------------------------------------
 
@@ -277,6 +309,8 @@ class Scheduler:
         self._running.clear()
         self.checkpoints.clear()
         self.batch.free()
+        if self.draft_model is not None:
+            self.draft_model.close()
         llama_cpp.llama_free(self.ctx)
         self.ctx = None
 
@@ -463,7 +497,9 @@ class Scheduler:
             seqs = []
             for index, (seq_id, sampler) in enumerate(zip(ids, samplers, strict=True)):
                 seq = Sequence(ticket, index, seq_id, sampler, TextStream(completion.stops), tokens=[])
-                if self.speculative is not None:
+                if self.draft_model is not None:
+                    seq.drafter = self.draft_model
+                elif self.speculative is not None:
                     seq.drafter = NgramDraft(self.speculative)
                 if index == 0:
                     seq.tokens = list(prompt[:shared])
@@ -688,11 +724,26 @@ class Scheduler:
             out.append(seq)
         # ... then the drafts of speculating ones, each with its row, ...
         if self.speculative is not None and len(generating) <= self.speculative.max_sequences:
+            # Drafts never take the answer past max_tokens (their cells are within the request's),
+            # nor the batch past its size.
+            room = self.batch_size - count
+            limits = []
             for seq in generating:
-                # Drafts never take the answer past max_tokens: their cells are within the request's.
                 left = seq.ticket.completion.max_tokens - seq.generated - 1
-                most = min(self.speculative.draft_tokens, left, self.batch_size - count)
-                seq.draft = seq.drafter.draft(seq.tokens, seq.pending, most) if seq.drafter else []
+                most = max(0, min(self.speculative.draft_tokens, left, room))
+                room -= most
+                limits.append(most if seq.drafter is not None else 0)
+            by_model: dict[int, list[int]] = {}
+            if self.draft_model is not None:
+                wanted = [
+                    (s.seq_id, s.tokens, s.pending or 0, m) for s, m in zip(generating, limits, strict=True)
+                ]
+                by_model = self.draft_model.draft([w for w in wanted if w[3] > 0])
+            for seq, most in zip(generating, limits, strict=True):
+                if isinstance(seq.drafter, NgramDraft):
+                    seq.draft = seq.drafter.draft(seq.tokens, seq.pending or 0, most)
+                else:
+                    seq.draft = by_model.get(seq.seq_id, [])[:most]
                 if seq.draft:
                     seq.draft_row = count
                     count = batch.put(count, seq.draft, seq.n_past + seq.shift + 1, seq.seq_id, every=True)
@@ -923,6 +974,8 @@ class Scheduler:
         self._running.remove(req)
         for seq in req.seqs:
             self._release_sampler(seq)
+            if self.draft_model is not None:
+                self.draft_model.forget(seq.seq_id)
             if seq.tokens and self.config.prefix_cache:
                 self._cached[seq.seq_id] = seq.tokens
             else:
@@ -1003,55 +1056,6 @@ class Scheduler:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
-
-
-_INT32_P = ctypes.POINTER(ctypes.c_int32)
-
-
-class _Batch:
-    """llama.cpp's batch, its arrays seen through numpy so that rows are written a slice at a time.
-    Each row holds one sequence id, in one array of ours (llama_batch_init gives each row its own
-    allocation, which `free` puts back before llama.cpp frees them)."""
-
-    def __init__(self, size: int) -> None:
-        self.raw = llama_cpp.llama_batch_init(size, 0, 1)
-        raw = self.raw
-        self.token = np.ctypeslib.as_array(raw.token, shape=(size,))
-        self.pos = np.ctypeslib.as_array(raw.pos, shape=(size,))
-        self.logits = np.ctypeslib.as_array(raw.logits, shape=(size,))
-        np.ctypeslib.as_array(raw.n_seq_id, shape=(size,))[:] = 1
-        self.seq_id = np.zeros(size, dtype=np.int32)
-        # (addresses as ints: ctypes' raw.seq_id[i] is a view of the slot, not a copy of it)
-        self._given = [ctypes.cast(raw.seq_id[i], ctypes.c_void_p).value or 0 for i in range(size)]
-        base = self.seq_id.ctypes.data
-        for i in range(size):
-            raw.seq_id[i] = ctypes.cast(base + 4 * i, _INT32_P)
-
-    def put(
-        self,
-        at: int,
-        tokens: list[int],
-        position: int,
-        seq_id: int,
-        *,
-        last: bool = False,
-        every: bool = False,
-    ) -> int:
-        """Rows from `at` for `tokens` of one sequence from `position` on, logits for each (`every`)
-        or the last one (`last`); returns the next free row."""
-        end = at + len(tokens)
-        self.token[at:end] = tokens
-        self.pos[at:end] = np.arange(position, position + len(tokens), dtype=np.int32)
-        self.seq_id[at:end] = seq_id
-        self.logits[at:end] = 1 if every else 0
-        if last and end > at:
-            self.logits[end - 1] = 1
-        return end
-
-    def free(self) -> None:
-        for i, given in enumerate(self._given):
-            self.raw.seq_id[i] = ctypes.cast(given, _INT32_P)
-        llama_cpp.llama_batch_free(self.raw)
 
 
 def _deliver(items: list[tuple[Ticket, Any]]) -> None:
