@@ -12,9 +12,11 @@ from typing import Any
 import httpx
 import pytest
 from pendra_inference.gguf_writer import write_llama_gguf
-from pendra_inference.registry import sampling_defaults, speculation_for, state_copies
+from pendra_inference.model_memory import memory_shape
+from pendra_inference.registry import ModelRegistry, sampling_defaults, speculation_for, state_copies
 from pendra_inference.speculation import Speculation
 from pendra_shared.catalogue import CatalogueEntry
+from pendra_shared.config import load_settings
 from pendra_shared.sidecar import read_sidecar, write_sidecar
 from pendra_shared.store import ModelStore
 from pydantic import ValidationError
@@ -193,3 +195,18 @@ def test_a_sidecar_names_a_draft_model_and_the_text_stays(server: ServerProcess)
     missing = complete(server, MISSING_DRAFT, temperature=0, prompt="w5w9w12")
     assert missing["choices"][0]["text"] == plain["choices"][0]["text"]
     assert metric(server, "pendra_speculative_draft_tokens_total", MISSING_DRAFT) == 0
+
+
+def test_a_draft_model_counts_in_the_models_memory(tmp_path: Path) -> None:
+    """The draft's weights and its cache (as many cells as the model's) are budgeted with the model."""
+    store = ModelStore(tmp_path / "models")
+    tiny = write_llama_gguf(tmp_path / "tiny.gguf", TINY_SHAPE, name="tiny")
+    for name in (PLAIN, DRAFT):
+        store.import_file(tiny, name=name, purpose="chat")
+    drafting = store.import_file(tiny, name=DRAFTING, purpose="chat")
+    set_options(drafting.path, {"speculative": {"kind": "draft", "model": DRAFT}})
+    registry = ModelRegistry(load_settings(models_dir=store.root, n_ctx=512, parallel=2), store)
+    _, plain = registry.engine_config(store.find(PLAIN))
+    _, with_draft = registry.engine_config(store.find(DRAFTING))
+    shape = memory_shape(store.find(DRAFT).path)
+    assert with_draft - plain >= store.find(DRAFT).size_bytes + shape.kv_bytes(512 * 2)

@@ -9,6 +9,7 @@ import asyncio
 import json
 import re
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -133,13 +134,16 @@ def test_a_model_with_twice_its_sequences_in_flight_gets_a_second_replica(
     before = served(replicas)
     clients = 3 * PARALLEL
 
+    together = threading.Barrier(clients)  # all sent at once: each answer outlasts the burst
+
     def long_answer(i: int) -> str:
+        together.wait(timeout=60)
         r = client.chat.completions.create(
             model=model,
             messages=[{"role": "user", "content": f"Busy {i}"}],
-            max_tokens=300,
+            max_tokens=900,
             temperature=0,
-            logit_bias={"0": -100, "1": -100, "2": -100},  # no end: each request runs its 300 tokens
+            logit_bias={"0": -100, "1": -100, "2": -100},  # no end: each request runs its 900 tokens
         )
         return r.choices[0].message.content or ""
 

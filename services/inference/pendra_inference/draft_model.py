@@ -72,21 +72,29 @@ class DraftModel:
         n_batch: int,
         n_threads: int,
         n_gpu_layers: int = 0,
+        use_mmap: bool = False,
+        catch_up: int = 256,
         flash_attn_type: int = -1,
         name: str = "",
     ) -> None:
         """Load the draft model from `path`; raises ValueError where it cannot draft for the target
         (another vocabulary, not plain attention) and RuntimeError where llama.cpp fails."""
         self.name = name
+        self.catch_up = catch_up  # tokens a step decodes to bring sequences up to date
         self.ctx: Any = None
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
+        # Mapped only where a pinned install verified it: a mapped file cut short under a running
+        # server kills it (SIGBUS), as for the model itself (engine.py).
+        model_params.use_mmap = use_mmap
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load the draft model {path.name}")
         try:
             self._open(target_vocab, n_ctx, n_seq_max, n_batch, n_threads, flash_attn_type)
         except BaseException:
+            if self.ctx:
+                llama_cpp.llama_free(self.ctx)
             llama_cpp.llama_model_free(self.model)
             raise
 
@@ -127,11 +135,13 @@ class DraftModel:
 
     def draft(self, wanted: list[tuple[int, list[int], int, int]]) -> dict[int, list[int]]:
         """For each (sequence id, its tokens, its pending token, at most how many): the tokens the
-        draft model writes next, greedily. {} where llama.cpp could not decode (the scheduler
-        then goes on without drafts; the draft cache starts again)."""
+        draft model writes next, greedily. A sequence that lacks more than `catch_up` tokens in
+        all (a new prompt) gets them over several steps, with no drafts until it is up to date, so
+        that no step of the running streams waits for a long prompt. {} where llama.cpp could not
+        decode (the scheduler then goes on without drafts; the draft cache starts again)."""
         try:
             return self._draft(wanted)
-        except RuntimeError as exc:
+        except Exception as exc:  # noqa: BLE001 - the model goes on without drafts
             logger.warning("%s: the draft model failed (%s); its cache starts again", self.name, exc)
             llama_cpp.llama_memory_clear(self.memory, True)
             self.held.clear()
@@ -139,7 +149,8 @@ class DraftModel:
 
     def _draft(self, wanted: list[tuple[int, list[int], int, int]]) -> dict[int, list[int]]:
         most: dict[int, int] = {}
-        missing: list[tuple[int, list[int], int]] = []  # sequence id, tokens to decode, from position
+        missing: list[tuple[int, list[int], int, bool]] = []  # id, tokens to decode, from, complete
+        budget = self.catch_up
         for seq_id, tokens, pending, limit in wanted:
             if limit <= 0:
                 continue
@@ -148,21 +159,28 @@ class DraftModel:
             common = min(_common_prefix(held, want), len(want) - 1)  # the last one's row is needed
             if common < len(held):
                 llama_cpp.llama_memory_seq_rm(self.memory, seq_id, common, -1)
-            self.held[seq_id] = want
-            most[seq_id] = limit
-            missing.append((seq_id, want[common:], common))
+            lacking = want[common:]
+            complete = len(lacking) <= max(budget, 1)
+            if not complete:
+                lacking = lacking[: max(budget, 0)]
+            budget -= len(lacking)
+            self.held[seq_id] = want[: common + len(lacking)]
+            if complete:
+                most[seq_id] = limit
+            if lacking:
+                missing.append((seq_id, lacking, common, complete))
         drafts: dict[int, list[int]] = {seq_id: [] for seq_id in most}
         # Catch up: every sequence's missing tokens, a row of logits at each one's last.
         rows: list[tuple[int, int]] = []  # (row, sequence id) of this decode's last tokens
         count = 0
-        for seq_id, tokens, start in missing:
+        for seq_id, tokens, start, complete in missing:
             done = 0
             while done < len(tokens):
                 if count == self.batch_size:
                     self._decode(count, rows, drafts)
                     count, rows = 0, []
                 take = min(len(tokens) - done, self.batch_size - count)
-                last = done + take == len(tokens)
+                last = complete and done + take == len(tokens)
                 count = self.batch.put(count, tokens[done : done + take], start + done, seq_id, last=last)
                 if last:
                     rows.append((count - 1, seq_id))

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pendra_shared.api_errors import APIError, InvalidRequest, ModelNotFoundError, Unavailable, WrongPurpose
+from pendra_shared.api_errors import InvalidRequest, ModelNotFoundError, Unavailable, WrongPurpose
 from pendra_shared.catalogue import Sampling
 from pendra_shared.config import Settings
 from pendra_shared.store import (
@@ -276,6 +276,7 @@ class ModelRegistry:
                     pass
                 await self._retire(loaded, "changed on disk")
             fd, model = await self._open_current(model)
+            draft_fd: tuple[int, Path, bool] | None = None
             try:
                 identity = stat_identity(model.file_name, os.fstat(fd))
                 config, memory = self.engine_config(model)
@@ -294,7 +295,7 @@ class ModelRegistry:
                 )
                 started = time.monotonic()
                 try:
-                    draft = None if draft_fd is None else fd_path(draft_fd[0], draft_fd[1])
+                    draft = None if draft_fd is None else (fd_path(draft_fd[0], draft_fd[1]), draft_fd[2])
                     engine, runner = await asyncio.to_thread(
                         self._load, model, config, path, projector, refused, draft
                     )
@@ -328,9 +329,10 @@ class ModelRegistry:
             model = self._lookup(await self.refresh(), model.name)
         raise Unavailable(f"'{model.name}' is being changed on disk; retry when it is in place")
 
-    async def _draft_file(self, model: StoredModel, config: EngineConfig) -> tuple[int, Path] | None:
-        """The draft model's open file, where the model speculates with one: installed, for chat,
-        and probed like any model no pinned install verified. None (the model then serves without
+    async def _draft_file(self, model: StoredModel, config: EngineConfig) -> tuple[int, Path, bool] | None:
+        """The draft model's open file, its path and whether it may be mapped (a pinned install's),
+        where the model speculates with one: installed, for chat, the file as scanned, and probed
+        like any model no pinned install verified. None (the model then serves without
         speculation, as the scheduler logs) where there is none or it cannot be used."""
         spec = speculation_for(model)
         if spec is None or spec.kind != "draft" or spec.model is None:
@@ -340,19 +342,22 @@ class ModelRegistry:
             if (draft.purpose or "chat") != "chat":
                 raise InvalidRequest(f"'{draft.name}' is a {draft.purpose} model")
             fd = await asyncio.to_thread(open_regular, draft.path)
-        except (APIError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the model serves without a draft
             logger.warning("%s: draft model %r: %s", model.name, spec.model, getattr(exc, "message", exc))
             return None
         try:
-            path = fd_path(fd, draft.path)
-            await self._probe_if_untrusted(
-                draft, stat_identity(draft.file_name, os.fstat(fd)), config, path, fd
-            )
-        except APIError as exc:
+            identity = stat_identity(draft.file_name, os.fstat(fd))
+            if identity != draft.identity:
+                raise InvalidRequest(f"'{draft.name}' is being changed on disk")
+            await self._probe_if_untrusted(draft, identity, config, fd_path(fd, draft.path), fd)
+        except Exception as exc:  # noqa: BLE001 - the model serves without a draft
             os.close(fd)
-            logger.warning("%s: draft model %r: %s", model.name, spec.model, exc.message)
+            logger.warning("%s: draft model %r: %s", model.name, spec.model, getattr(exc, "message", exc))
             return None
-        return fd, draft.path
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, draft.path, draft.trusted
 
     async def _probe_if_untrusted(
         self, model: StoredModel, identity: Identity, config: EngineConfig, path: Path, fd: int
@@ -435,7 +440,7 @@ class ModelRegistry:
         path: Path,
         projector_path: Path | None = None,
         projector_refused: str | None = None,
-        draft: Path | None = None,
+        draft: tuple[Path, bool] | None = None,
     ) -> tuple[LlamaEngine, Any]:
         engine = self.engine_factory(path, config)
         try:
@@ -459,8 +464,9 @@ class ModelRegistry:
                     model.name,
                     self.metrics.observer(model.name),
                     projector=projector,
-                    draft=draft,
+                    draft=None if draft is None else draft[0],
                     draft_gpu_layers=config.n_gpu_layers,
+                    draft_mmap=draft is not None and draft[1],
                 )
             except BaseException:
                 if projector is not None:
@@ -576,7 +582,21 @@ class ModelRegistry:
         context_bytes = shape.context_bytes(n_ctx * parallel, max(1, sequences) * state_copies(model))
         projector_bytes = 0 if embedding or model.projector is None else _size(model.projector)
         weights = model.size_bytes + projector_bytes
-        return config, weights + shape.overhead_bytes + context_bytes + checkpoint_bytes
+        draft_bytes = 0 if embedding else self._draft_bytes(model, n_ctx * parallel)
+        return config, weights + shape.overhead_bytes + context_bytes + checkpoint_bytes + draft_bytes
+
+    def _draft_bytes(self, model: StoredModel, cells: int) -> int:
+        """A draft model's weights and its cache of `cells` (as large as the model's), where the
+        model speculates with one that is installed."""
+        spec = speculation_for(model)
+        if spec is None or spec.kind != "draft" or spec.model is None:
+            return 0
+        try:
+            draft = self.store.find(spec.model)
+            shape = memory_shape(draft.path, **self.store.gguf_limits)
+        except Exception:  # noqa: BLE001 - no usable draft: the model loads without one
+            return 0
+        return draft.size_bytes + shape.overhead_bytes + shape.kv_bytes(cells)
 
     async def _make_room(self, name: str, needed: int) -> None:
         """Unload idle models (least recently used first) until `name` fits beside the loaded

@@ -155,6 +155,7 @@ class Scheduler:
         projector: Any = None,
         draft: Path | None = None,
         draft_gpu_layers: int = 0,
+        draft_mmap: bool = False,
     ) -> None:
         self.config = config
         self.name = name
@@ -211,7 +212,7 @@ class Scheduler:
         # as large as this one's.
         self.draft_model: DraftModel | None = None
         if self.speculative is not None and self.speculative.kind == "draft":
-            self.draft_model = self._open_draft(draft, int(params.n_batch), draft_gpu_layers)
+            self.draft_model = self._open_draft(draft, int(params.n_batch), draft_gpu_layers, draft_mmap)
             if self.draft_model is None:
                 self.speculative = None
         self.batch_size = int(params.n_batch)
@@ -238,7 +239,9 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name=f"pendra-scheduler-{name}", daemon=True)
         self._thread.start()
 
-    def _open_draft(self, draft: Path | None, n_batch: int, n_gpu_layers: int) -> DraftModel | None:
+    def _open_draft(
+        self, draft: Path | None, n_batch: int, n_gpu_layers: int, mmap: bool
+    ) -> DraftModel | None:
         if draft is None:
             logger.warning("%s: no draft model was found for it: no speculation", self.name)
             return None
@@ -247,6 +250,8 @@ class Scheduler:
                 draft,
                 self.vocab,
                 n_gpu_layers=n_gpu_layers,
+                use_mmap=mmap,
+                catch_up=max(64, self.config.prefill_budget),
                 flash_attn_type={None: -1, False: 0, True: 1}[self.config.flash_attention],
                 n_ctx=self.capacity,
                 n_seq_max=self.n_seq_max,
@@ -650,7 +655,7 @@ class Scheduler:
         beside none. So while sequences run, the cache keeps at most as many cells as they hold, or
         one request's n_ctx where that is more (a conversation's next turn, a system prompt), least
         recently used out first; an idle server keeps everything (it costs nothing then)."""
-        if not self._cached:
+        if not self._cached or self.kind == RECURRENT:  # (no attention cells: nothing to gain)
             return
         limit = max(self.config.n_ctx, sum(s.n_past for r in self._running for s in r.seqs))
         cached = self._cached_cells()
@@ -729,10 +734,16 @@ class Scheduler:
             room = self.batch_size - count
             limits = []
             for seq in generating:
-                left = seq.ticket.completion.max_tokens - seq.generated - 1
+                completion = seq.ticket.completion
+                left = completion.max_tokens - seq.generated - 1
                 most = max(0, min(self.speculative.draft_tokens, left, room))
+                # (a draft model sees no images, and n choices would each decode the prompt again)
+                if seq.drafter is None or (
+                    seq.drafter is self.draft_model and (completion.images or completion.n > 1)
+                ):
+                    most = 0
                 room -= most
-                limits.append(most if seq.drafter is not None else 0)
+                limits.append(most)
             by_model: dict[int, list[int]] = {}
             if self.draft_model is not None:
                 wanted = [
@@ -1034,6 +1045,8 @@ class Scheduler:
         self._running.remove(req)
         for seq in req.seqs:
             self._release_sampler(seq)
+            if self.draft_model is not None:
+                self.draft_model.forget(seq.seq_id)
             llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
             self._free_ids.append(seq.seq_id)
         self._post(req.ticket, exc if isinstance(exc, APIError) else APIError(f"generation failed: {exc}"))
