@@ -260,13 +260,9 @@ class Router:
         order = [first] if first is not None else []
         order += [e for e in rest if e is not first]
         order += [e for e in endpoints if e not in order]  # down ones last: they may be back
-        logger.debug(
-            "%s for %s: %s (%s)",
-            reason,
-            model,
-            order[0].url,
-            ", ".join(f"{e.url} load {e.load()}" for e in up),
-        )
+        if logger.isEnabledFor(logging.DEBUG):  # (the list is built only for a debug log)
+            loads = ", ".join(f"{e.url} load {e.load()}" for e in up)
+            logger.debug("%s for %s: %s (%s)", reason, model, order[0].url, loads)
         return Route(order, reason, model, keys)
 
     def sent(self, route: Route, endpoint: Endpoint) -> None:

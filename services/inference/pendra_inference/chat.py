@@ -44,7 +44,7 @@ from pendra_inference.protocol import (
 from pendra_inference.registry import Loaded, ModelRegistry
 from pendra_inference.sampling import SamplingParams
 from pendra_inference.scheduler import Scheduler
-from pendra_inference.sequence import Completion, Delta, Result, Ticket, TokenLogprob
+from pendra_inference.sequence import Completion, Delta, Result, Ticket, TokenLogprob, common_prefix
 from pendra_inference.vision import ImageLimits, Picture, decode_image, fetch_image, image_url
 
 logger = logging.getLogger(__name__)
@@ -523,8 +523,7 @@ def _message_marks(
             end = folded.find(PLACEHOLDER)
             if end > len(first) and first in folded[:end] and text.startswith(folded[:end]):
                 tokens = engine.tokenize_prompt(folded[:end])
-                pairs = enumerate(zip(tokens, prompt, strict=False))
-                agreed = next((i for i, (a, b) in pairs if a != b), min(len(tokens), len(prompt)))
+                agreed = common_prefix(tokens, prompt)
                 if agreed >= len(tokens) - FOLD_SLACK:
                     marks.append((k, agreed))
     return tuple(marks)

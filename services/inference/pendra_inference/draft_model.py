@@ -27,6 +27,7 @@ import numpy as np
 from pendra_inference.batch import Batch
 from pendra_inference.detokenize import token_bytes
 from pendra_inference.model_memory import ATTENTION, kind_of
+from pendra_inference.sequence import common_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class DraftModel:
                 continue
             held = self.held.get(seq_id, [])
             want = [*tokens, pending]
-            common = min(_common_prefix(held, want), len(want) - 1)  # the last one's row is needed
+            common = common_prefix(held, want, len(want) - 1)  # the last one's row is needed
             if common < len(held):
                 llama_cpp.llama_memory_seq_rm(self.memory, seq_id, common, -1)
             lacking = want[common:]
@@ -220,11 +221,3 @@ class DraftModel:
             self.ctx = None
             self.batch.free()
             llama_cpp.llama_model_free(self.model)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    size = min(len(a), len(b))
-    for i in range(size):
-        if a[i] != b[i]:
-            return i
-    return size

@@ -334,29 +334,26 @@ class ModelRegistry:
         where the model speculates with one: installed, for chat, the file as scanned, and probed
         like any model no pinned install verified. None (the model then serves without
         speculation, as the scheduler logs) where there is none or it cannot be used."""
-        spec = speculation_for(model)
-        if spec is None or spec.kind != "draft" or spec.model is None:
+        name = draft_name(model)
+        if name is None:
             return None
+        fd = -1
         try:
-            draft = self._lookup(await self.refresh(), spec.model)
+            draft = self._lookup(await self.refresh(), name)
             if (draft.purpose or "chat") != "chat":
                 raise InvalidRequest(f"'{draft.name}' is a {draft.purpose} model")
             fd = await asyncio.to_thread(open_regular, draft.path)
-        except Exception as exc:  # noqa: BLE001 - the model serves without a draft
-            logger.warning("%s: draft model %r: %s", model.name, spec.model, getattr(exc, "message", exc))
-            return None
-        try:
             identity = stat_identity(draft.file_name, os.fstat(fd))
             if identity != draft.identity:
                 raise InvalidRequest(f"'{draft.name}' is being changed on disk")
             await self._probe_if_untrusted(draft, identity, config, fd_path(fd, draft.path), fd)
-        except Exception as exc:  # noqa: BLE001 - the model serves without a draft
-            os.close(fd)
-            logger.warning("%s: draft model %r: %s", model.name, spec.model, getattr(exc, "message", exc))
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
+        except BaseException as exc:
+            if fd >= 0:
+                os.close(fd)
+            if not isinstance(exc, Exception):
+                raise
+            logger.warning("%s: draft model %r: %s", model.name, name, getattr(exc, "message", exc))
+            return None  # the model serves without a draft
         return fd, draft.path, draft.trusted
 
     async def _probe_if_untrusted(
@@ -588,11 +585,11 @@ class ModelRegistry:
     def _draft_bytes(self, model: StoredModel, cells: int) -> int:
         """A draft model's weights and its cache of `cells` (as large as the model's), where the
         model speculates with one that is installed."""
-        spec = speculation_for(model)
-        if spec is None or spec.kind != "draft" or spec.model is None:
+        name = draft_name(model)
+        if name is None:
             return 0
         try:
-            draft = self.store.find(spec.model)
+            draft = self.store.find(name)
             shape = memory_shape(draft.path, **self.store.gguf_limits)
         except Exception:  # noqa: BLE001 - no usable draft: the model loads without one
             return 0
@@ -716,6 +713,12 @@ def speculation_for(model: StoredModel) -> Speculation | None:
     except ValueError as exc:
         logger.warning("%s: %s; serving without speculative decoding", model.name, exc)
         return None
+
+
+def draft_name(model: StoredModel) -> str | None:
+    """The installed model that writes the model's drafts (speculation of kind "draft"), or None."""
+    spec = speculation_for(model)
+    return spec.model if spec is not None and spec.kind == "draft" else None
 
 
 def state_copies(model: StoredModel) -> int:

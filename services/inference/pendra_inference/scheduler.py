@@ -47,7 +47,16 @@ from pendra_inference.detokenize import TextStream, token_bytes
 from pendra_inference.draft_model import DraftModel
 from pendra_inference.model_memory import HYBRID, RECURRENT, SWA, kind_of
 from pendra_inference.sampling import Candidates, Sampler, logprobs_of
-from pendra_inference.sequence import ClientGone, Completion, Delta, Result, Sequence, Ticket, TokenLogprob
+from pendra_inference.sequence import (
+    ClientGone,
+    Completion,
+    Delta,
+    Result,
+    Sequence,
+    Ticket,
+    TokenLogprob,
+    common_prefix,
+)
 from pendra_inference.speculation import NgramDraft, Speculation
 
 logger = logging.getLogger(__name__)
@@ -212,7 +221,7 @@ class Scheduler:
         # as large as this one's.
         self.draft_model: DraftModel | None = None
         if self.speculative is not None and self.speculative.kind == "draft":
-            self.draft_model = self._open_draft(draft, int(params.n_batch), draft_gpu_layers, draft_mmap)
+            self.draft_model = self._open_draft(draft, params, draft_gpu_layers, draft_mmap)
             if self.draft_model is None:
                 self.speculative = None
         self.batch_size = int(params.n_batch)
@@ -240,8 +249,10 @@ class Scheduler:
         self._thread.start()
 
     def _open_draft(
-        self, draft: Path | None, n_batch: int, n_gpu_layers: int, mmap: bool
+        self, draft: Path | None, params: Any, n_gpu_layers: int, mmap: bool
     ) -> DraftModel | None:
+        """The draft model with a context like this one's (`params`): as many cells and sequence
+        ids, the same batch and attention; None, logged, where it cannot draft."""
         if draft is None:
             logger.warning("%s: no draft model was found for it: no speculation", self.name)
             return None
@@ -252,10 +263,10 @@ class Scheduler:
                 n_gpu_layers=n_gpu_layers,
                 use_mmap=mmap,
                 catch_up=max(64, self.config.prefill_budget),
-                flash_attn_type={None: -1, False: 0, True: 1}[self.config.flash_attention],
+                flash_attn_type=int(params.flash_attn_type),
                 n_ctx=self.capacity,
                 n_seq_max=self.n_seq_max,
-                n_batch=n_batch,
+                n_batch=int(params.n_batch),
                 n_threads=self.config.n_threads,
                 name=self.name,
             )
@@ -569,7 +580,7 @@ class Scheduler:
         for seq_id, tokens, source in holders:
             if not tokens or tokens[0] != prompt[0]:
                 continue
-            size = completion.snap(_common_prefix(tokens, prompt, limit))
+            size = completion.snap(common_prefix(tokens, prompt, limit))
             in_flight = source is not None and size > source.n_past
             held = source.n_past if source is not None else len(tokens)
             restore = None
@@ -1085,11 +1096,3 @@ def _merged(first: Delta | None, second: Delta | None) -> Delta | None:
         return first or second
     logprobs = None if first.logprobs is None else first.logprobs + (second.logprobs or [])
     return Delta(first.index, first.text + second.text, logprobs, second.finish_reason)
-
-
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    size = min(len(a), len(b), limit)
-    for i in range(size):
-        if a[i] != b[i]:
-            return i
-    return size

@@ -181,3 +181,20 @@ class Sequence:
     @property
     def n_past(self) -> int:
         return len(self.tokens)
+
+
+def common_prefix(a: list[int], b: list[int], limit: int | None = None) -> int:
+    """How many tokens `a` and `b` share from their start (at most `limit`). Runs are compared as
+    slices (C speed) and halved down to where they part: a long shared prompt, checked at every
+    admission and every drafting step, costs no Python loop over its tokens."""
+    size = min(len(a), len(b)) if limit is None else min(len(a), len(b), limit)
+    if a[:size] == b[:size]:
+        return size
+    same, differ = 0, size  # a[:same] == b[:same]; a[:differ] != b[:differ]
+    while differ - same > 32:
+        middle = (same + differ) // 2
+        if a[same:middle] == b[same:middle]:
+            same = middle
+        else:
+            differ = middle
+    return next(i for i in range(same, differ) if a[i] != b[i])
