@@ -15,9 +15,9 @@ Three parts, each measured against Pendra and llama-server in one run:
   content chunks, pooled over all requests), time to first token (first non-empty content delta)
   p50/p95 over the requests, the ratio of Pendra's tokens/s to each llama-server's and to the best
   llama-server figure of the level, and at one stream Pendra's inter-token latency minus the
-  lowest llama-server one. llama-server gets `"ignore_eos": true` so its generations run to
-  max_tokens; Pendra has no such option, so compare the token counts printed under the table
-  (throughput is counted from usage on both sides).
+  lowest llama-server one. Both servers get `"ignore_eos": true`, so every generation runs to
+  max_tokens on both sides (throughput is counted from usage on both sides, and the token
+  counts are printed under the table).
   Each server gets one 8-token warm-up request before its first level; each level runs --runs times.
 * prefix: 16 concurrent clients share one ~600-token system prompt (deterministic text) plus a
   different short question each, max_tokens 32, after one warm-up request with that system prompt.
@@ -293,7 +293,6 @@ def chat_body(
     messages: list[dict[str, str]],
     max_tokens: int,
     seed: int,
-    peer: bool,
     sampling: dict[str, float] = PREFIX_SAMPLING,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
@@ -305,8 +304,7 @@ def chat_body(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if peer:
-        body["ignore_eos"] = True  # llama-server only: a fixed generation length
+    body["ignore_eos"] = True  # both servers: a fixed generation length (llama-server's and Pendra's name)
     return body
 
 
@@ -319,14 +317,12 @@ async def concurrent_chats(url: str, bodies: list[dict[str, Any]]) -> tuple[list
     return list(streams), sum(s.completion_tokens for s in streams) / wall
 
 
-def warm_up_chat(url: str, peer: bool, messages: list[dict[str, str]] | None = None) -> None:
+def warm_up_chat(url: str, messages: list[dict[str, str]] | None = None) -> None:
     messages = messages or [{"role": "user", "content": "Say hello."}]
-    asyncio.run(concurrent_chats(url, [chat_body(messages, 8, 1, peer)]))
+    asyncio.run(concurrent_chats(url, [chat_body(messages, 8, 1)]))
 
 
-def sweep_level(
-    url: str, streams: int, tokens: int, runs: int, peer: bool, sampling: dict[str, float]
-) -> Level:
+def sweep_level(url: str, streams: int, tokens: int, runs: int, sampling: dict[str, float]) -> Level:
     level = Level()
     for run in range(runs):
         bodies = [
@@ -334,7 +330,6 @@ def sweep_level(
                 [{"role": "user", "content": f"Write a story about {TOPICS[i % len(TOPICS)]}."}],
                 tokens,
                 seed=1000 * run + i,
-                peer=peer,
                 sampling=sampling,
             )
             for i in range(streams)
@@ -373,9 +368,9 @@ def system_prompt() -> str:
     return " ".join(lines)
 
 
-def prefix_level(url: str, runs: int, peer: bool) -> Level:
+def prefix_level(url: str, runs: int) -> Level:
     system = system_prompt()
-    warm_up_chat(url, peer, [{"role": "system", "content": system}, {"role": "user", "content": "Hello!"}])
+    warm_up_chat(url, [{"role": "system", "content": system}, {"role": "user", "content": "Hello!"}])
     level = Level()
     for run in range(runs):
         bodies = [
@@ -383,7 +378,6 @@ def prefix_level(url: str, runs: int, peer: bool) -> Level:
                 [{"role": "system", "content": system}, {"role": "user", "content": QUESTIONS[i]}],
                 PREFIX_TOKENS,
                 seed=500 + 1000 * run + i,
-                peer=peer,
             )
             for i in range(PREFIX_CLIENTS)
         ]
@@ -710,11 +704,10 @@ def sweep_target(
     into: Sweep,
 ) -> None:
     """Every level once per sampling profile against one started server, into[profile][target]."""
-    peer = target != "pendra"
-    warm_up_chat(url, peer)
+    warm_up_chat(url)
     for streams in levels:
         for profile, sampling in profiles.items():
-            level = sweep_level(url, streams, tokens, runs, peer, sampling)
+            level = sweep_level(url, streams, tokens, runs, sampling)
             into[profile].setdefault(target, {})[streams] = level
             progress(f"{TARGETS[target]} {profile}", streams, level)
 
@@ -796,7 +789,7 @@ def main() -> None:
             if "sweep" in parts:
                 sweep_target(url, "pendra", levels, *sweep_args)
             if "prefix" in parts:
-                prefix["pendra"] = prefix_level(url, args.runs, peer=False)
+                prefix["pendra"] = prefix_level(url, args.runs)
             if "embed" in parts:
                 embed["pendra"] = embed_figures(url, "bench:embed", *embed_args)
 
@@ -805,7 +798,7 @@ def main() -> None:
                 if "sweep" in parts:
                     sweep_target(url, "default", levels, *sweep_args)
                 if "prefix" in parts:
-                    prefix["llama-server default"] = prefix_level(url, args.runs, peer=True)
+                    prefix["llama-server default"] = prefix_level(url, args.runs)
         if "sweep" in parts:
             for streams in levels:
                 flags = ["-np", str(streams), "-c", str(streams * n_ctx)]
@@ -817,7 +810,7 @@ def main() -> None:
         if "prefix" in parts:
             flags = ["-np", str(PREFIX_CLIENTS), "-c", str(PREFIX_CLIENTS * n_ctx)]
             with llama_server(peer, model, flags, tmp, f"np{PREFIX_CLIENTS}") as url:
-                prefix[f"llama-server -np {PREFIX_CLIENTS}"] = prefix_level(url, args.runs, peer=True)
+                prefix[f"llama-server -np {PREFIX_CLIENTS}"] = prefix_level(url, args.runs)
         if "embed" in parts:
             for np_ in (args.embed_np, 1):
                 flags = ["--embeddings", "--pooling", "mean", "-np", str(np_), "-c", str(EMBED_CTX * np_)]

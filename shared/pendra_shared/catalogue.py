@@ -63,11 +63,12 @@ class Sampling(BaseModel):
 class Speculative(BaseModel):
     """Speculative decoding: `ngram` drafts up to `draft_tokens` tokens per step from where the
     sequence's last `ngram_max` (down to `ngram_min`) tokens occurred before in its prompt or answer;
-    `draft` has `model`, a small installed model of the same vocabulary, write them."""
+    `draft` has `model`, a small installed model of the same vocabulary, write them; `mtp` has the
+    model's own multi-token-prediction block (Qwen3.5/3.6) write them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["ngram", "draft"] = "ngram"
+    kind: Literal["ngram", "draft", "mtp"] = "ngram"
     model: str | None = Field(default=None, min_length=1, max_length=200)
     draft_tokens: int = Field(default=4, ge=1, le=64)
     ngram_min: int = Field(default=2, ge=1, le=64)

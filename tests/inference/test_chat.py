@@ -126,6 +126,51 @@ def test_penalties_and_logit_bias_change_the_output(client: openai.OpenAI) -> No
     assert penalized.choices[0].message.content
 
 
+def test_ignore_eos_writes_max_tokens(client: openai.OpenAI, server: ServerProcess) -> None:
+    ends = {"1": 100, "106": 100}  # Gemma's <eos> and <end_of_turn> favoured: the answer ends at once
+    ended = client.chat.completions.create(
+        model=CHAT, messages=HELLO, max_tokens=12, temperature=0, logit_bias=ends
+    )
+    assert ended.choices[0].finish_reason == "stop"
+    assert ended.usage is not None and ended.usage.completion_tokens <= 1
+    for sampling in (
+        {"temperature": 0},
+        {"temperature": 1.0, "seed": 5, "top_k": 20, "presence_penalty": 1.5},
+    ):
+        full = client.chat.completions.create(
+            model=CHAT,
+            messages=HELLO,
+            max_tokens=12,
+            logit_bias=ends,
+            extra_body={"ignore_eos": True, **sampling},
+        )
+        assert full.choices[0].finish_reason == "length" and full.choices[0].message.content
+        assert full.usage is not None and full.usage.completion_tokens == 12
+    legacy = client.completions.create(
+        model=CHAT,
+        prompt="The sea",
+        max_tokens=12,
+        temperature=0,
+        logit_bias=ends,
+        extra_body={"ignore_eos": True},
+    )
+    assert legacy.choices[0].finish_reason == "length"
+    assert legacy.usage is not None and legacy.usage.completion_tokens == 12
+    # A grammar that ends the answer cannot run without its end: refused, saying so.
+    refused = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": CHAT,
+            "messages": HELLO,
+            "ignore_eos": True,
+            "response_format": {"type": "json_object"},
+        },
+    )
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "ignore_eos"
+
+
 def test_json_schema_output_parses(client: openai.OpenAI) -> None:
     schema = {
         "type": "object",

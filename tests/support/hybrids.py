@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from pendra_inference.gguf_hybrid import (
     GRANITE_HYBRID_TINY,
     QWEN35_TINY,
@@ -19,7 +20,13 @@ LLAMA_CPP_DATA = Path(__file__).resolve().parents[1] / "data" / "llama.cpp"
 
 
 def write_hybrid(
-    path: Path, arch: str, shape: HybridShape, *, seed: int = 0, special: dict[int, str] | None = None
+    path: Path,
+    arch: str,
+    shape: HybridShape,
+    *,
+    seed: int = 0,
+    special: dict[int, str] | None = None,
+    fixed: dict[str, np.ndarray] | None = None,
 ) -> Path:
     vocab, template = tokenizer_files(arch, LLAMA_CPP_DATA)
     name = f"tiny random {arch}"
@@ -32,14 +39,22 @@ def write_hybrid(
         name=name,
         seed=seed,
         special=special,
+        fixed=fixed,
     )
 
 
-def write_qwen35(path: Path, moe: bool = False, shape: HybridShape | None = None, *, seed: int = 0) -> Path:
+def write_qwen35(
+    path: Path,
+    moe: bool = False,
+    shape: HybridShape | None = None,
+    *,
+    seed: int = 0,
+    fixed: dict[str, np.ndarray] | None = None,
+) -> Path:
     """A Qwen3.5/3.6 file (`qwen35`, or `qwen35moe` with `moe`), tiny unless `shape` is given."""
     if moe:
-        return write_hybrid(path, "qwen35moe", shape or QWEN35MOE_TINY, seed=seed)
-    return write_hybrid(path, "qwen35", shape or QWEN35_TINY, seed=seed)
+        return write_hybrid(path, "qwen35moe", shape or QWEN35MOE_TINY, seed=seed, fixed=fixed)
+    return write_hybrid(path, "qwen35", shape or QWEN35_TINY, seed=seed, fixed=fixed)
 
 
 def write_granite_hybrid(path: Path, shape: HybridShape = GRANITE_HYBRID_TINY, *, seed: int = 0) -> Path:

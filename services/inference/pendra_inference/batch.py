@@ -1,4 +1,5 @@
-"""llama.cpp's batch for the scheduler and the draft model: rows written a slice at a time."""
+"""llama.cpp's batch for the scheduler, the draft model and the MTP block: rows written a slice at
+a time."""
 
 from __future__ import annotations
 
@@ -13,11 +14,18 @@ _INT32_P = ctypes.POINTER(ctypes.c_int32)
 class Batch:
     """llama.cpp's batch, its arrays seen through numpy so that rows are written a slice at a time.
     Each row holds one sequence id, in one array of ours (llama_batch_init gives each row its own
-    allocation, which `free` puts back before llama.cpp frees them)."""
+    allocation, which `free` puts back before llama.cpp frees them). With `embd`, each row carries
+    an embedding of that width beside its token id (llama.cpp's MTP input: the model's hidden state
+    paired with the token); llama_batch_init then gives no token array, so it is one of ours too."""
 
-    def __init__(self, size: int) -> None:
-        self.raw = llama_cpp.llama_batch_init(size, 0, 1)
+    def __init__(self, size: int, embd: int = 0) -> None:
+        self.raw = llama_cpp.llama_batch_init(size, embd, 1)
         raw = self.raw
+        self.embd: np.ndarray | None = None
+        if embd:
+            self.embd = np.ctypeslib.as_array(raw.embd, shape=(size, embd))
+            self._tokens = np.zeros(size, dtype=np.int32)
+            raw.token = ctypes.cast(self._tokens.ctypes.data, _INT32_P)
         self.token = np.ctypeslib.as_array(raw.token, shape=(size,))
         self.pos = np.ctypeslib.as_array(raw.pos, shape=(size,))
         self.logits = np.ctypeslib.as_array(raw.logits, shape=(size,))
@@ -53,4 +61,6 @@ class Batch:
     def free(self) -> None:
         for i, given in enumerate(self._given):
             self.raw.seq_id[i] = ctypes.cast(given, _INT32_P)
+        if self.embd is not None:
+            self.raw.token = _INT32_P()  # ours: llama.cpp must not free it
         llama_cpp.llama_batch_free(self.raw)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -356,6 +357,15 @@ def plan(
         )
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     bias = _logit_bias(req.logit_bias, engine.n_vocab)
+    if req.ignore_eos:
+        if grammar is not None:
+            raise InvalidRequest(
+                "ignore_eos cannot be combined with a response format or a forced tool call, whose "
+                "grammar ends the answer",
+                param="ignore_eos",
+            )
+        # As llama-server does: every end-of-generation token is banned, so the answer runs to max_tokens.
+        bias = (bias or {}) | dict.fromkeys(engine.end_tokens, -math.inf)
     # What the request leaves unset, the model's recommended sampling (its catalogue entry) sets.
     recommended = {k: v for k, v in engine.sampling_defaults.items() if k not in req.model_fields_set}
     chosen = {

@@ -56,6 +56,7 @@ class CompletionRequest(_Request):
     # -- Pendra extensions --
     top_k: StrictInt = Field(default=0, ge=0)
     min_p: Finite = Field(default=0.0, ge=0.0, le=1.0)
+    ignore_eos: bool = False
     keep_alive: KeepAlive = None
 
 
@@ -99,6 +100,7 @@ def chat_for(req: CompletionRequest, prompt: str) -> ChatCompletionRequest:
             "user",
             "top_k",
             "min_p",
+            "ignore_eos",
             "keep_alive",
         },
         exclude_none=True,

@@ -10,7 +10,11 @@ input it would assert on: callers check lengths and token ids first (see `chat.p
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,9 @@ class EngineConfig:
     # Memory-map the weights. Off for files no pinned install verified: a mapped file truncated
     # in place kills the process with SIGBUS on the next page it touches.
     use_mmap: bool = True
+    # Load the file's multi-token-prediction blocks (speculation of kind "mtp"; llama.cpp skips
+    # them otherwise).
+    load_mtp: bool = False
 
 
 class LlamaEngine:
@@ -81,7 +88,8 @@ class LlamaEngine:
             kwargs["n_threads"] = kwargs["n_threads_batch"] = config.n_threads
         if config.pooling is not None:
             kwargs["pooling_type"] = config.pooling
-        self.llm = Llama(str(path), **kwargs)
+        with _model_params(load_mtp=config.load_mtp):
+            self.llm = Llama(str(path), **kwargs)
         self.decode_calls = 0  # embedding decodes, for tests and metrics
         self.projector_refused: str | None = None  # why the model's vision projector was not loaded
         self.sampling_defaults: dict[str, float] = {}  # the model's recommended sampling (catalogue)
@@ -106,6 +114,12 @@ class LlamaEngine:
     @property
     def n_vocab(self) -> int:
         return int(self.llm.n_vocab())
+
+    @functools.cached_property
+    def end_tokens(self) -> tuple[int, ...]:
+        """The vocabulary's end-of-generation tokens (end of text, of turn, of message...)."""
+        vocab = self.vocab
+        return tuple(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
 
     @property
     def n_embd(self) -> int:
@@ -218,3 +232,29 @@ class LlamaEngine:
 
     def close(self) -> None:
         self.llm.close()
+
+
+_PARAMS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _model_params(load_mtp: bool) -> Iterator[None]:
+    """llama-cpp-python's `Llama` takes no `load_mtp`: for its construction, the model parameters
+    it starts from load the MTP blocks too (one construction at a time)."""
+    if not load_mtp:
+        yield
+        return
+    module = llama_cpp.llama_cpp
+    with _PARAMS_LOCK:
+        default = module.llama_model_default_params
+
+        def with_mtp() -> Any:
+            params = default()
+            params.load_mtp = True
+            return params
+
+        module.llama_model_default_params = with_mtp
+        try:
+            yield
+        finally:
+            module.llama_model_default_params = default

@@ -63,6 +63,7 @@ class HybridShape:
     context: int = 4096
     rope_base: float = 10_000_000.0
     tied_embeddings: bool = True
+    nextn_layers: int = 0  # qwen35: multi-token-prediction blocks after the trunk (Qwen3.6 has one)
 
     def recurrent(self, layer: int) -> bool:
         return self.attention_interval == 0 or (layer + 1) % self.attention_interval != 0
@@ -109,10 +110,11 @@ QWEN36_27B_DELTANET = HybridShape(
 )  # fmt: skip
 # Qwen3.6-27B (and Qwen3.5-27B) in full, from its config.json: 64 layers, hidden 5120, 24 heads /
 # 4 KV heads of 256 (partial rotary 0.25: 64 rope dims), FFN 17408, rope theta 1e7, 262144
-# positions, 248320 vocabulary rows, untied output. Its one MTP layer is left out.
+# positions, 248320 vocabulary rows, untied output, and its one MTP block.
 QWEN36_27B = HybridShape(
     n_embd=5120, n_layer=64, n_head=24, n_head_kv=4, head_dim=256, n_ff=17408, linear_k_heads=16,
     linear_v_heads=48, linear_head_dim=128, n_vocab=248320, context=262144, tied_embeddings=False,
+    nextn_layers=1,
 )  # fmt: skip
 
 
@@ -129,12 +131,16 @@ def _check(arch: str, shape: HybridShape) -> None:
         raise ValueError(f"{arch} needs {', '.join(unset)}")
     if not granite and (arch == "qwen35moe") != (shape.n_expert > 0):
         raise ValueError(f"{arch} {'needs' if arch == 'qwen35moe' else 'has no'} experts")
+    if shape.nextn_layers and arch != "qwen35":
+        raise ValueError(f"this writer writes multi-token-prediction blocks for qwen35 only, not {arch}")
 
 
 def _keys(writer: Any, arch: str, shape: HybridShape) -> None:
     writer.add_context_length(shape.context)
     writer.add_embedding_length(shape.n_embd)
-    writer.add_block_count(shape.n_layer)
+    writer.add_block_count(shape.n_layer + shape.nextn_layers)
+    if shape.nextn_layers:
+        writer.add_uint32(f"{arch}.nextn_predict_layers", shape.nextn_layers)
     writer.add_feed_forward_length(shape.n_ff)
     writer.add_head_count(shape.n_head)
     writer.add_key_length(shape.head_dim)
@@ -236,6 +242,30 @@ def _plan(arch: str, shape: HybridShape, weights: str) -> Iterator[Plan]:
             yield b + f"ffn_gate{suffix}.weight", (ff, e), w
             yield b + f"ffn_up{suffix}.weight", (ff, e), w
             yield b + f"ffn_down{suffix}.weight", (e, ff), w
+    for i in range(shape.n_layer, shape.n_layer + shape.nextn_layers):
+        yield from _nextn_block(f"blk.{i}.", shape, w)
+
+
+def _nextn_block(b: str, shape: HybridShape, w: str) -> Iterator[Plan]:
+    """A Qwen3.5/3.6 multi-token-prediction block (`qwen35.cpp`'s load_block_mtp): the token's
+    embedding and the trunk's last hidden state, each normed, concatenated and projected back to
+    n_embd, then a gated full-attention decoder block; the model's own embedding and output head."""
+    e, q, kv = shape.n_embd, shape.n_head * shape.head_dim, shape.n_head_kv * shape.head_dim
+    yield b + "attn_norm.weight", (e,), "ones"
+    yield b + "attn_q.weight", (2 * q, e), w
+    yield b + "attn_k.weight", (kv, e), w
+    yield b + "attn_v.weight", (kv, e), w
+    yield b + "attn_output.weight", (e, q), w
+    yield b + "attn_q_norm.weight", (shape.head_dim,), "ones"
+    yield b + "attn_k_norm.weight", (shape.head_dim,), "ones"
+    yield b + "post_attention_norm.weight", (e,), "ones"
+    yield b + "ffn_gate.weight", (shape.n_ff, e), w
+    yield b + "ffn_up.weight", (shape.n_ff, e), w
+    yield b + "ffn_down.weight", (e, shape.n_ff), w
+    yield b + "nextn.eh_proj.weight", (e, 2 * e), w
+    yield b + "nextn.enorm.weight", (e,), "ones"
+    yield b + "nextn.hnorm.weight", (e,), "ones"
+    yield b + "nextn.shared_head_norm.weight", (e,), "ones"
 
 
 def _qtype(kind: str) -> Any:
@@ -276,6 +306,21 @@ def _data(dims: tuple[int, ...], kind: str, rng: Any) -> Any:
     return np.concatenate(slabs).reshape(*outer, -1)
 
 
+def _encode(x: np.ndarray, kind: str) -> Any:
+    """A given float32 tensor in the plan's type (no random-block types)."""
+    qtype = _qtype(kind)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        data = x
+    elif qtype == gguf.GGMLQuantizationType.F16:
+        data = x.astype(np.float16)
+    elif kind in BLOCKS:
+        raise ValueError(f"a given tensor cannot be written in {kind}")
+    else:
+        data = gguf.quants.quantize(x, qtype)
+    return np.ascontiguousarray(data).view(np.uint8).reshape(*x.shape[:-1], -1)
+
+
 def write_hybrid_gguf(
     path: Path,
     arch: str,
@@ -287,11 +332,13 @@ def write_hybrid_gguf(
     weights: str = "q8_0",
     seed: int = 0,
     special: dict[int, str] | None = None,
+    fixed: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """A complete `arch` GGUF of `shape` with random weights (matrices in `weights`: "q8_0",
     "q4_0", "f16", "bf16", "f32", or from random blocks "q4_k", "q5_k", "q6_k"; norms and the
     recurrent layers' small vectors F32) and `vocab`'s tokenizer (`special`: token ids renamed and
-    made control tokens, e.g. `gguf_vocab.QWEN_VISION_TOKENS`)."""
+    made control tokens, e.g. `gguf_vocab.QWEN_VISION_TOKENS`; `fixed`: tensors given by name, as
+    float32 arrays of their shape, instead of random ones)."""
     _check(arch, shape)
     writer = Writer(str(path), arch)
     writer.add_name(name or f"random weights, {arch}")
@@ -311,7 +358,8 @@ def write_hybrid_gguf(
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     rng = np.random.default_rng(seed)
-    for _, dims, kind in plan:
-        writer.write_tensor_data(_data(dims, kind, rng))
+    fixed = fixed or {}
+    for tensor, dims, kind in plan:
+        writer.write_tensor_data(_encode(fixed[tensor], kind) if tensor in fixed else _data(dims, kind, rng))
     writer.close()
     return path

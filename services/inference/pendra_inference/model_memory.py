@@ -60,6 +60,7 @@ class MemoryShape:
     state_bytes: int  # F32 recurrent state of one sequence, every recurrent layer (0: none)
     overhead_bytes: int = 0  # the tokenizer's tables and llama.cpp's compute and output buffers
     swa_state_bytes: int = 0  # a `swa` model's checkpoint: one window of its sliding-window layers
+    mtp_kv_bytes_per_token: int = 0  # the multi-token-prediction blocks' cache, where they are used
 
     def kv_bytes(self, cells: int) -> int:
         return self.kv_bytes_per_token * cells
@@ -108,8 +109,8 @@ def shape_of(meta: dict[str, Any]) -> MemoryShape:
             v = max(v) if v else default
         return int(v) if isinstance(v, int | float) else default
 
-    # Multi-token-prediction layers come last in the block count; llama.cpp skips them unless a
-    # draft asks for them, so they hold no memory here.
+    # Multi-token-prediction layers come last in the block count; llama.cpp skips them unless
+    # speculation asks for them (their cache: mtp_kv_bytes_per_token).
     layers = max(0, num("block_count") - num("nextn_predict_layers"))
     n_embd = num("embedding_length")
     heads = num("attention.head_count", 1) or 1
@@ -143,7 +144,14 @@ def shape_of(meta: dict[str, Any]) -> MemoryShape:
     tokens = meta.get("tokenizer.ggml.tokens")
     n_vocab = tokens.length if isinstance(tokens, ArrayInfo) else len(tokens or ())
     overhead = BYTES_PER_VOCAB_TOKEN * n_vocab + BUFFER_BYTES
-    return MemoryShape(kind, kv_per_token, state, overhead, swa_state)
+    # An MTP block attends like the trunk's attention layers, in a context of its own.
+    mtp_kv = (
+        num("nextn_predict_layers")
+        * (per_layer_kv[attention[-1]] if attention else heads)
+        * (key_dim + value_dim)
+        * 2
+    )
+    return MemoryShape(kind, kv_per_token, state, overhead, swa_state, mtp_kv)
 
 
 def _swa_layers(arch: str, layers: int, value: Any) -> list[int]:

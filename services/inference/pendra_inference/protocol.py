@@ -117,6 +117,11 @@ class ChatCompletionRequest(_Request):
         default=True,
         description="Start from a cached prompt prefix when one exists (false: decode the whole prompt).",
     )
+    ignore_eos: bool = Field(
+        default=False,
+        description="Never end at an end-of-generation token: write max_tokens tokens (llama-server's "
+        "and vLLM's name, for benchmarks).",
+    )
     keep_alive: KeepAlive = None
     chat_template_kwargs: dict[str, Any] | None = Field(
         default=None,

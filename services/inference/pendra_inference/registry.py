@@ -496,6 +496,7 @@ class ModelRegistry:
             backend_sampling=backend_sampling(options.get("backend_sampling", s.backend_sampling), config),
             gpu=config.n_gpu_layers != 0,
             speculative=speculation_for(model),
+            mtp_loaded=config.load_mtp,
         )
 
     def parallel_for(
@@ -575,16 +576,19 @@ class ModelRegistry:
             sequences=sequences,
             checkpoint_bytes=checkpoint_bytes,
             use_mmap=model.trusted,
+            load_mtp=not embedding and mtp_wanted(model),
         )
         context_bytes = shape.context_bytes(n_ctx * parallel, max(1, sequences) * state_copies(model))
         projector_bytes = 0 if embedding or model.projector is None else _size(model.projector)
         weights = model.size_bytes + projector_bytes
-        draft_bytes = 0 if embedding else self._draft_bytes(model, n_ctx * parallel)
+        draft_bytes = 0 if embedding else self._draft_bytes(model, n_ctx * parallel, shape)
         return config, weights + shape.overhead_bytes + context_bytes + checkpoint_bytes + draft_bytes
 
-    def _draft_bytes(self, model: StoredModel, cells: int) -> int:
+    def _draft_bytes(self, model: StoredModel, cells: int, shape: MemoryShape) -> int:
         """A draft model's weights and its cache of `cells` (as large as the model's), where the
-        model speculates with one that is installed."""
+        model speculates with one that is installed; the MTP block's cache where it drafts."""
+        if mtp_wanted(model):
+            return shape.mtp_kv_bytes_per_token * cells
         name = draft_name(model)
         if name is None:
             return 0
@@ -719,6 +723,12 @@ def draft_name(model: StoredModel) -> str | None:
     """The installed model that writes the model's drafts (speculation of kind "draft"), or None."""
     spec = speculation_for(model)
     return spec.model if spec is not None and spec.kind == "draft" else None
+
+
+def mtp_wanted(model: StoredModel) -> bool:
+    """The model drafts with its own multi-token-prediction block (speculation of kind "mtp")."""
+    spec = speculation_for(model)
+    return spec is not None and spec.kind == "mtp"
 
 
 def state_copies(model: StoredModel) -> int:

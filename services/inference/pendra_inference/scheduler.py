@@ -46,6 +46,7 @@ from pendra_inference.checkpoints import Checkpoint, CheckpointStore
 from pendra_inference.detokenize import TextStream, token_bytes
 from pendra_inference.draft_model import DraftModel
 from pendra_inference.model_memory import HYBRID, RECURRENT, SWA, kind_of
+from pendra_inference.mtp import MtpDraft
 from pendra_inference.sampling import Candidates, Sampler, logprobs_of
 from pendra_inference.sequence import (
     ClientGone,
@@ -100,6 +101,9 @@ class SchedulerConfig:
     # Speculative decoding (see speculation.py); its sequences sample on the host, each drafted
     # token's row of logits checked by the sequence's own sampler.
     speculative: Speculation | None = None
+    # The model was loaded with its multi-token-prediction blocks (speculation of kind "mtp"): an
+    # MTP context on a model loaded without them would run a graph with no weights.
+    mtp_loaded: bool = False
 
 
 @dataclass
@@ -224,6 +228,15 @@ class Scheduler:
             self.draft_model = self._open_draft(draft, params, draft_gpu_layers, draft_mmap)
             if self.draft_model is None:
                 self.speculative = None
+        # The model's own multi-token-prediction block (speculation of kind "mtp"), in a context
+        # of its own beside this one.
+        self.mtp: MtpDraft | None = None
+        if self.speculative is not None and self.speculative.kind == "mtp":
+            self.mtp = self._open_mtp(model, params) if config.mtp_loaded else None
+            if not config.mtp_loaded:
+                logger.warning("%s: loaded without its MTP block: no speculation", name)
+            if self.mtp is None:
+                self.speculative = None
         self.batch_size = int(params.n_batch)
         self.ubatch_size = int(params.n_ubatch)
         self.batch = Batch(self.batch_size)
@@ -273,6 +286,37 @@ class Scheduler:
         except (ValueError, RuntimeError) as exc:
             logger.warning("%s: %s: no speculation", self.name, exc)
             return None
+
+    def _open_mtp(self, model: Any, params: Any) -> MtpDraft | None:
+        """The MTP block's context, as large as this one; None, logged, where it cannot draft."""
+        assert self.speculative is not None
+        try:
+            mtp = MtpDraft(
+                model,
+                self.ctx,
+                n_ctx=self.capacity,
+                n_seq_max=self.n_seq_max,
+                n_batch=int(params.n_batch),
+                n_ubatch=int(params.n_ubatch),
+                n_threads=self.config.n_threads,
+                flash_attn_type=int(params.flash_attn_type),
+                name=self.name,
+            )
+        except ValueError as exc:
+            logger.warning("%s: %s: no speculation", self.name, exc)
+            return None
+        mtp.keep_rows = self.speculative.draft_tokens + 1  # the drafts' rows, the pending token's
+        return mtp
+
+    @property
+    def _drafter(self) -> DraftModel | MtpDraft | None:
+        """The model that writes drafts (a draft model, or the MTP block), if any."""
+        return self.draft_model or self.mtp
+
+    def _forget_drafts(self, seq_id: int) -> None:
+        drafter = self._drafter
+        if drafter is not None:
+            drafter.forget(seq_id)
 
     # -- the event loop's side ---------------------------------------------------------------
 
@@ -327,6 +371,8 @@ class Scheduler:
         self.batch.free()
         if self.draft_model is not None:
             self.draft_model.close()
+        if self.mtp is not None:
+            self.mtp.close()
         llama_cpp.llama_free(self.ctx)
         self.ctx = None
 
@@ -362,6 +408,14 @@ class Scheduler:
             return
         started = time.perf_counter()
         self._decode()
+        if self.mtp is not None:  # its cache follows what the model decoded
+            batch, count = self.batch, int(self.batch.raw.n_tokens)
+            self.mtp.process(
+                batch.token[:count],
+                batch.pos[:count],
+                batch.seq_id[:count],
+                {s.seq_id: s.tokens for s in sequences if s.drafter is self.mtp},
+            )
         decoded = time.perf_counter()
         self._sample(sequences)
         stats = self._stats
@@ -502,6 +556,8 @@ class Scheduler:
             if shared and source is not None and source != first:
                 llama_cpp.llama_memory_seq_rm(self.memory, first, -1, -1)
                 llama_cpp.llama_memory_seq_cp(self.memory, source, first, 0, at(shared))
+                if self.mtp is not None:
+                    self.mtp.copy(source, first, at(shared))
             elif not shared or in_flight is not None or checkpoint is not None:
                 llama_cpp.llama_memory_seq_rm(self.memory, first, -1, -1)
             if checkpoint is not None:
@@ -515,6 +571,10 @@ class Scheduler:
                 seq = Sequence(ticket, index, seq_id, sampler, TextStream(completion.stops), tokens=[])
                 if self.draft_model is not None:
                     seq.drafter = self.draft_model
+                elif self.mtp is not None:
+                    # (an image's positions and embeddings are not the block's; n choices would
+                    # each need their own hidden states)
+                    seq.drafter = self.mtp if not completion.images and n == 1 else None
                 elif self.speculative is not None:
                     seq.drafter = NgramDraft(self.speculative)
                 if index == 0:
@@ -656,6 +716,7 @@ class Scheduler:
             return False
         del self._cached[victim]
         llama_cpp.llama_memory_seq_rm(self.memory, victim, -1, -1)
+        self._forget_drafts(victim)
         self._free_ids.append(victim)
         return True
 
@@ -698,6 +759,8 @@ class Scheduler:
                 llama_cpp.llama_memory_seq_cp(
                     self.memory, source.seq_id, seq.seq_id, 0, completion.position(size)
                 )
+                if self.mtp is not None:
+                    self.mtp.copy(source.seq_id, seq.seq_id, completion.position(size))
                 seq.tokens = list(prompt[:size])
                 seq.shift = completion.shift_before(size)
                 del seq.extra["wait"]
@@ -756,11 +819,12 @@ class Scheduler:
                 room -= most
                 limits.append(most)
             by_model: dict[int, list[int]] = {}
-            if self.draft_model is not None:
+            drafter = self._drafter
+            if drafter is not None:
                 wanted = [
                     (s.seq_id, s.tokens, s.pending or 0, m) for s, m in zip(generating, limits, strict=True)
                 ]
-                by_model = self.draft_model.draft([w for w in wanted if w[3] > 0])
+                by_model = drafter.draft([w for w in wanted if w[3] > 0])
             for seq, most in zip(generating, limits, strict=True):
                 if isinstance(seq.drafter, NgramDraft):
                     seq.draft = seq.drafter.draft(seq.tokens, seq.pending or 0, most)
@@ -996,12 +1060,13 @@ class Scheduler:
         self._running.remove(req)
         for seq in req.seqs:
             self._release_sampler(seq)
-            if self.draft_model is not None:
+            if self.draft_model is not None:  # (the MTP block's cells stay with the model's)
                 self.draft_model.forget(seq.seq_id)
             if seq.tokens and self.config.prefix_cache:
                 self._cached[seq.seq_id] = seq.tokens
             else:
                 llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
+                self._forget_drafts(seq.seq_id)
                 self._free_ids.append(seq.seq_id)
         ticket = req.ticket
         result = Result(
@@ -1056,8 +1121,7 @@ class Scheduler:
         self._running.remove(req)
         for seq in req.seqs:
             self._release_sampler(seq)
-            if self.draft_model is not None:
-                self.draft_model.forget(seq.seq_id)
+            self._forget_drafts(seq.seq_id)
             llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
             self._free_ids.append(seq.seq_id)
         self._post(req.ticket, exc if isinstance(exc, APIError) else APIError(f"generation failed: {exc}"))
