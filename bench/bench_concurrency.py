@@ -587,7 +587,7 @@ def print_sweep(
         print(
             f"one stream, ITL pendra minus {TARGETS[best]} (the lowest): p50 {p50:+.1f} ms, p95 {p95:+.1f} ms"
         )
-    print("tokens generated (sum over runs; llama-server ignores EOS, Pendra may stop early):")
+    print("tokens generated (sum over runs; both servers get ignore_eos, so each stream writes max_tokens):")
     for streams in levels:
         counts = ", ".join(f"{TARGETS[t]} {res[t][streams].tokens}" for t in targets)
         most = streams * tokens * len(res["pendra"][streams].rates)

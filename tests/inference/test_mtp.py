@@ -62,9 +62,9 @@ async def one(
 
 
 async def answers(
-    scheduler: Scheduler, prompts: list[list[int]], sampling: SamplingParams
+    scheduler: Scheduler, prompts: list[list[int]], sampling: SamplingParams, max_tokens: int = 24
 ) -> list[tuple[str, Any]]:
-    return list(await asyncio.gather(*(collect(scheduler.submit(completion(p, sampling))) for p in prompts)))
+    return list(await asyncio.gather(*(one(scheduler, p, sampling, max_tokens) for p in prompts)))
 
 
 @pytest.mark.parametrize(
@@ -145,6 +145,35 @@ def test_drafts_the_model_agrees_with_are_kept_and_save_steps(tmp_path: Path) ->
     drafted, accepted = sum(r.drafted for _, r in got), sum(r.accepted for _, r in got)
     assert drafted > 0 and accepted == drafted
     assert fast_steps < steps * 0.5  # four tokens a step (the pending one and three drafts)
+
+
+def test_few_sequence_ids_and_a_small_cache_keep_the_blocks_cache_in_step(
+    engine: LlamaEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two sequence ids and one request's worth of cells: conversations take over each other's ids,
+    restore checkpoints and evict cached prefixes, and the block's cache follows every move without
+    ever starting again (it would say so) and without changing an answer."""
+    greedy = SamplingParams(temperature=0.0)
+    prompts = [prompt(engine, q) for q in (*QUESTIONS, QUESTIONS[0], QUESTIONS[2], "the sea again")]
+    small = {"n_seq_max": 2, "parallel": 1}
+    plain = make(engine, **small)
+    try:
+        want = [asyncio.run(one(plain, p, greedy, 40))[0] for p in prompts]
+    finally:
+        plain.close()
+    fast = make(engine, speculative=MTP, mtp_loaded=True, **small)
+    try:
+        alone = [asyncio.run(one(fast, p, greedy, 40)) for p in prompts]
+        paired = [
+            asyncio.run(answers(fast, prompts[i : i + 2], greedy, 40)) for i in range(0, len(prompts), 2)
+        ]
+    finally:
+        fast.close()
+    assert [t for t, _ in alone] == want
+    assert [t for pair in paired for t, _ in pair] == want
+    assert all(r.drafted > 0 for _, r in alone)
+    assert any(r.cached_tokens > 0 for _, r in alone)
+    assert "MTP context failed" not in caplog.text
 
 
 def test_the_drafts_come_from_the_models_hidden_states(engine: LlamaEngine) -> None:

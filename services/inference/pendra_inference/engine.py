@@ -234,27 +234,33 @@ class LlamaEngine:
         self.llm.close()
 
 
-_PARAMS_LOCK = threading.Lock()
+_LOADING = threading.local()  # this thread's Llama construction loads the MTP blocks
+_WRAPPED = threading.Lock()
 
 
 @contextlib.contextmanager
 def _model_params(load_mtp: bool) -> Iterator[None]:
-    """llama-cpp-python's `Llama` takes no `load_mtp`: for its construction, the model parameters
-    it starts from load the MTP blocks too (one construction at a time)."""
+    """llama-cpp-python's `Llama` takes no `load_mtp`: the model parameters it starts from
+    (`llama_model_default_params`, wrapped once) load the MTP blocks for constructions inside this
+    context on this thread only."""
     if not load_mtp:
         yield
         return
     module = llama_cpp.llama_cpp
-    with _PARAMS_LOCK:
-        default = module.llama_model_default_params
+    with _WRAPPED:
+        if not getattr(module.llama_model_default_params, "pendra_wrapped", False):
+            default = module.llama_model_default_params
 
-        def with_mtp() -> Any:
-            params = default()
-            params.load_mtp = True
-            return params
+            def params() -> Any:
+                chosen = default()
+                if getattr(_LOADING, "mtp", False):
+                    chosen.load_mtp = True
+                return chosen
 
-        module.llama_model_default_params = with_mtp
-        try:
-            yield
-        finally:
-            module.llama_model_default_params = default
+            params.pendra_wrapped = True  # type: ignore[attr-defined]
+            module.llama_model_default_params = params
+    _LOADING.mtp = True
+    try:
+        yield
+    finally:
+        _LOADING.mtp = False

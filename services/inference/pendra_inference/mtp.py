@@ -109,8 +109,14 @@ class MtpDraft:
         """An MTP context on `model` (loaded with its MTP block) beside the model's context
         `target`; ValueError, saying why, where it cannot draft."""
         self.name = name
-        if not has_mtp_block(model):
+        blocks = int(llama_cpp.llama_model_n_layer_nextn(model))
+        if blocks == 0:
             raise ValueError("the model's file has no multi-token-prediction block")
+        if blocks > 1:  # (Step 3.5's chained heads, one per draft step)
+            raise ValueError(f"the model has {blocks} chained MTP blocks; Pendra drafts with one only")
+        width = int(llama_cpp.llama_model_n_embd_out(model))
+        if width != int(llama_cpp.llama_model_n_embd(model)):
+            raise ValueError("the model's hidden state is not as wide as its embeddings: no MTP drafts")
         self.api = staging_functions()
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -130,13 +136,13 @@ class MtpDraft:
         self.target = target
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)))
-        self.n_embd = int(llama_cpp.llama_model_n_embd(model))
+        self.n_embd = width
         # Every row of the model's decodes carries its hidden state out; the MTP context's only
         # its output rows'.
         self.api["set_embeddings_nextn"](target, True, False)
         self.api["set_embeddings_nextn"](self.ctx, True, True)
-        # Token ids, each with the hidden state it is paired with.
-        self.size = int(params.n_batch)
+        # Token ids, each with the hidden state it is paired with (as many as llama.cpp takes).
+        self.size = int(llama_cpp.llama_n_batch(self.ctx))
         self.batch = Batch(self.size, embd=self.n_embd)
         assert self.batch.embd is not None
         self.embd = self.batch.embd
@@ -182,11 +188,11 @@ class MtpDraft:
             end = base + common_prefix(held, tokens[base:] if base else tokens, max(0, first - base))
             llama_cpp.llama_memory_seq_rm(self.memory, seq_id, end, -1)
             del held[end - base :]
-            if end < first:  # a gap (a prefix shared from elsewhere): start its cells here
+            if end < first or base > first:  # a gap (a prefix shared from elsewhere): start here
                 llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
                 base, held = first, []
             if count + len(rows) > self.size:
-                self._decode(count)
+                self._decode(count, set(before))
                 count = 0
             at = count
             given = token[rows].tolist()
@@ -199,7 +205,7 @@ class MtpDraft:
             kept = rows[-self.keep_rows :]
             self.hidden[seq_id] = (int(pos[kept[0]]), states[kept].copy())
         if count:
-            self._decode(count)
+            self._decode(count, set(before))
 
     def _state_at(self, seq_id: int, position: int) -> np.ndarray | None:
         """The model's hidden state at `position` of the sequence, where its last decode gave it."""
@@ -208,9 +214,15 @@ class MtpDraft:
             return rows[position - start]  # type: ignore[no-any-return]
         return None
 
-    def _decode(self, count: int) -> None:
+    def _decode(self, count: int, running: set[int]) -> None:
+        """Decode the batch's first `count` rows; where the cache is full, the cells of sequences
+        other than `running` ones (cached prefixes) make room first."""
         self.batch.raw.n_tokens = count
         rc = int(llama_cpp.llama_decode(self.ctx, self.batch.raw))
+        if rc == 1:
+            for seq_id in [s for s in self.held if s not in running]:
+                self.forget(seq_id)
+            rc = int(llama_cpp.llama_decode(self.ctx, self.batch.raw))
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc} for the MTP batch")
 
@@ -234,7 +246,8 @@ class MtpDraft:
             position = len(tokens)
             base, held = self.held.get(seq_id, (0, []))
             state = self._state_at(seq_id, position - 1)
-            if limit <= 0 or state is None or base + len(held) < position or len(going) == self.size:
+            short = base > position or base + len(held) < position
+            if limit <= 0 or state is None or short or len(going) == self.size:
                 continue  # its cells or the hidden state before its pending token are not there
             # Its cells from the pending token's on are the last step's drafts: they go.
             llama_cpp.llama_memory_seq_rm(self.memory, seq_id, position, -1)
@@ -247,7 +260,7 @@ class MtpDraft:
         drafts: dict[int, list[int]] = {seq_id: [] for seq_id, _ in going}
         get_state = self.api["get_embeddings_nextn_ith"]
         while going:
-            self._decode(len(going))
+            self._decode(len(going), set(limits))
             following: list[tuple[int, int]] = []
             for row, (seq_id, position) in enumerate(going):
                 logits = llama_cpp.llama_get_logits_ith(self.ctx, row)
@@ -269,6 +282,20 @@ class MtpDraft:
         self.hidden.pop(seq_id, None)
         if self.held.pop(seq_id, None) is not None:
             llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+
+    def cut(self, seq_id: int, size: int) -> None:
+        """The sequence keeps its first `size` cells (it is cached for its prefix): the block's cells
+        after them (the last step's drafts) go."""
+        llama_cpp.llama_memory_seq_rm(self.memory, seq_id, size, -1)
+        if seq_id in self.hidden:  # (the states of the cut drafts go too)
+            start, rows = self.hidden[seq_id]
+            if size > start:
+                self.hidden[seq_id] = (start, rows[: size - start])
+            else:
+                del self.hidden[seq_id]
+        if seq_id in self.held:
+            base, held = self.held[seq_id]
+            del held[max(0, size - base) :]
 
     def copy(self, source: int, target: int, size: int) -> None:
         """The model shared `size` cells of `source` with `target`: the MTP cells follow."""

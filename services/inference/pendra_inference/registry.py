@@ -54,7 +54,7 @@ from pendra_inference.backends import activate, usable_cores
 from pendra_inference.embed_batcher import EmbedBatcher
 from pendra_inference.engine import POOLING, EngineConfig, LlamaEngine, gpu_offload_supported
 from pendra_inference.metrics import InferenceMetrics, LoadedModel, ServerLoad
-from pendra_inference.model_memory import MemoryShape, memory_shape
+from pendra_inference.model_memory import SWA, MemoryShape, memory_shape
 from pendra_inference.probe import ProbeResult, probe
 from pendra_inference.scheduler import Scheduler, SchedulerConfig
 from pendra_inference.speculation import Speculation, speculation_of
@@ -576,7 +576,7 @@ class ModelRegistry:
             sequences=sequences,
             checkpoint_bytes=checkpoint_bytes,
             use_mmap=model.trusted,
-            load_mtp=not embedding and mtp_wanted(model),
+            load_mtp=not embedding and mtp_wanted(model, shape),
         )
         context_bytes = shape.context_bytes(n_ctx * parallel, max(1, sequences) * state_copies(model))
         projector_bytes = 0 if embedding or model.projector is None else _size(model.projector)
@@ -587,7 +587,7 @@ class ModelRegistry:
     def _draft_bytes(self, model: StoredModel, cells: int, shape: MemoryShape) -> int:
         """A draft model's weights and its cache of `cells` (as large as the model's), where the
         model speculates with one that is installed; the MTP block's cache where it drafts."""
-        if mtp_wanted(model):
+        if mtp_wanted(model, shape):
             return shape.mtp_kv_bytes_per_token * cells
         name = draft_name(model)
         if name is None:
@@ -725,10 +725,11 @@ def draft_name(model: StoredModel) -> str | None:
     return spec.model if spec is not None and spec.kind == "draft" else None
 
 
-def mtp_wanted(model: StoredModel) -> bool:
-    """The model drafts with its own multi-token-prediction block (speculation of kind "mtp")."""
+def mtp_wanted(model: StoredModel, shape: MemoryShape) -> bool:
+    """The model drafts with its own multi-token-prediction block (speculation of kind "mtp"; a
+    sliding-window model does not speculate, see scheduler.py)."""
     spec = speculation_for(model)
-    return spec is not None and spec.kind == "mtp"
+    return spec is not None and spec.kind == "mtp" and shape.kind != SWA
 
 
 def state_copies(model: StoredModel) -> int:

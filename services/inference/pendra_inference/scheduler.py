@@ -519,6 +519,7 @@ class Scheduler:
                 ids.append(source)
             else:
                 llama_cpp.llama_memory_seq_rm(self.memory, source, -1, -1)
+                self._forget_drafts(source)
                 self._free_ids.append(source)
                 shared = 0
             del tokens
@@ -545,6 +546,7 @@ class Scheduler:
                 sampler.close()
             for seq_id in ids:
                 llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+                self._forget_drafts(seq_id)
                 self._free_ids.append(seq_id)
             self._post(ticket, Overloaded(f"'{self.name}' has no free sequence; retry shortly"))
             return
@@ -601,6 +603,7 @@ class Scheduler:
             # Whatever failed, the ids go back (a recurrent model has few: one lost would stall it).
             for seq_id in ids:
                 llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+                self._forget_drafts(seq_id)
                 self._free_ids.append(seq_id)
             for sampler in samplers:
                 sampler.close()
@@ -1064,6 +1067,8 @@ class Scheduler:
                 self.draft_model.forget(seq.seq_id)
             if seq.tokens and self.config.prefix_cache:
                 self._cached[seq.seq_id] = seq.tokens
+                if self.mtp is not None:
+                    self.mtp.cut(seq.seq_id, seq.n_past)
             else:
                 llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
                 self._forget_drafts(seq.seq_id)
