@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,7 +56,9 @@ def peer_binary(explicit: str | None) -> Path:
 
 
 @contextmanager
-def llama_server(binary: Path, model: Path, n_ctx: int, embedding: bool) -> Iterator[str]:
+def llama_server(
+    binary: Path, model: Path, n_ctx: int, embedding: bool, extra: Sequence[str] = ()
+) -> Iterator[str]:
     port = free_port()
     args = [
         str(binary),
@@ -73,6 +75,7 @@ def llama_server(binary: Path, model: Path, n_ctx: int, embedding: bool) -> Iter
     ]
     if embedding:
         args += ["--embeddings", "--pooling", "mean", "-b", str(n_ctx), "-ub", str(n_ctx)]
+    args += extra
     env = {**os.environ, "LD_LIBRARY_PATH": str(binary.parent)}
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from pendra_inference.engine import EngineConfig, LlamaEngine
-from pendra_inference.gguf_hybrid import QWEN35_TINY, HybridShape
+from pendra_inference.gguf_hybrid import QWEN35_TINY
 from pendra_inference.model_memory import memory_shape
 from pendra_inference.mtp import MtpDraft
 from pendra_inference.registry import ModelRegistry
@@ -31,7 +31,7 @@ from pendra_shared.store import ModelStore
 
 from tests.inference.test_hybrid_scheduler import collect, make, prompt
 from tests.inference.test_speed_options import set_options
-from tests.support.hybrids import write_qwen35
+from tests.support.hybrids import agreeing_mtp_weights, write_qwen35
 from tests.support.server import ServerProcess, start_server
 
 QWEN35_MTP_TINY = dataclasses.replace(QWEN35_TINY, nextn_layers=1)
@@ -99,29 +99,9 @@ def test_the_mtp_block_drafts_and_the_answer_stays(engine: LlamaEngine, sampling
     assert any(r.cached_tokens > 0 for _, r in again)
 
 
-def predictable_weights(shape: HybridShape) -> dict[str, np.ndarray]:
-    """Weights under which the model and its MTP block agree: every block of the trunk adds nothing
-    (its output projections are zero), so the model's next token depends on the current token
-    alone, through the tied embeddings; the MTP block passes the next token's embedding through
-    (its projection is [I 0], its attention and feed-forward add nothing), so it predicts, from the
-    pending token, the very token the model will pick after it."""
-    e = shape.n_embd
-    _, d_inner, *_ = shape.ssm("qwen35")
-    fixed = {}
-    for i in range(shape.n_layer + shape.nextn_layers):
-        b = f"blk.{i}."
-        fixed[b + "ffn_down.weight"] = np.zeros((e, shape.n_ff), np.float32)
-        if i < shape.n_layer and shape.recurrent(i):
-            fixed[b + "ssm_out.weight"] = np.zeros((e, d_inner), np.float32)
-        else:
-            fixed[b + "attn_output.weight"] = np.zeros((e, shape.n_head * shape.head_dim), np.float32)
-    fixed[f"blk.{shape.n_layer}.nextn.eh_proj.weight"] = np.eye(e, 2 * e, dtype=np.float32)
-    return fixed
-
-
 def test_drafts_the_model_agrees_with_are_kept_and_save_steps(tmp_path: Path) -> None:
     path = write_qwen35(
-        tmp_path / "agreeing.gguf", shape=QWEN35_MTP_TINY, fixed=predictable_weights(QWEN35_MTP_TINY)
+        tmp_path / "agreeing.gguf", shape=QWEN35_MTP_TINY, fixed=agreeing_mtp_weights(QWEN35_MTP_TINY)
     )
     engine = LlamaEngine(path, EngineConfig(512, 512, 512, 2, 0, False, load_mtp=True))
     greedy = SamplingParams(temperature=0.0)

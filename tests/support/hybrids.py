@@ -67,3 +67,23 @@ def write_qwen35_vision(directory: Path) -> tuple[Path, Path]:
     random `qwen3vl_merger` projector of its width, as Qwen3.6 ships: `qwen.gguf`, `mmproj.gguf`."""
     model = write_hybrid(directory / "qwen.gguf", "qwen35", QWEN35_TINY, special=QWEN_VISION_TOKENS)
     return model, write_qwen3vl_projector(directory / "mmproj.gguf", QWEN3VL_TINY, QWEN35_TINY.n_embd)
+
+
+def agreeing_mtp_weights(shape: HybridShape) -> dict[str, np.ndarray]:
+    """Weights under which the model and its MTP block agree: every block of the trunk adds nothing
+    (its output projections are zero), so the model's next token depends on the current token
+    alone, through the tied embeddings; the MTP block passes the next token's embedding through
+    (its projection is [I 0], its attention and feed-forward add nothing), so it predicts, from the
+    pending token, the very token the model will pick after it."""
+    e = shape.n_embd
+    _, d_inner, *_ = shape.ssm("qwen35")
+    fixed = {}
+    for i in range(shape.n_layer + shape.nextn_layers):
+        b = f"blk.{i}."
+        fixed[b + "ffn_down.weight"] = np.zeros((e, shape.n_ff), np.float32)
+        if i < shape.n_layer and shape.recurrent(i):
+            fixed[b + "ssm_out.weight"] = np.zeros((e, d_inner), np.float32)
+        else:
+            fixed[b + "attn_output.weight"] = np.zeros((e, shape.n_head * shape.head_dim), np.float32)
+    fixed[f"blk.{shape.n_layer}.nextn.eh_proj.weight"] = np.eye(e, 2 * e, dtype=np.float32)
+    return fixed
