@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_inference import llama_server, peer_binary  # noqa: E402
 from tests.support.hybrids import agreeing_mtp_weights, write_qwen35  # noqa: E402
-from tests.support.server import start_server  # noqa: E402
+from tests.support.server import set_options, start_server  # noqa: E402
 
 PROMPT = "The history of the harbour town begins"
 
@@ -59,7 +59,6 @@ def rate(url: str, model: str, tokens: int, runs: int) -> float:
 
 
 def pendra(directory: Path, model: Path, draft: int, tokens: int, runs: int) -> dict[str, float]:
-    from pendra_shared.sidecar import read_sidecar, write_sidecar
     from pendra_shared.store import ModelStore
 
     store = ModelStore(directory / "models")
@@ -67,10 +66,7 @@ def pendra(directory: Path, model: Path, draft: int, tokens: int, runs: int) -> 
         ("bench:plain", {}),
         ("bench:mtp", {"speculative": {"kind": "mtp", "draft_tokens": draft}}),
     ):
-        stored = store.import_file(model, name=name, purpose="chat")
-        sidecar, _ = read_sidecar(stored.path, stored.path.stat().st_size)
-        assert sidecar is not None
-        write_sidecar(stored.path, sidecar.model_copy(update={"options": options}))
+        set_options(store.import_file(model, name=name, purpose="chat").path, options)
     env = {
         "PENDRA_MODELS_DIR": str(store.root),
         "PENDRA_N_CTX": "1024",

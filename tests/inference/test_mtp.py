@@ -30,9 +30,8 @@ from pendra_shared.config import load_settings
 from pendra_shared.store import ModelStore
 
 from tests.inference.test_hybrid_scheduler import collect, make, prompt
-from tests.inference.test_speed_options import set_options
 from tests.support.hybrids import agreeing_mtp_weights, write_qwen35
-from tests.support.server import ServerProcess, start_server
+from tests.support.server import ServerProcess, set_options, start_server
 
 QWEN35_MTP_TINY = dataclasses.replace(QWEN35_TINY, nextn_layers=1)
 MTP = Speculation(kind="mtp", draft_tokens=3)

@@ -22,7 +22,7 @@ from pendra_shared.store import ModelStore
 from pydantic import ValidationError
 
 from tests.inference.conftest import TINY_SHAPE
-from tests.support.server import ServerProcess, start_server
+from tests.support.server import ServerProcess, set_options, start_server
 
 PLAIN = "tiny:plain"
 SPECULATING = "tiny:ngram"
@@ -33,12 +33,6 @@ DRAFT = "tiny:draft"
 MISSING_DRAFT = "tiny:no-draft"  # names a draft model the store lacks
 # The tiny model's pieces are w<id>: a prompt that repeats itself, as quoted code does.
 PROMPT = "w300w301w302w303w304w305w306w307" * 6
-
-
-def set_options(path: Path, options: dict[str, Any]) -> None:
-    sidecar, problem = read_sidecar(path, path.stat().st_size)
-    assert sidecar is not None, problem
-    write_sidecar(path, sidecar.model_copy(update={"options": options}))
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -26,6 +27,15 @@ def stop_process(
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+
+
+def set_options(path: Path, options: dict[str, Any]) -> None:
+    """Set the `options` of a stored model's sidecar (what a user edits by hand)."""
+    from pendra_shared.sidecar import read_sidecar, write_sidecar
+
+    sidecar, problem = read_sidecar(path, path.stat().st_size)
+    assert sidecar is not None, problem
+    write_sidecar(path, sidecar.model_copy(update={"options": options}))
 
 
 def free_port() -> int:

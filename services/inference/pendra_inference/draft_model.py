@@ -215,6 +215,11 @@ class DraftModel:
         if self.held.pop(seq_id, None) is not None:
             llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
 
+    def cached(self, seq_id: int, size: int) -> None:
+        """The target's sequence is cached for its prefix: the draft's cells go all the same (a
+        later request catches up on what it lacks)."""
+        self.forget(seq_id)
+
     def close(self) -> None:
         if self.ctx:
             llama_cpp.llama_free(self.ctx)

@@ -286,7 +286,7 @@ def _data(dims: tuple[int, ...], kind: str, rng: Any) -> Any:
         dt = np.exp(rng.uniform(math.log(1e-3), math.log(1e-1), n))
         return np.log(np.expm1(dt)).astype(np.float32).view(np.uint8)
     *outer, cols = dims
-    rows, step, qtype, slabs = n // cols, max(1, (1 << 24) // cols), _qtype(kind), []
+    rows, step, slabs = n // cols, max(1, (1 << 24) // cols), []
     for start in range(0, rows, step):
         count = min(step, rows - start)
         if kind in BLOCKS:
@@ -298,11 +298,7 @@ def _data(dims: tuple[int, ...], kind: str, rng: Any) -> Any:
             slabs.append(blocks)
             continue
         x = rng.standard_normal((count, cols), dtype=np.float32) / np.float32(math.sqrt(cols))
-        if qtype == gguf.GGMLQuantizationType.F16:
-            x = x.astype(np.float16)
-        elif qtype != gguf.GGMLQuantizationType.F32:
-            x = gguf.quants.quantize(x, qtype)
-        slabs.append(np.ascontiguousarray(x).view(np.uint8))
+        slabs.append(_encode(x, kind))
     return np.concatenate(slabs).reshape(*outer, -1)
 
 

@@ -283,9 +283,9 @@ class MtpDraft:
         if self.held.pop(seq_id, None) is not None:
             llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
 
-    def cut(self, seq_id: int, size: int) -> None:
-        """The sequence keeps its first `size` cells (it is cached for its prefix): the block's cells
-        after them (the last step's drafts) go."""
+    def cached(self, seq_id: int, size: int) -> None:
+        """The sequence is cached with its first `size` cells for its prefix: the block's cells
+        stay with them, and those after them (the last step's drafts) go."""
         llama_cpp.llama_memory_seq_rm(self.memory, seq_id, size, -1)
         if seq_id in self.hidden:  # (the states of the cut drafts go too)
             start, rows = self.hidden[seq_id]

@@ -232,9 +232,7 @@ class Scheduler:
         # of its own beside this one.
         self.mtp: MtpDraft | None = None
         if self.speculative is not None and self.speculative.kind == "mtp":
-            self.mtp = self._open_mtp(model, params) if config.mtp_loaded else None
-            if not config.mtp_loaded:
-                logger.warning("%s: loaded without its MTP block: no speculation", name)
+            self.mtp = self._open_mtp(model, params)
             if self.mtp is None:
                 self.speculative = None
         self.batch_size = int(params.n_batch)
@@ -290,6 +288,9 @@ class Scheduler:
     def _open_mtp(self, model: Any, params: Any) -> MtpDraft | None:
         """The MTP block's context, as large as this one; None, logged, where it cannot draft."""
         assert self.speculative is not None
+        if not self.config.mtp_loaded:
+            logger.warning("%s: loaded without its MTP block: no speculation", self.name)
+            return None
         try:
             mtp = MtpDraft(
                 model,
@@ -571,12 +572,10 @@ class Scheduler:
             seqs = []
             for index, (seq_id, sampler) in enumerate(zip(ids, samplers, strict=True)):
                 seq = Sequence(ticket, index, seq_id, sampler, TextStream(completion.stops), tokens=[])
-                if self.draft_model is not None:
-                    seq.drafter = self.draft_model
-                elif self.mtp is not None:
-                    # (an image's positions and embeddings are not the block's; n choices would
-                    # each need their own hidden states)
-                    seq.drafter = self.mtp if not completion.images and n == 1 else None
+                if self._drafter is not None:
+                    # (a draft model or the MTP block sees no images, and n choices would each
+                    # decode the prompt again in the draft model, or need their own hidden states)
+                    seq.drafter = self._drafter if not completion.images and n == 1 else None
                 elif self.speculative is not None:
                     seq.drafter = NgramDraft(self.speculative)
                 if index == 0:
@@ -814,10 +813,7 @@ class Scheduler:
                 completion = seq.ticket.completion
                 left = completion.max_tokens - seq.generated - 1
                 most = max(0, min(self.speculative.draft_tokens, left, room))
-                # (a draft model sees no images, and n choices would each decode the prompt again)
-                if seq.drafter is None or (
-                    seq.drafter is self.draft_model and (completion.images or completion.n > 1)
-                ):
+                if seq.drafter is None:
                     most = 0
                 room -= most
                 limits.append(most)
@@ -1063,12 +1059,10 @@ class Scheduler:
         self._running.remove(req)
         for seq in req.seqs:
             self._release_sampler(seq)
-            if self.draft_model is not None:  # (the MTP block's cells stay with the model's)
-                self.draft_model.forget(seq.seq_id)
             if seq.tokens and self.config.prefix_cache:
                 self._cached[seq.seq_id] = seq.tokens
-                if self.mtp is not None:
-                    self.mtp.cut(seq.seq_id, seq.n_past)
+                if self._drafter is not None:
+                    self._drafter.cached(seq.seq_id, seq.n_past)
             else:
                 llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
                 self._forget_drafts(seq.seq_id)

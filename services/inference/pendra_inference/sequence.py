@@ -171,7 +171,9 @@ class Sequence:
     finish: str | None = None
     row: int = -1  # this step's row of logits in the batch, or -1
     shift: int = 0  # the position of the next token minus n_past (images under M-RoPE)
-    drafter: Any = None  # speculation.NgramDraft, or the scheduler's DraftModel, where the model speculates
+    drafter: Any = (
+        None  # speculation.NgramDraft, or the scheduler's DraftModel or MtpDraft, where it speculates
+    )
     draft: list[int] = field(default_factory=list)  # this step's drafted tokens, after `pending`
     draft_row: int = -1  # the batch row of the first drafted token
     first_token_at: float | None = None
